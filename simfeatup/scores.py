@@ -1,0 +1,32 @@
+"""Scores -> labels (SPEC 2.7). numpy only, shared by the torch and ONNX paths."""
+from __future__ import annotations
+
+import numpy as np
+
+from .constants import LOGIT_SCALE
+
+
+def class_probabilities(logits: np.ndarray, query_class: np.ndarray, n_classes: int, *, logit_scale: float = LOGIT_SCALE) -> np.ndarray:
+    """(Q, H, W) cosine logits -> (K, H, W) class probabilities.
+
+    Softmax of ``logit_scale * logits`` over ALL queries, then each class takes the max over
+    its synonym queries.
+    """
+    scaled = logits.astype(np.float32) * np.float32(logit_scale)
+    scaled -= scaled.max(axis=0, keepdims=True)
+    np.exp(scaled, out=scaled)
+    scaled /= scaled.sum(axis=0, keepdims=True)
+    query_class = np.asarray(query_class)
+    if len(query_class) == n_classes and np.array_equal(query_class, np.arange(n_classes)):
+        return scaled
+    probs = np.empty((n_classes, *scaled.shape[1:]), np.float32)
+    for k in range(n_classes):
+        probs[k] = scaled[query_class == k].max(axis=0)
+    return probs
+
+
+def labels_from_probabilities(probs: np.ndarray, *, prob_thd: float, bg_idx: int) -> np.ndarray:
+    """(K, H, W) -> (H, W) labels: argmax class, or ``bg_idx`` where its probability < prob_thd."""
+    labels = probs.argmax(axis=0)
+    labels[probs.max(axis=0) < prob_thd] = bg_idx
+    return labels.astype(np.uint8 if probs.shape[0] <= 256 else np.int32)
