@@ -41,6 +41,8 @@ def load_image(path: str | Path, *, bands: tuple[int, ...] | None = None, stretc
             raise ImageError(f"cannot read image {path}: not a readable jpg/png/tif file")
         if array.ndim == 3:  # OpenCV gives BGR(A)
             array = array[..., [2, 1, 0, 3][: array.shape[2]]] if array.shape[2] in (3, 4) else array
+    if array.size == 0 or array.ndim not in (2, 3):
+        raise ImageError(f"cannot read image {path}: no pixel data (shape {array.shape})")
     try:
         return to_rgb_uint8(array, bands=bands, stretch=stretch)
     except ImageError as err:
@@ -87,6 +89,13 @@ def _stretch(array: np.ndarray, stretch: str) -> np.ndarray:
         low, high = (float(v) for v in np.nanpercentile(data, (2, 98)))
     scaled = (data - low) / max(high - low, 1e-12) * 255.0
     return np.clip(np.nan_to_num(scaled), 0, 255).round().astype(np.uint8)
+
+
+def check_size(image: np.ndarray, patch_size: int, name: str | Path = "image") -> None:
+    """Refuse images with a side shorter than one patch: there is nothing to look at."""
+    h, w = image.shape[:2]
+    if min(h, w) < patch_size:
+        raise ImageError(f"{name} is {w}x{h} pixels, smaller than one {patch_size}-pixel patch: use an image of at least {patch_size}x{patch_size}")
 
 
 def resized_shape(height: int, width: int, long_side: int = LONG_SIDE) -> tuple[int, int]:
@@ -151,8 +160,11 @@ def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         old = out.shape[axis]
         if new == old:
             continue
-        src = (np.arange(new, dtype=np.float64) + 0.5) * (old / new) - 0.5
-        src = np.maximum(src, 0.0)
+        # torch computes fma(scale, dst + 0.5, -0.5) with a float32 scale and one final
+        # float32 rounding; float64 holds that product exactly, so we sample where it does
+        scale = np.float64(np.float32(old) / np.float32(new))
+        src = ((np.arange(new) + 0.5) * scale - 0.5).astype(np.float32)
+        src = np.maximum(src, np.float32(0))
         i0 = np.floor(src).astype(np.int64)
         i0 = np.minimum(i0, old - 1)
         i1 = np.minimum(i0 + 1, old - 1)

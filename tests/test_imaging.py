@@ -1,0 +1,115 @@
+import cv2
+import numpy as np
+import pytest
+import tifffile
+import torch
+import torch.nn.functional as F
+
+from simfeatup import imaging
+from simfeatup.constants import CLIP_MEAN, CLIP_STD
+
+
+@pytest.mark.parametrize("hw, expected", [((360, 600), (269, 448)), ((400, 133), (448, 149)), ((448, 448), (448, 448)), ((10, 10), (448, 448))])
+def test_resized_shape_follows_spec_rounding(hw, expected):
+    assert imaging.resized_shape(*hw) == expected
+
+
+def test_preprocess_resizes_uint8_with_opencv_before_normalising():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (360, 600, 3), dtype=np.uint8)
+    x = imaging.preprocess(image)
+    resized = cv2.resize(image, (448, 269), interpolation=cv2.INTER_LINEAR)
+    expected = (resized / 255.0 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
+    assert x.shape == (3, 269, 448) and x.dtype == np.float32
+    np.testing.assert_allclose(x, expected.transpose(2, 0, 1), atol=1e-5)
+    # Normalising first then resizing in float is what SPEC 2.1 forbids; it gives other values.
+    wrong = cv2.resize(((image / 255.0 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)).astype(np.float32), (448, 269))
+    assert np.abs(wrong.transpose(2, 0, 1) - x).max() > 1e-3
+
+
+@pytest.mark.parametrize("length, starts", [(448, [0, 112, 224]), (269, [0, 45]), (224, [0]), (100, [0]), (300, [0, 76]), (449, [0, 112, 224, 225])])
+def test_window_starts_shift_the_last_window_inside(length, starts):
+    assert imaging.window_starts(length) == starts
+
+
+@pytest.mark.parametrize("h, w", [(448, 448), (269, 448), (448, 149), (100, 448), (37, 23), (224, 225)])
+def test_windows_cover_every_pixel_and_stay_inside(h, w):
+    cover = np.zeros((h, w), int)
+    for y0, y1, x0, x1 in imaging.window_boxes(h, w):
+        assert 0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w
+        assert y1 - y0 == min(224, h) and x1 - x0 == min(224, w)
+        cover[y0:y1, x0:x1] += 1
+    assert cover.min() >= 1
+
+
+def test_square_448_gives_nine_windows():
+    assert len(imaging.window_boxes(448, 448)) == 9
+
+
+@pytest.mark.parametrize("size, pads", [(224, (0, 0)), (149, (5, 6)), (100, (6, 6)), (17, (7, 8))])
+def test_padding_to_patch_multiple_puts_half_first(size, pads):
+    assert imaging.padding(size, 16) == pads
+    assert (size + sum(pads)) % 16 == 0
+
+
+@pytest.mark.parametrize("src, dst", [((7, 9), (16, 31)), ((40, 30), (13, 17)), ((448, 269), (360, 600)), ((5, 5), (5, 12))])
+def test_resize_bilinear_matches_torch(src, dst):
+    x = np.random.default_rng(1).standard_normal((3, *src)).astype(np.float32)
+    expected = F.interpolate(torch.from_numpy(x)[None], size=dst, mode="bilinear", align_corners=False, antialias=False)[0]
+    np.testing.assert_allclose(imaging.resize_bilinear(x, dst), expected.numpy(), atol=1e-5)
+
+
+def test_grayscale_rgba_and_bands_become_rgb():
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    assert np.array_equal(imaging.to_rgb_uint8(gray), np.repeat(gray[..., None], 3, axis=2))
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[..., 3] = 255
+    assert imaging.to_rgb_uint8(rgba).shape == (2, 2, 3) and imaging.to_rgb_uint8(rgba).max() == 0
+    multi = np.stack([np.full((2, 2), v, np.uint8) for v in (10, 20, 30, 40)], axis=2)
+    assert imaging.to_rgb_uint8(multi, bands=(3, 2, 1))[0, 0].tolist() == [40, 30, 20]
+    with pytest.raises(imaging.ImageError, match="bands"):
+        imaging.to_rgb_uint8(multi, bands=(4, 2, 1))
+
+
+def test_sixteen_bit_is_stretched_to_full_range():
+    data = np.linspace(1000, 3000, 100 * 3, dtype=np.float64).reshape(10, 10, 3).astype(np.uint16)
+    out = imaging.to_rgb_uint8(data, stretch="minmax")
+    assert out.dtype == np.uint8 and out.min() == 0 and out.max() == 255
+    assert imaging.to_rgb_uint8(data, stretch="none").max() == round(3000 / 65535 * 255)
+    with pytest.raises(imaging.ImageError, match="stretch"):
+        imaging.to_rgb_uint8(data, stretch="log")
+
+
+def test_load_image_formats(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "a.png"), rgb[..., ::-1])
+    assert np.array_equal(imaging.load_image(tmp_path / "a.png"), rgb)
+    rgba = np.concatenate([rgb, np.full((20, 30, 1), 128, np.uint8)], axis=2)
+    cv2.imwrite(str(tmp_path / "b.png"), rgba[..., [2, 1, 0, 3]])
+    assert np.array_equal(imaging.load_image(tmp_path / "b.png"), rgb)
+    cv2.imwrite(str(tmp_path / "g.png"), rgb[..., 0])
+    assert imaging.load_image(tmp_path / "g.png").shape == (20, 30, 3)
+    deep = (rgb.astype(np.uint16) * 257)
+    cv2.imwrite(str(tmp_path / "d.png"), deep[..., ::-1])
+    assert np.array_equal(imaging.load_image(tmp_path / "d.png", stretch="none"), rgb)
+    bands = np.stack([rgb[..., 2], rgb[..., 1], rgb[..., 0], rgb[..., 0]])  # (4, H, W), band-first B,G,R,NIR
+    tifffile.imwrite(tmp_path / "m.tif", bands)
+    assert np.array_equal(imaging.load_image(tmp_path / "m.tif", bands=(2, 1, 0)), rgb)
+
+
+def test_bad_files_give_one_line_errors(tmp_path):
+    with pytest.raises(imaging.ImageError, match="image not found"):
+        imaging.load_image(tmp_path / "missing.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(imaging.ImageError, match="cannot read image") as err:
+        imaging.load_image(tmp_path / "notes.png")
+    assert "\n" not in str(err.value)
+    (tmp_path / "bad.tif").write_bytes(b"II*\x00garbage")
+    with pytest.raises(imaging.ImageError, match="cannot read image"):
+        imaging.load_image(tmp_path / "bad.tif")
+
+
+def test_check_size_refuses_images_below_one_patch():
+    imaging.check_size(np.zeros((16, 16, 3), np.uint8), 16)
+    with pytest.raises(imaging.ImageError, match="smaller than one 16-pixel patch"):
+        imaging.check_size(np.zeros((15, 40, 3), np.uint8), 16, "tiny.png")
