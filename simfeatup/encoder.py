@@ -1,0 +1,331 @@
+"""Frozen open_clip ViT -> dense patch features and [CLS] with a modified last block (SPEC 2.3).
+
+The vision path is written over the public module attributes of open_clip's
+``VisionTransformer`` (conv1, class_embedding, positional_embedding, ln_pre,
+transformer.resblocks, ln_post, proj); open_clip itself is used as installed, never forked.
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from safetensors import SafetensorError
+from torch import nn
+
+from simfeatup.constants import CLIP_MEAN, CLIP_STD, DEFAULT_MODEL, DEFAULT_PRETRAINED, POS_EMBED_SCALE_EPS
+
+log = logging.getLogger(__name__)
+
+# How the replaced last block mixes tokens (SPEC 2.3; the others are the paper's ablations).
+# Every mode shares the same head: ln_1 -> attention -> out_proj, no residual, no MLP.
+ATTENTION_MODES = ("segearth", "clearclip", "sclip", "maskclip", "vanilla")
+
+
+class WeightsUnavailableError(ValueError):
+    """CLIP weights could not be fetched or read; the message says how to fix it."""
+
+
+class DenseCLIP(nn.Module):
+    """Frozen CLIP ViT giving a feature per patch and the [CLS] feature (SPEC 2.3).
+
+    ``clip`` is an open_clip ``CLIP``/``CustomTextCLIP`` whose ``visual`` is a
+    ``VisionTransformer`` with class-token pooling. It is frozen and kept in eval mode.
+    """
+
+    def __init__(self, clip, *, attention="segearth", tokenizer=None, model_name=None, pretrained=None):
+        super().__init__()
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention={attention!r} is not one of {ATTENTION_MODES}")
+        visual = getattr(clip, "visual", None)
+        _check_supported(visual)
+        self.clip = clip.eval().requires_grad_(False)
+        self.attention = attention
+        ph, pw = visual.patch_size
+        if ph != pw:
+            raise ValueError(f"non-square patches {visual.patch_size} are not supported")
+        self.patch_size = int(ph)
+        self.embed_dim = int(visual.output_dim)
+        self.grid_size = tuple(int(g) for g in visual.grid_size)  # native token grid, (14, 14) for ViT-B/16
+        self.context_length = int(_text_module(clip).context_length)
+        # open_clip's default BPE tokenizer ships inside the package, so this works offline.
+        self.tokenizer = tokenizer or open_clip.SimpleTokenizer(context_length=self.context_length)
+        self.provenance = {"model": model_name, "pretrained": pretrained, "attention": attention}
+        self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
+        # The cache holds derived copies of weights: drop it whenever the weights may change.
+        self.register_load_state_dict_post_hook(DenseCLIP._clear_pos_cache)
+
+    # ----------------------------------------------------------------- constructors
+    @classmethod
+    def from_config(cls, cfg: dict, *, attention="segearth", seed=0) -> "DenseCLIP":
+        """Randomly initialised ``open_clip.CLIP(**cfg)`` (tests, shape checks)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            clip = open_clip.CLIP(**cfg)
+        return cls(clip, attention=attention, model_name="config", pretrained=None)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str = DEFAULT_MODEL,
+        pretrained: str = DEFAULT_PRETRAINED,
+        *,
+        attention="segearth",
+        quick_gelu: bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> "DenseCLIP":
+        """Build ``model`` (an open_clip name) with weights ``pretrained``.
+
+        ``pretrained`` is an open_clip tag ("openai") or a local weights file
+        (.bin/.pt/.pth/.safetensors, an open_clip state dict). ``quick_gelu`` None
+        follows the tag's registry entry; for a local file it assumes the model's OpenAI
+        weights (the SPEC backbone) -- pass False for LAION/DataComp files. Raises
+        ``WeightsUnavailableError`` when the weights cannot be fetched or read.
+        """
+        model = model.replace("/", "-")
+        known = open_clip.list_models()
+        if model not in known:
+            close = difflib.get_close_matches(model, known, n=5, cutoff=0.5)
+            raise ValueError(f"unknown open_clip model {model!r}; close matches: {close or known[:10]}")
+        checkpoint, tag_cfg = _resolve_weights(model, str(pretrained), cache_dir)
+        if quick_gelu is None:
+            # open_clip's create_model only warns when an OpenAI tag meets a GELU config: a
+            # plain "ViT-B-16" with nn.GELU would silently give slightly wrong features.
+            ref_cfg = tag_cfg or open_clip.get_pretrained_cfg(model, "openai")
+            quick_gelu = bool(ref_cfg.get("quick_gelu", False))
+            if not tag_cfg:
+                log.info("local weights %s: assuming %s's OpenAI activation (quick_gelu=%s); pass quick_gelu "
+                         "to override", checkpoint, model, quick_gelu)
+        if tag_cfg and (tuple(tag_cfg.get("mean", CLIP_MEAN)) != CLIP_MEAN or tuple(tag_cfg.get("std", CLIP_STD)) != CLIP_STD):
+            log.warning("%s/%s was trained with mean/std %s/%s, but simfeatup normalises with CLIP's",
+                        model, pretrained, tag_cfg.get("mean"), tag_cfg.get("std"))
+        if _is_torchscript(checkpoint):
+            why = "a TorchScript archive (OpenAI's original .pt), which we do not execute"
+            raise WeightsUnavailableError(_weights_message(model, pretrained, why, open_clip.get_pretrained_cfg(model, "openai")))
+        try:
+            # open_clip loads with torch.load(weights_only=True) or safetensors, strict keys and shapes.
+            clip = open_clip.create_model(model, pretrained=str(checkpoint), force_quick_gelu=quick_gelu)
+        except (RuntimeError, OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
+            # truncated/garbled files, pickles of objects, and key or shape mismatches (another model's file).
+            if isinstance(err, pickle.UnpicklingError):  # torch's advice (weights_only=False) is not ours to give
+                if "Unsupported global" in str(err):
+                    why = "the pickle holds more than tensors, torch.load(weights_only=True) refused it; re-save its state_dict"
+                else:
+                    why = f"{checkpoint.name} is not a readable PyTorch checkpoint (corrupt, truncated or another format)"
+            else:
+                why = f"cannot read {checkpoint.name}: {_short(err)}"
+            raise WeightsUnavailableError(_weights_message(model, pretrained, why, tag_cfg, local=not tag_cfg)) from err
+        tokenizer = open_clip.get_tokenizer(model)
+        enc = cls(clip, attention=attention, tokenizer=tokenizer, model_name=model, pretrained=str(pretrained))
+        enc.provenance["quick_gelu"] = quick_gelu
+        return enc
+
+    # ----------------------------------------------------------------- modes
+    def train(self, mode: bool = True):
+        """Keep the frozen CLIP in eval mode whatever the parent module asks."""
+        super().train(mode)
+        self.clip.eval()
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        self._pos_cache.clear()  # .to()/.half() change the embedding's device or dtype
+        return super()._apply(fn, *args, **kwargs)
+
+    def _clear_pos_cache(self, _incompatible_keys=None) -> None:
+        self._pos_cache.clear()
+
+    # ----------------------------------------------------------------- vision
+    def pos_embed(self, h: int, w: int) -> torch.Tensor:
+        """Positional embedding for an h x w token grid -> (1 + h*w, width), [CLS] first.
+
+        Off the native grid the patch embeddings are resized bicubically with SCALE
+        FACTORS ((h + 0.1)/g, (w + 0.1)/g), as the reference does (SPEC 2.3): sample
+        position = (dst + 0.5) * g / (n + 0.1) - 0.5, so an axis that keeps its native
+        length is still resampled. The [CLS] position is never resized.
+        """
+        visual = self.clip.visual
+        pos = visual.positional_embedding
+        gh, gw = self.grid_size
+        if (h, w) == (gh, gw):
+            return pos
+        cached = self._pos_cache.get((h, w))
+        if cached is not None:
+            return cached
+        work = torch.promote_types(pos.dtype, torch.float32)  # bf16/fp16 bicubic would lose precision
+        with torch.no_grad():
+            grid = pos[1:].to(work).reshape(1, gh, gw, -1).permute(0, 3, 1, 2)  # (1, C, gh, gw)
+            # recompute_scale_factor=False: the coordinates must use these scales, not h/gh.
+            grid = F.interpolate(
+                grid,
+                scale_factor=((h + POS_EMBED_SCALE_EPS) / gh, (w + POS_EMBED_SCALE_EPS) / gw),
+                mode="bicubic",
+                align_corners=False,
+                recompute_scale_factor=False,
+            )
+            if grid.shape[-2:] != (h, w):  # floor(g * (n + 0.1) / g) == n; guard float surprises
+                raise RuntimeError(f"positional embedding resized to {tuple(grid.shape[-2:])}, wanted {(h, w)}")
+            grid = grid.permute(0, 2, 3, 1).reshape(h * w, -1)  # (h*w, C)
+            out = torch.cat([pos[:1].to(work), grid]).to(pos.dtype)
+        self._pos_cache[(h, w)] = out
+        return out
+
+    def forward(self, x: torch.Tensor, *, source: str = "final") -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense features of CLIP-normalised images.
+
+        x: (B, 3, H, W), H and W multiples of ``patch_size``; cast to the module dtype.
+        source: "final" = modified last block (SPEC 2.3); "penultimate" = last block
+        skipped, ln_post + proj on the output of block N-1 (what the authors trained on).
+        Returns feats (B, D, H/p, W/p) and cls (B, D), NOT normalised, module dtype.
+        """
+        if source not in ("final", "penultimate"):
+            raise ValueError(f"source={source!r} is not one of ('final', 'penultimate')")
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected images (B, 3, H, W), got {tuple(x.shape)}")
+        B, _, H, W = x.shape
+        p = self.patch_size
+        if H % p or W % p:
+            raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}; pad it first")
+        h, w = H // p, W // p
+        visual = self.clip.visual
+        x = x.to(visual.conv1.weight.dtype)
+
+        # Embeddings. open_clip's _embeds cannot take another grid; patch_dropout is skipped
+        # on purpose (dense prediction needs every token; it is an identity in eval anyway).
+        t = visual.conv1(x).flatten(2).transpose(1, 2)  # (B, h*w, width)
+        cls_tok = visual.class_embedding.to(t.dtype).view(1, 1, -1).expand(B, -1, -1)
+        t = torch.cat([cls_tok, t], dim=1) + self.pos_embed(h, w).to(t.dtype)  # (B, 1+h*w, width)
+        t = visual.ln_pre(t)
+
+        blocks = visual.transformer.resblocks
+        batch_first = getattr(visual.transformer, "batch_first", True)
+        if not batch_first:
+            t = t.transpose(0, 1)  # NLD -> LND, the layout the blocks expect
+        for blk in blocks[:-1]:
+            t = blk(t)
+        if not batch_first:
+            t = t.transpose(0, 1)
+
+        if source == "final":
+            t = self._last_block(blocks[-1], t)
+        t = visual.ln_post(t) @ visual.proj  # (B, 1+h*w, D): every token, not only [CLS]
+        feats = t[:, 1:].reshape(B, h, w, -1).permute(0, 3, 1, 2)  # (B, D, h, w)
+        return feats.contiguous(), t[:, 0]
+
+    def _last_block(self, blk: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
+        """Replaced last block (SPEC 2.3): attention branch only, no residual, no MLP.
+
+        x: (B, L, width) -> (B, L, width). (A_qq + A_kk + A_vv) v = A_qq v + A_kk v + A_vv v,
+        so each term is one fused SDPA call whose default scale 1/sqrt(head_dim) is the
+        SPEC's s; no L x L attention matrix is kept around.
+        """
+        attn = blk.attn
+        B, L, C = x.shape
+        nh = attn.num_heads
+        y = blk.ln_1(x)
+        qkv = F.linear(y, attn.in_proj_weight, attn.in_proj_bias)  # (B, L, 3C)
+        q, k, v = qkv.view(B, L, 3, nh, C // nh).permute(2, 0, 3, 1, 4)  # each (B, nh, L, hd)
+        sdpa = F.scaled_dot_product_attention
+        if self.attention == "segearth":
+            out = sdpa(q, q, v) + sdpa(k, k, v) + sdpa(v, v, v)
+        elif self.attention == "clearclip":
+            out = sdpa(q, q, v)
+        elif self.attention == "sclip":
+            out = sdpa(q, q, v) + sdpa(k, k, v)
+        elif self.attention == "maskclip":
+            out = v  # identity attention: every token keeps its own value
+        else:  # "vanilla": CLIP's own q-k attention, same residual-free head as the others
+            out = sdpa(q, k, v)
+        out = out.transpose(1, 2).reshape(B, L, C)
+        # ls_1 is part of the block's attention branch (an Identity for OpenAI/LAION CLIP).
+        return blk.ls_1(attn.out_proj(out))
+
+    # ----------------------------------------------------------------- text
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Texts -> token ids (N, context_length), int64, CPU."""
+        if isinstance(texts, str):
+            texts = [texts]
+        return self.tokenizer(list(texts))
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids (N, L) -> unit-norm text embeddings (N, D) in the module dtype."""
+        device = self.clip.visual.conv1.weight.device
+        return self.clip.encode_text(tokens.to(device), normalize=True)
+
+
+# --------------------------------------------------------------------- helpers
+def _text_module(clip):
+    # CLIP keeps the text tower's attributes on itself; CustomTextCLIP under .text.
+    return getattr(clip, "text", clip)
+
+
+def _check_supported(visual) -> None:
+    if not isinstance(visual, VisionTransformer):
+        raise ValueError(f"DenseCLIP needs an open_clip VisionTransformer image tower, got {type(visual).__name__}")
+    if visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
+        raise ValueError("DenseCLIP needs [CLS]-token pooling (no attentional pool, pool_type='tok')")
+    blocks = visual.transformer.resblocks
+    if not all(type(b) is ResidualAttentionBlock and b.attn.in_proj_weight is not None for b in blocks):
+        raise ValueError("DenseCLIP needs standard open_clip ResidualAttentionBlocks (no qk_norm/custom blocks)")
+
+
+def _resolve_weights(model: str, pretrained: str, cache_dir) -> tuple[Path, dict]:
+    """Tag or file -> (local checkpoint path, tag registry entry or {})."""
+    tag_cfg = open_clip.get_pretrained_cfg(model, pretrained)
+    if tag_cfg:
+        try:
+            path = open_clip.download_pretrained(tag_cfg, cache_dir=cache_dir)
+        except (OSError, RuntimeError, ValueError) as err:  # offline, HTTP, missing hub file
+            raise WeightsUnavailableError(_weights_message(model, pretrained, _fetch_reason(err), tag_cfg)) from err
+        if not path:
+            raise WeightsUnavailableError(_weights_message(model, pretrained, "open_clip gave no download location", tag_cfg))
+        return Path(path), tag_cfg
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return path, {}
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    why = f"no such file, and not an open_clip tag for {model} (tags: {', '.join(tags) or 'none'})"
+    raise WeightsUnavailableError(_weights_message(model, pretrained, why, open_clip.get_pretrained_cfg(model, "openai")))
+
+
+def _is_torchscript(path: Path) -> bool:
+    # torch.jit.save archives carry constants.pkl; plain torch.save zips do not.
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(name.endswith("/constants.pkl") for name in zf.namelist())
+
+
+def _fetch_reason(err: Exception) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline:
+        return "not in the local cache and HF_HUB_OFFLINE is set"
+    return f"download failed ({_short(err)})"
+
+
+def _weights_message(model: str, pretrained: str, why: str, tag_cfg: dict | None = None, local: bool = False) -> str:
+    """One line: what failed, why, and how to fix it."""
+    head = f"CLIP weights for {model} (pretrained={pretrained!r}) unavailable: {why}."
+    if local:
+        return f"{head} Fix: pass an open_clip state dict for {model} (.bin/.pt/.safetensors) as --pretrained."
+    where = ""
+    hub = (tag_cfg or {}).get("hf_hub", "")
+    if hub:
+        # open_clip's convention: "org/repo/" means the default file, "org/repo/file.pt" names one.
+        repo, filename = os.path.split(hub)
+        filename = filename or "open_clip_pytorch_model.bin"
+        where = f" (open_clip fetches {filename} from https://huggingface.co/{repo} into the Hugging Face cache)"
+    elif (tag_cfg or {}).get("url"):
+        where = f" (open_clip downloads {tag_cfg['url']} into ~/.cache/clip)"
+    return f"{head} Fix: pass a local file, e.g. --pretrained /path/to/{model}.bin{where}, or run once with network access."
+
+
+def _short(err: Exception, limit: int = 160) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
