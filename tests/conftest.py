@@ -22,3 +22,27 @@ def _deterministic():
 @pytest.fixture
 def tiny_clip_cfg():
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY_CLIP.items()}
+
+
+TINY_NAME = "simfeatup-tiny-test"
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    """The tiny config registered as an open_clip model + a weights file for it.
+
+    Lets tests go through the real user path (`--model NAME --pretrained FILE`).
+    """
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    (folder / f"{TINY_NAME}.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(folder)
+    torch.manual_seed(0)
+    model = open_clip.create_model(TINY_NAME)
+    weights = folder / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    return TINY_NAME, weights

@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+import torch
+
+from simfeatup.cache import EmbeddingCache
+from simfeatup.encoder import DenseCLIP
+from simfeatup.templates import IMAGENET_TEMPLATES, prompts_for
+from simfeatup.text import encode_queries, encoder_identity
+
+
+def test_templates_are_clips_80_imagenet_templates():
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    assert len(IMAGENET_TEMPLATES) == 80
+    assert prompts_for("roof") == [t("roof") for t in OPENAI_IMAGENET_TEMPLATES]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    from conftest import TINY_CLIP
+
+    return DenseCLIP.from_config(TINY_CLIP)
+
+
+def test_query_embedding_is_normalised_mean_of_normalised_prompts(encoder):
+    got = encode_queries(encoder, ["building", "water"], cache=False)
+    assert got.shape == (2, encoder.embed_dim)
+    with torch.no_grad():
+        per_prompt = encoder.clip.encode_text(encoder.tokenize(prompts_for("water")))
+    per_prompt = per_prompt / per_prompt.norm(dim=-1, keepdim=True)
+    mean = per_prompt.mean(0)
+    torch.testing.assert_close(got[1], mean / mean.norm(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.norm(dim=1), torch.ones(2))
+
+
+def test_cache_avoids_re_encoding(encoder, tmp_path, monkeypatch):
+    calls = []
+    original = encoder.encode_text
+    monkeypatch.setattr(encoder, "encode_text", lambda tokens: calls.append(1) or original(tokens))
+    cache = EmbeddingCache("some-model|some-weights", root=tmp_path)
+    first = encode_queries(encoder, ["road", "tree"], cache=cache)
+    assert len(calls) == 2
+    again = encode_queries(encoder, ["tree", "road"], cache=EmbeddingCache("some-model|some-weights", root=tmp_path))
+    assert len(calls) == 2  # served from disk by a fresh cache object
+    torch.testing.assert_close(again, first.flip(0))
+    encode_queries(encoder, ["road"], cache=EmbeddingCache("other-model|weights", root=tmp_path))
+    assert len(calls) == 3  # another model never reuses these vectors
+
+
+def test_random_models_are_never_cached_on_disk(encoder):
+    assert encoder_identity(encoder.provenance) is None
+    assert encoder_identity({"model": "ViT-B-16", "pretrained": "openai"}) == "ViT-B-16|openai"
+
+
+def test_damaged_cache_entry_is_recomputed(encoder, tmp_path):
+    cache = EmbeddingCache("m|w", root=tmp_path)
+    first = encode_queries(encoder, ["road"], cache=cache)
+    for f in tmp_path.rglob("*.npy"):
+        f.write_bytes(b"garbage")
+    again = encode_queries(encoder, ["road"], cache=EmbeddingCache("m|w", root=tmp_path))
+    torch.testing.assert_close(again, first)
+    assert isinstance(np.load(next(tmp_path.rglob("*.npy"))), np.ndarray)  # rewritten whole
