@@ -282,3 +282,16 @@ def test_trainer_fit_with_bundled_shards_and_no_val(tmp_path):
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(probe, datamodule=dm)
     assert probe.shapes == [((2, 3, 32, 32), torch.uint8)] * 6
+
+
+def test_dataloader_bench_runs_as_users_run_it(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "dataloader.py"
+    spec = importlib.util.spec_from_file_location("bench_dataloader", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = bench.main(["--workers", "0", "--batches", "2", "--warmup", "1", "--batch-size", "2", "--crop-size", "64"])
+    assert results[0]["images"] == 4 and results[0]["images_per_s"] > 0
+    assert "1.00x" in capsys.readouterr().out

@@ -201,14 +201,13 @@ def pad_to(img: np.ndarray, size: int) -> np.ndarray:
     return np.pad(img, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)), mode="reflect")
 
 
-def _crop(img: np.ndarray, size: int, stream: _Stream | None) -> torch.Tensor:
+def _crop(img: np.ndarray, size: int, stream: _Stream | None) -> np.ndarray:
     """(H, W, 3) uint8 -> (3, size, size) uint8; random position, or the centre when stream is None."""
     img = pad_to(img, size)
     h, w = img.shape[:2]
     y = stream.randint(h - size + 1) if stream else (h - size) // 2
     x = stream.randint(w - size + 1) if stream else (w - size) // 2
-    crop = img[y:y + size, x:x + size].transpose(2, 0, 1)  # (3, size, size)
-    return torch.from_numpy(np.ascontiguousarray(crop))
+    return img[y:y + size, x:x + size].transpose(2, 0, 1)  # (3, size, size), a view
 
 
 def _decode_and_crop(counter: SkipCounter, crop_size: int, stream: _Stream | None, bands, stretch):
@@ -232,15 +231,17 @@ def _decode_and_crop(counter: SkipCounter, crop_size: int, stream: _Stream | Non
 
 
 def _batched(batch_size: int):
+    # numpy stacks: torch.stack runs on intra-op threads, which stall when the cores are busy
+    # (measured 250 ms vs 0.1 ms per batch on a loaded 2-core machine with num_workers=0)
     def stage(src):
         batch = []
         for img in src:
             batch.append(img)
             if len(batch) == batch_size:
-                yield torch.stack(batch)  # (B, 3, crop, crop) uint8
+                yield torch.from_numpy(np.stack(batch))  # (B, 3, crop, crop) uint8
                 batch = []
         if batch:  # partial last batch: only reached when not resampling
-            yield torch.stack(batch)
+            yield torch.from_numpy(np.stack(batch))
 
     return stage
 
