@@ -19,7 +19,8 @@ def encoder_identity(provenance: dict) -> str | None:
     if path.is_file():
         stat = path.stat()
         pretrained = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    return f"{provenance.get('model')}|{pretrained}"
+    # the activation changes the text features too (QuickGELU for OpenAI weights)
+    return f"{provenance.get('model')}|{pretrained}|quick_gelu={provenance.get('quick_gelu')}"
 
 
 @torch.inference_mode()

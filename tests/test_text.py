@@ -49,7 +49,9 @@ def test_cache_avoids_re_encoding(encoder, tmp_path, monkeypatch):
 
 def test_random_models_are_never_cached_on_disk(encoder):
     assert encoder_identity(encoder.provenance) is None
-    assert encoder_identity({"model": "ViT-B-16", "pretrained": "openai"}) == "ViT-B-16|openai"
+    openai = {"model": "ViT-B-16", "pretrained": "openai", "quick_gelu": True}
+    assert encoder_identity(openai).startswith("ViT-B-16|openai")
+    assert encoder_identity(openai) != encoder_identity({**openai, "quick_gelu": False})
 
 
 def test_damaged_cache_entry_is_recomputed(encoder, tmp_path):
