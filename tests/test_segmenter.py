@@ -1,0 +1,102 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from simfeatup import imaging
+from simfeatup.encoder import DenseCLIP
+from simfeatup.segmenter import Segmenter
+from simfeatup.vocabulary import Vocabulary
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    from conftest import TINY_CLIP
+
+    return DenseCLIP.from_config(TINY_CLIP)
+
+
+@pytest.fixture(scope="module")
+def upsampler(encoder):
+    from simfeatup.upsampler import SimFeatUp
+
+    torch.manual_seed(3)
+    return SimFeatUp(dim=encoder.embed_dim, patch_size=encoder.patch_size).eval()
+
+
+def _text(encoder, q=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(q, encoder.embed_dim, generator=g), dim=1)
+
+
+def _image(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("use_upsampler", [False, True])
+def test_window_logits_is_cosine_plus_lambda_cls(encoder, upsampler, use_upsampler):
+    seg = Segmenter(encoder, upsampler if use_upsampler else None)
+    windows = torch.randn(2, 3, 224, 224)
+    text = _text(encoder)
+    feats, cls = encoder(windows)
+    if use_upsampler:
+        feats = upsampler(feats, windows)
+    cos = torch.einsum("bdhw,qd->bqhw", F.normalize(feats, dim=1), text)
+    if not use_upsampler:  # SPEC 2.4: logits at the token grid, then resized
+        cos = F.interpolate(cos, size=(224, 224), mode="bilinear", align_corners=False)
+    cls_sim = F.normalize(cls, dim=1) @ text.T  # (B, Q)
+    for lam in (0.0, -0.3):
+        expected = cos + lam * cls_sim[:, :, None, None]
+        torch.testing.assert_close(seg.window_logits(windows, text, lam), expected, atol=1e-5, rtol=1e-5)
+
+
+def _direct_canvas(seg, image, text, lam):
+    """The window average written out with explicit loops (SPEC 2.2, 2.6)."""
+    x = torch.from_numpy(imaging.preprocess(image))
+    _, h, w = x.shape
+    total = torch.zeros(len(text), h, w)
+    count = torch.zeros(h, w)
+    for y0, y1, x0, x1 in imaging.window_boxes(h, w):
+        (t, b), (l, r) = imaging.padding(y1 - y0, 16), imaging.padding(x1 - x0, 16)
+        window = F.pad(x[:, y0:y1, x0:x1], (l, r, t, b))  # zeros after normalising = mean colour
+        out = seg.window_logits(window[None], text, lam)[0]
+        total[:, y0:y1, x0:x1] += out[:, t : t + y1 - y0, l : l + x1 - x0]
+        count[y0:y1, x0:x1] += 1
+    canvas = (total / count)[None]
+    return F.interpolate(canvas, size=image.shape[:2], mode="bilinear", align_corners=False)[0].numpy()
+
+
+@pytest.mark.parametrize("hw", [(448, 448), (300, 500), (60, 448), (100, 40)])
+def test_logits_average_windows_and_return_original_size(encoder, upsampler, hw):
+    seg = Segmenter(encoder, upsampler)
+    image = _image(*hw)
+    text = _text(encoder)
+    with torch.inference_mode():
+        got = seg.logits([image], text, lam=-0.3)[0]
+        expected = _direct_canvas(seg, image, text, -0.3)
+    assert got.shape == (3, *hw)
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+def test_batched_equals_one_by_one(encoder, upsampler):
+    seg = Segmenter(encoder, upsampler, window_batch=5)
+    images = [_image(448, 448, 1), _image(200, 333, 2), _image(90, 700, 3)]
+    text = _text(encoder, 4)
+    with torch.inference_mode():
+        together = seg.logits(images, text)
+        alone = [seg.logits([image], text)[0] for image in images]
+    for a, b in zip(together, alone):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_segment_returns_labels_and_probabilities(encoder):
+    seg = Segmenter(encoder)
+    vocab = Vocabulary.from_spec("building,roof;road;water")
+    text = _text(encoder, len(vocab.queries))
+    image = _image(120, 160)
+    [res] = seg.segment([image], vocab, text, return_probs=True)
+    assert res.labels.shape == (120, 160) and res.labels.max() < 3
+    assert res.probs.shape == (3, 120, 160)
+    np.testing.assert_array_equal(res.labels, res.probs.argmax(0))
+    [everything_bg] = seg.segment([image], vocab, text, prob_thd=1.01, bg_idx=2)
+    assert (everything_bg.labels == 2).all()
