@@ -1,6 +1,8 @@
 """Scores -> labels (SPEC 2.7). numpy only, shared by the torch and ONNX paths."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .constants import LOGIT_SCALE
@@ -30,3 +32,18 @@ def labels_from_probabilities(probs: np.ndarray, *, prob_thd: float, bg_idx: int
     labels = probs.argmax(axis=0)
     labels[probs.max(axis=0) < prob_thd] = bg_idx
     return labels.astype(np.uint8 if probs.shape[0] <= 256 else np.int32)
+
+
+@dataclass
+class Segmentation:
+    """One image's result at its original size."""
+
+    labels: np.ndarray  # (H, W) class indices
+    probs: np.ndarray | None = None  # (K, H, W) class probabilities, when asked for
+
+
+def segmentation(logits: np.ndarray, vocabulary, *, prob_thd: float, bg_idx: int, return_probs: bool = False) -> Segmentation:
+    """(Q, H, W) averaged window logits of one image -> its :class:`Segmentation` (SPEC 2.7)."""
+    probs = class_probabilities(logits, vocabulary.query_class, len(vocabulary))
+    labels = labels_from_probabilities(probs, prob_thd=prob_thd, bg_idx=bg_idx)
+    return Segmentation(labels, probs if return_probs else None)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +18,6 @@ from .constants import DEFAULT_BG_IDX, DEFAULT_LAMBDA, DEFAULT_MODEL, DEFAULT_PR
 from .vocabulary import Vocabulary
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Segmentation:
-    """One image's result at its original size."""
-
-    labels: np.ndarray  # (H, W) class indices
-    probs: np.ndarray | None = None  # (K, H, W) class probabilities, when asked for
 
 
 class Segmenter(torch.nn.Module):
@@ -116,14 +107,12 @@ class Segmenter(torch.nn.Module):
         prob_thd: float = DEFAULT_PROB_THD,
         bg_idx: int = DEFAULT_BG_IDX,
         return_probs: bool = False,
-    ) -> list[Segmentation]:
+    ) -> list[scores.Segmentation]:
         """Label maps (SPEC 2.7) for RGB uint8 images; ``text`` from :func:`simfeatup.text.encode_queries`."""
-        results = []
-        for logits in self.logits(images, text, lam=lam):
-            probs = scores.class_probabilities(logits, vocabulary.query_class, len(vocabulary))
-            labels = scores.labels_from_probabilities(probs, prob_thd=prob_thd, bg_idx=bg_idx)
-            results.append(Segmentation(labels, probs if return_probs else None))
-        return results
+        return [
+            scores.segmentation(logits, vocabulary, prob_thd=prob_thd, bg_idx=bg_idx, return_probs=return_probs)
+            for logits in self.logits(images, text, lam=lam)
+        ]
 
 
 def _crop_and_pad(x: torch.Tensor, box, pads) -> torch.Tensor:
