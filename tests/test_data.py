@@ -295,3 +295,29 @@ def test_dataloader_bench_runs_as_users_run_it(capsys):
     results = bench.main(["--workers", "0", "--batches", "2", "--warmup", "1", "--batch-size", "2", "--crop-size", "64"])
     assert results[0]["images"] == 4 and results[0]["images_per_s"] > 0
     assert "1.00x" in capsys.readouterr().out
+
+
+def test_pipe_and_http_urls(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    urls, total = _id_shards(tmp_path, 2, 3)
+    piped = [f"pipe:cat {u}" for u in urls]
+    seen = [int(v) for b in make_pipeline(piped, train=False, crop_size=4) for v in b[:, 0, 0, 0]]
+    assert sorted(seen) == list(range(total))
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        spec = f"http://127.0.0.1:{server.server_port}/shard-{{000000..000001}}.tar"
+        seen = [int(v) for b in make_pipeline(spec, train=False, crop_size=4) for v in b[:, 0, 0, 0]]
+        assert sorted(seen) == list(range(total))
+    finally:
+        server.shutdown()
+        server.server_close()
