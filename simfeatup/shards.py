@@ -51,11 +51,7 @@ def decode_image(data: bytes, ext: str | None = None, *, bands=(0, 1, 2), stretc
     ``stretch``: "percentile" (2-98 % per band), "minmax" (per band) or a number (the value
     that becomes 255, e.g. 2047 for 11-bit data). Raises ValueError/OSError on corrupt data.
     """
-    kind = ext or sniff_image(data)
-    if kind in ("jpeg",):
-        kind = "jpg"
-    if kind in ("tiff",):
-        kind = "tif"
+    kind = {"jpeg": "jpg", "tiff": "tif"}.get(ext, ext) if ext else sniff_image(data)
     if kind == "tif":
         arr = _read_tiff(data)
         arr = _select_bands(arr, bands)
