@@ -5,6 +5,7 @@ implementation of every pixel rule and agree to the label.
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import cv2
@@ -12,83 +13,157 @@ import numpy as np
 
 from .constants import CLIP_MEAN, CLIP_STD, LONG_SIDE, STRIDE, WINDOW
 
-TIFF_SUFFIXES = {".tif", ".tiff"}
-STRETCHES = ("percentile", "minmax", "none")
+IMAGE_EXTS = ("jpg", "png", "tif")  # encoded kinds decode_image reads
+STRETCHES = ("percentile", "minmax")  # or a number: the value that maps to 255
+PERCENTILES = (2.0, 98.0)  # the "percentile" stretch clips at these (per band)
+_STATS_MAX_PIXELS = 1 << 20  # percentiles on a strided subsample above this: same result, 10x faster
 
 
 class ImageError(ValueError):
     """An input image that cannot be used; the message names the file and the fix."""
 
 
-def load_image(path: str | Path, *, bands: tuple[int, ...] | None = None, stretch: str = "percentile") -> np.ndarray:
-    """Read any jpg/png/tif as RGB uint8 (H, W, 3); see :func:`to_rgb_uint8` for the options."""
+def load_image(path: str | Path, *, bands=(0, 1, 2), stretch="percentile") -> np.ndarray:
+    """Read a jpg/png/tif file as RGB uint8 (H, W, 3); the options are :func:`decode_image`'s."""
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"image not found: {path}")
-    if path.suffix.lower() in TIFF_SUFFIXES:
-        import tifffile
-
-        try:
-            array = tifffile.imread(path)
-        except Exception as err:  # tifffile raises many types for bad files
-            raise ImageError(f"cannot read image {path}: {err}") from None
-        # Multi-band GeoTIFFs are often stored band-first (bands, H, W).
-        if array.ndim == 3 and array.shape[0] < min(array.shape[1:]) and array.shape[0] <= 16:
-            array = np.moveaxis(array, 0, -1)
-    else:
-        array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if array is None:
-            raise ImageError(f"cannot read image {path}: not a readable jpg/png/tif file")
-        if array.ndim == 3:  # OpenCV gives BGR(A)
-            array = array[..., [2, 1, 0, 3][: array.shape[2]]] if array.shape[2] in (3, 4) else array
-    if array.size == 0 or array.ndim not in (2, 3):
-        raise ImageError(f"cannot read image {path}: no pixel data (shape {array.shape})")
+    data = path.read_bytes()
+    if sniff_image(data) is None:
+        raise ImageError(f"cannot read image {path}: not a jpg, png or tif file")
     try:
-        return to_rgb_uint8(array, bands=bands, stretch=stretch)
+        return decode_image(data, bands=bands, stretch=stretch)
     except ImageError as err:
-        raise ImageError(f"{path}: {err}") from None
+        raise ImageError(f"cannot read image {path}: {err}") from None
 
 
-def to_rgb_uint8(array: np.ndarray, *, bands: tuple[int, ...] | None = None, stretch: str = "percentile") -> np.ndarray:
-    """Any image array (H, W), (H, W, 1|2|3|4|N), uint8/uint16/float -> RGB uint8 (H, W, 3).
+def sniff_image(data: bytes) -> str | None:
+    """The image kind of ``data`` from its magic bytes: "jpg", "png", "tif" or None."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):  # TIFF and BigTIFF
+        return "tif"
+    return None
 
-    ``bands`` picks the three channels that are red, green, blue (e.g. ``(3, 2, 1)`` for a
-    4+-band scene stored B, G, R, NIR ...); by default the first three (alpha is dropped).
-    Non-uint8 data is stretched to 0..255: ``percentile`` (2nd-98th percentile per image,
-    the usual for 16-bit imagery), ``minmax``, or ``none`` (floats in 0..1, integers
-    divided by their type's maximum).
+
+def decode_image(data: bytes, ext: str | None = None, *, bands=(0, 1, 2), stretch="percentile") -> np.ndarray:
+    """Decode an encoded image to RGB uint8 of shape (H, W, 3).
+
+    ext: "jpg", "png" or "tif" (sniffed from the bytes when None). JPEG/PNG decode as RGB;
+    grayscale is repeated to 3 channels and alpha is dropped. ``bands`` picks the TIFF bands
+    (0-based) that become R, G, B, e.g. (2, 1, 0) for a Blue-Green-Red-NIR raster; a 1- or
+    2-band TIFF is grayscale. Values that are not uint8 (16-bit, float) are mapped to 0..255 by
+    ``stretch``: "percentile" (2-98 % per band), "minmax" (per band) or a number (the value
+    that becomes 255, e.g. 2047 for 11-bit data). Raises :class:`ImageError` for anything
+    that cannot be decoded.
     """
-    if array.ndim == 2:
-        array = array[..., None]
-    if array.ndim != 3 or array.shape[0] == 0 or array.shape[1] == 0:
-        raise ImageError(f"expected an image of shape (H, W) or (H, W, bands), got {array.shape}")
-    n = array.shape[2]
-    if bands is not None:
-        if len(bands) != 3 or any(not 0 <= b < n for b in bands):
-            raise ImageError(f"bands={tuple(bands)} does not pick 3 of the image's {n} bands (0..{n - 1})")
-        array = array[..., list(bands)]
-    elif n in (1, 2):  # grayscale (+ alpha)
-        array = np.repeat(array[..., :1], 3, axis=2)
-    else:
-        array = array[..., :3]
-    if array.dtype == np.uint8:
-        return np.ascontiguousarray(array)
-    return _stretch(array, stretch)
+    kind = {"jpeg": "jpg", "tiff": "tif"}.get(ext, ext) if ext else sniff_image(data)
+    if kind not in IMAGE_EXTS:
+        raise ImageError(f"not an image: unknown format {kind!r} (expected one of {IMAGE_EXTS})")
+    try:
+        arr = _read_tiff(data) if kind == "tif" else _read_pil(data)
+    except Exception as err:  # decoders of untrusted bytes raise any type (IndexError, struct.error, ...)
+        raise ImageError(f"cannot decode {kind}: {err}") from None
+    if arr.size == 0:
+        raise ImageError(f"cannot decode {kind}: no pixel data")
+    if kind == "tif":
+        arr = _select_bands(arr, bands)
+    return _to_uint8(arr, stretch)
 
 
-def _stretch(array: np.ndarray, stretch: str) -> np.ndarray:
-    if stretch not in STRETCHES:
-        raise ImageError(f"unknown stretch {stretch!r}; use one of {', '.join(STRETCHES)}")
-    data = array.astype(np.float64)
-    if stretch == "none":
-        top = np.iinfo(array.dtype).max if np.issubdtype(array.dtype, np.integer) else 1.0
-        low, high = 0.0, float(top)
-    elif stretch == "minmax":
-        low, high = float(np.nanmin(data)), float(np.nanmax(data))
+def _read_pil(data: bytes) -> np.ndarray:
+    # PIL (not cv2) because PIL raises on a truncated JPEG where cv2 returns a half-grey image.
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        if im.mode in ("RGB", "L", "I;16", "I;16B", "I", "F"):
+            arr = np.asarray(im)
+        elif im.mode in ("LA", "La"):
+            arr = np.asarray(im.getchannel(0))
+        else:  # P, RGBA, CMYK, YCbCr, ...: alpha is dropped
+            arr = np.asarray(im.convert("RGB"))
+    return arr if arr.ndim == 3 else np.repeat(arr[..., None], 3, axis=-1)
+
+
+def _read_tiff(data: bytes) -> np.ndarray:
+    """(H, W, C) array of any dtype; C is the band count."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            series = tif.series[0]
+            arr, axes = series.asarray(), series.axes
+    except ValueError as err:
+        if "imagecodecs" not in str(err):
+            raise
+        return _read_tiff_cv2(data, err)  # compressed (LZW, Deflate) without imagecodecs
+    axes = "".join(a for a, n in zip(axes, arr.shape) if n > 1) or "YX"
+    arr = arr.squeeze() if arr.size > 1 else arr.reshape(1, 1)
+    if arr.ndim == 2:
+        return arr[..., None]
+    if arr.ndim != 3:
+        raise ValueError(f"unsupported TIFF layout: axes {series.axes!r}, shape {series.shape}")
+    band_axis = next((i for i, a in enumerate(axes) if a in "SCIQ"), 2)  # samples/channels/pages
+    return np.moveaxis(arr, band_axis, -1)
+
+
+def _read_tiff_cv2(data: bytes, err: Exception) -> np.ndarray:
+    import cv2
+
+    level = cv2.getLogLevel()
+    cv2.setLogLevel(2)  # ERROR: GeoTIFF tags make libtiff warn on every read
+    try:
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    finally:
+        cv2.setLogLevel(level)
+    if arr is None:
+        raise ValueError(f"{err}; OpenCV could not read it either (`pip install imagecodecs`)")
+    if arr.ndim == 2:
+        return arr[..., None]
+    return arr[..., [2, 1, 0, 3][: arr.shape[2]]]  # OpenCV gives BGR(A)
+
+
+def _select_bands(arr: np.ndarray, bands) -> np.ndarray:
+    n = arr.shape[-1]
+    if n <= 2:  # gray or gray + alpha
+        return np.repeat(arr[..., :1], 3, axis=-1)
+    bands = tuple(int(b) for b in bands)
+    if len(bands) != 3 or not all(0 <= b < n for b in bands):
+        raise ImageError(f"bands={bands} does not fit a {n}-band image: give 3 indices in 0..{n - 1}")
+    return arr[..., bands]
+
+
+def _to_uint8(arr: np.ndarray, stretch) -> np.ndarray:
+    """(H, W, 3) any dtype -> (H, W, 3) uint8."""
+    if arr.dtype == np.uint8:
+        return np.ascontiguousarray(arr)
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    x = np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    if isinstance(stretch, str) and stretch in STRETCHES:
+        sample = x.reshape(-1, 3)
+        if sample.shape[0] > _STATS_MAX_PIXELS:
+            sample = sample[:: sample.shape[0] // _STATS_MAX_PIXELS]
+        valid = sample[(sample != 0).any(axis=1)]  # all-zero pixels are nodata in most rasters
+        sample = valid if len(valid) else sample
+        if stretch == "percentile":
+            lo, hi = np.percentile(sample, PERCENTILES, axis=0)
+        else:
+            lo, hi = sample.min(axis=0), sample.max(axis=0)
     else:
-        low, high = (float(v) for v in np.nanpercentile(data, (2, 98)))
-    scaled = (data - low) / max(high - low, 1e-12) * 255.0
-    return np.clip(np.nan_to_num(scaled), 0, 255).round().astype(np.uint8)
+        try:
+            top = float(stretch)
+        except (TypeError, ValueError):
+            raise ImageError(f"stretch={stretch!r}: use one of {STRETCHES} or a number (the value that maps to 255)") from None
+        if top <= 0:
+            raise ImageError(f"stretch={stretch!r}: a fixed stretch must be > 0")
+        lo, hi = np.zeros(3, np.float32), np.full(3, top, np.float32)
+    scale = 255.0 / np.maximum(hi - lo, 1e-6)
+    return np.clip((x - lo) * scale + 0.5, 0, 255).astype(np.uint8)
+
 
 
 def check_size(image: np.ndarray, patch_size: int, name: str | Path = "image") -> None:

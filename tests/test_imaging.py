@@ -59,25 +59,12 @@ def test_resize_bilinear_matches_torch(src, dst):
     np.testing.assert_allclose(imaging.resize_bilinear(x, dst), expected.numpy(), atol=1e-5)
 
 
-def test_grayscale_rgba_and_bands_become_rgb():
-    gray = np.arange(12, dtype=np.uint8).reshape(3, 4)
-    assert np.array_equal(imaging.to_rgb_uint8(gray), np.repeat(gray[..., None], 3, axis=2))
-    rgba = np.zeros((2, 2, 4), np.uint8)
-    rgba[..., 3] = 255
-    assert imaging.to_rgb_uint8(rgba).shape == (2, 2, 3) and imaging.to_rgb_uint8(rgba).max() == 0
-    multi = np.stack([np.full((2, 2), v, np.uint8) for v in (10, 20, 30, 40)], axis=2)
-    assert imaging.to_rgb_uint8(multi, bands=(3, 2, 1))[0, 0].tolist() == [40, 30, 20]
-    with pytest.raises(imaging.ImageError, match="bands"):
-        imaging.to_rgb_uint8(multi, bands=(4, 2, 1))
-
-
-def test_sixteen_bit_is_stretched_to_full_range():
-    data = np.linspace(1000, 3000, 100 * 3, dtype=np.float64).reshape(10, 10, 3).astype(np.uint16)
-    out = imaging.to_rgb_uint8(data, stretch="minmax")
-    assert out.dtype == np.uint8 and out.min() == 0 and out.max() == 255
-    assert imaging.to_rgb_uint8(data, stretch="none").max() == round(3000 / 65535 * 255)
-    with pytest.raises(imaging.ImageError, match="stretch"):
-        imaging.to_rgb_uint8(data, stretch="log")
+def test_wrong_bands_and_stretch_are_named(tmp_path):
+    tifffile.imwrite(tmp_path / "m.tif", np.zeros((4, 8, 8), np.uint16))
+    with pytest.raises(imaging.ImageError, match=r"bands=\(4, 2, 1\) does not fit a 4-band image"):
+        imaging.load_image(tmp_path / "m.tif", bands=(4, 2, 1))
+    with pytest.raises(imaging.ImageError, match="stretch='log'"):
+        imaging.load_image(tmp_path / "m.tif", stretch="log")
 
 
 def test_load_image_formats(tmp_path):
@@ -91,7 +78,7 @@ def test_load_image_formats(tmp_path):
     assert imaging.load_image(tmp_path / "g.png").shape == (20, 30, 3)
     deep = (rgb.astype(np.uint16) * 257)
     cv2.imwrite(str(tmp_path / "d.png"), deep[..., ::-1])
-    assert np.array_equal(imaging.load_image(tmp_path / "d.png", stretch="none"), rgb)
+    assert np.array_equal(imaging.load_image(tmp_path / "d.png", stretch=65535), rgb)
     bands = np.stack([rgb[..., 2], rgb[..., 1], rgb[..., 0], rgb[..., 0]])  # (4, H, W), band-first B,G,R,NIR
     tifffile.imwrite(tmp_path / "m.tif", bands)
     assert np.array_equal(imaging.load_image(tmp_path / "m.tif", bands=(2, 1, 0)), rgb)

@@ -9,7 +9,8 @@ import tifffile
 from PIL import Image
 
 from simfeatup import shards
-from simfeatup.shards import decode_image, make_shards
+from simfeatup.imaging import decode_image
+from simfeatup.shards import make_shards
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -34,7 +34,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from simfeatup.shards import STRETCHES, decode_image
+from simfeatup.imaging import STRETCHES, decode_image
 
 log = logging.getLogger(__name__)
 
