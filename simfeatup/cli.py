@@ -1,0 +1,259 @@
+"""`simfeatup` command line: segment, convert-weights, make-shards, presets.
+
+Every subcommand parses flags and calls the library; errors a user can fix end in one line
+on stderr and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .constants import DEFAULT_MODEL, DEFAULT_PRETRAINED
+
+logger = logging.getLogger("simfeatup")
+
+
+class UsageError(ValueError):
+    """A command-line mistake; its message is shown as is."""
+
+
+def _add_vocabulary_flags(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--preset", help="dataset preset (see `simfeatup presets`): classes and thresholds")
+    group.add_argument("--classes", help='class lines, e.g. "building,roof;road;water" (; between classes, , between synonyms)')
+    group.add_argument("--classes-file", type=Path, help="text file with one class line per line")
+    p.add_argument("--prob-thd", type=float, help="below this class probability a pixel becomes --bg-idx (preset value, else 0)")
+    p.add_argument("--bg-idx", type=int, help="class index used where no class is confident (preset value, else 0)")
+    p.add_argument("--lam", type=float, help="weight of the [CLS] similarity in the logits (preset value, else -0.3)")
+
+
+def _stretch(text: str):
+    if text in ("percentile", "minmax"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use percentile, minmax or a number") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="simfeatup", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("segment", help="segment images with class names typed on the command line")
+    p.add_argument("images", nargs="+", type=Path, help="jpg/png/tif images")
+    _add_vocabulary_flags(p)
+    p.add_argument("--out", type=Path, required=True, help="output folder for <image>.png label maps")
+    p.add_argument("--upsampler", default=None, help="SimFeatUp artefact (.safetensors or its .json), or 'bilinear' (default)")
+    p.add_argument("--onnx", type=Path, help="model folder from export/to_onnx.py: run with onnxruntime instead of torch")
+    p.add_argument("--model", help=f"open_clip model name (default: the upsampler's backbone, else {DEFAULT_MODEL})")
+    p.add_argument("--pretrained", help=f"open_clip weights tag or local weights file (default: {DEFAULT_PRETRAINED})")
+    p.add_argument("--attention", default="segearth", help="last-block attention: segearth, clearclip, sclip, maskclip, vanilla")
+    p.add_argument("--overlay", action="store_true", help="also write <image>_overlay.jpg (labels blended over the image)")
+    p.add_argument("--save-probs", action="store_true", help="also write <image>_probs.npy (K, H, W) class probabilities")
+    p.add_argument("--batch-size", type=int, default=2, help="images whose windows are batched together (default 2)")
+    p.add_argument("--device", default="auto", help="torch device: auto (cuda if present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help="auto: float32 on CPU, float16 on CUDA")
+    p.add_argument("--bands", help="for multi-band images: the 0-based bands that are R,G,B, e.g. 3,2,1")
+    p.add_argument("--stretch", default="percentile", type=_stretch, help="how 16-bit/float images become 8-bit: percentile (2-98%%, default), minmax, or the value that maps to 255 (e.g. 2047)")
+    p.set_defaults(func=_segment)
+
+    p = sub.add_parser("convert-weights", help="import the authors' released SimFeatUp checkpoint as safetensors")
+    p.add_argument("src", type=Path, help="Lightning checkpoint, e.g. xclip_jbu_one_million_aid.ckpt")
+    p.add_argument("dst", type=Path, help="output .safetensors (a .json with its config is written beside it)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="backbone the weights were trained for (recorded in the .json)")
+    p.add_argument("--pretrained", default=DEFAULT_PRETRAINED, help="its weights tag (recorded in the .json)")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("make-shards", help="pack folders of images into WebDataset shards for training")
+    p.add_argument("sources", nargs="+", type=Path, help="image folders (searched recursively) or files")
+    p.add_argument("pattern", help="output shard pattern, e.g. shards/train-%%06d.tar")
+    p.add_argument("--maxcount", type=int, default=1000, help="images per shard at most (default 1000)")
+    p.add_argument("--maxsize", type=float, default=3e9, help="bytes per shard at most (default 3e9)")
+    p.set_defaults(func=_make_shards)
+
+    p = sub.add_parser("presets", help="list the dataset presets")
+    p.set_defaults(func=_presets)
+    return parser
+
+
+def _vocabulary_and_settings(args):
+    from . import presets
+    from .constants import DEFAULT_BG_IDX, DEFAULT_LAMBDA, DEFAULT_PROB_THD
+    from .vocabulary import Vocabulary
+
+    if args.preset:
+        preset = presets.load(args.preset)
+        vocabulary = Vocabulary.from_lines(preset.classes)
+        defaults = preset.prob_thd, preset.bg_idx, preset.lam
+    else:
+        vocabulary = Vocabulary.from_spec(args.classes) if args.classes is not None else Vocabulary.from_file(args.classes_file)
+        defaults = DEFAULT_PROB_THD, DEFAULT_BG_IDX, DEFAULT_LAMBDA
+    prob_thd = defaults[0] if args.prob_thd is None else args.prob_thd
+    bg_idx = defaults[1] if args.bg_idx is None else args.bg_idx
+    lam = defaults[2] if args.lam is None else args.lam
+    if not 0 <= bg_idx < len(vocabulary):
+        raise UsageError(f"--bg-idx {bg_idx} is not a class index: there are {len(vocabulary)} classes (0..{len(vocabulary) - 1})")
+    return vocabulary, prob_thd, bg_idx, lam
+
+
+def _output_names(images: list[Path]) -> list[str]:
+    stems = [image.stem for image in images]
+    seen = {}
+    for image, stem in zip(images, stems):
+        if stem in seen and seen[stem] != image:
+            raise UsageError(f"{seen[stem]} and {image} would both be written as {stem}.png: rename one or segment them separately")
+        seen[stem] = image
+    return stems
+
+
+def _segment(args) -> int:
+    from tqdm import tqdm
+
+    from . import imaging, visualize
+
+    missing = [str(p) for p in args.images if not p.is_file()]
+    if missing:
+        raise UsageError(f"image not found: {', '.join(missing)}")
+    vocabulary, prob_thd, bg_idx, lam = _vocabulary_and_settings(args)
+    stems = _output_names(args.images)
+    try:
+        bands = tuple(int(b) for b in args.bands.split(",")) if args.bands else (0, 1, 2)
+    except ValueError:
+        raise UsageError(f"--bands {args.bands!r}: give three 0-based band indices, e.g. 3,2,1") from None
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+
+    run = _onnx_runner(args, vocabulary) if args.onnx else _torch_runner(args, vocabulary)
+    args.out.mkdir(parents=True, exist_ok=True)
+    colours = visualize.palette(len(vocabulary))
+    legend = [{"index": k, "class": line, "color": colours[k].tolist()} for k, line in enumerate(",".join(c) for c in vocabulary.classes)]
+    (args.out / "classes.json").write_text(json.dumps(legend, indent=2) + "\n")
+
+    failed = []
+    bar = tqdm(total=len(args.images), desc="segment", unit="img")
+    for start in range(0, len(args.images), args.batch_size):
+        paths = args.images[start : start + args.batch_size]
+        names = stems[start : start + args.batch_size]
+        loaded = []
+        for path, name in zip(paths, names):
+            try:
+                image = imaging.load_image(path, bands=bands, stretch=args.stretch)
+                imaging.check_size(image, run.patch_size, path)
+                loaded.append((path, name, image))
+            except imaging.ImageError as err:
+                logger.error("skipped: %s", err)
+                failed.append(path)
+                bar.update(1)
+        if not loaded:
+            continue
+        results = run([image for _, _, image in loaded], prob_thd=prob_thd, bg_idx=bg_idx, lam=lam, return_probs=args.save_probs)
+        for (path, name, image), result in zip(loaded, results):
+            visualize.save_atomic(visualize.label_image(result.labels, colours), args.out / f"{name}.png")
+            if args.overlay:
+                visualize.save_atomic(visualize.overlay(image, result.labels, colours), args.out / f"{name}_overlay.jpg")
+            if args.save_probs:
+                import numpy as np
+
+                np.save(args.out / f"{name}_probs.npy", result.probs.astype(np.float16))
+            bar.update(1)
+    bar.close()
+    done = len(args.images) - len(failed)
+    logger.info("wrote %d label map(s) to %s (legend: %s)", done, args.out, args.out / "classes.json")
+    if failed:
+        raise UsageError(f"{len(failed)} of {len(args.images)} image(s) could not be segmented (see the messages above)")
+    return 0
+
+
+class _TorchRunner:
+    def __init__(self, args, vocabulary):
+        import torch
+
+        from .segmenter import build_segmenter
+        from .text import encode_queries
+
+        device = args.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype)
+        if dtype is None:
+            dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+        self.segmenter = build_segmenter(
+            args.upsampler, model=args.model, pretrained=args.pretrained, attention=args.attention, device=device, dtype=dtype
+        )
+        if self.segmenter.upsampler is None:
+            logger.info("no SimFeatUp weights given (--upsampler): using the bilinear baseline")
+        self.vocabulary = vocabulary
+        self.text = encode_queries(self.segmenter.encoder, vocabulary.queries)
+        self.patch_size = self.segmenter.patch_size
+
+    def __call__(self, images, **kwargs):
+        return self.segmenter.segment(images, self.vocabulary, self.text, **kwargs)
+
+
+def _torch_runner(args, vocabulary):
+    return _TorchRunner(args, vocabulary)
+
+
+def _onnx_runner(args, vocabulary):
+    from .runtime import OnnxSegmenter
+
+    for flag in ("upsampler", "model", "pretrained"):
+        if getattr(args, flag):
+            raise UsageError(f"--{flag} does not apply with --onnx: the model folder fixes it (re-export to change it)")
+    segmenter = OnnxSegmenter(args.onnx)
+
+    class _Run:
+        patch_size = segmenter.patch_size
+
+        def __call__(self, images, **kwargs):
+            return segmenter.segment(images, vocabulary, **kwargs)
+
+    return _Run()
+
+
+def _convert(args) -> int:
+    from .convert import convert_checkpoint
+
+    convert_checkpoint(args.src, args.dst, backbone={"model": args.model, "pretrained": args.pretrained})
+    logger.info("wrote %s (+ %s)", args.dst, args.dst.with_suffix(".json"))
+    return 0
+
+
+def _make_shards(args) -> int:
+    from .shards import make_shards
+
+    summary = make_shards(args.sources, args.pattern, maxcount=args.maxcount, maxsize=int(args.maxsize))
+    logger.info("%s", summary.describe())
+    if summary.written == 0:
+        raise UsageError(f"no images written from {', '.join(map(str, args.sources))}: nothing readable was found")
+    return 0
+
+
+def _presets(args) -> int:
+    from . import presets
+
+    for key in presets.available():
+        preset = presets.load(key)
+        sys.stdout.write(f"{key:14s} {len(preset.classes):2d} classes  prob_thd {preset.prob_thd:<4}  bg_idx {preset.bg_idx}  lam {preset.lam}\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, PermissionError) as err:
+        if args.verbose:
+            logger.exception("failed")
+        sys.stderr.write(f"simfeatup {args.command}: error: {err}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

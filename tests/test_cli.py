@@ -1,0 +1,96 @@
+"""The `simfeatup` command as a user runs it: real model path (tiny registered config + weights file)."""
+import json
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from simfeatup.cli import main
+
+
+@pytest.fixture
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "rgb.png"), rng.integers(0, 256, (90, 130, 3), dtype=np.uint8))
+    cv2.imwrite(str(folder / "gray.jpg"), rng.integers(0, 256, (70, 50), dtype=np.uint8))
+    cv2.imwrite(str(folder / "rgba.png"), rng.integers(0, 256, (40, 64, 4), dtype=np.uint8))
+    cv2.imwrite(str(folder / "deep.png"), rng.integers(0, 65536, (48, 48, 3), dtype=np.uint16))
+    return folder
+
+
+def _args(tiny_weights, *extra):
+    name, weights = tiny_weights
+    return ["--model", name, "--pretrained", str(weights), *extra]
+
+
+def _one_line_error(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "expected an error message"
+    assert "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def test_segment_writes_palette_label_maps_and_overlays(tiny_weights, images, tmp_path):
+    out = tmp_path / "out"
+    files = sorted(images.iterdir())
+    assert main(["segment", *map(str, files), "--classes", "building,roof;road;water", "--out", str(out), "--overlay", "--save-probs", *_args(tiny_weights)]) == 0
+    for f in files:
+        label = Image.open(out / f"{f.stem}.png")
+        assert label.mode == "P" and label.size == Image.open(f).size
+        assert np.asarray(label).max() <= 2
+        assert (out / f"{f.stem}_overlay.jpg").is_file()
+        probs = np.load(out / f"{f.stem}_probs.npy")
+        assert probs.shape == (3, label.size[1], label.size[0])
+    legend = json.loads((out / "classes.json").read_text())
+    assert [c["class"] for c in legend] == ["building,roof", "road", "water"]
+
+
+def test_segment_with_preset(tiny_weights, images, tmp_path):
+    assert main(["segment", str(images / "rgb.png"), "--preset", "udd5", "--out", str(tmp_path / "o"), *_args(tiny_weights)]) == 0
+    assert np.asarray(Image.open(tmp_path / "o" / "rgb.png")).max() <= 4
+
+
+def test_missing_image_is_one_line_and_nonzero(tiny_weights, tmp_path, capsys):
+    assert main(["segment", str(tmp_path / "nope.png"), "--classes", "road", "--out", str(tmp_path / "o"), *_args(tiny_weights)]) == 2
+    assert "image not found" in _one_line_error(capsys)
+
+
+def test_empty_class_list(tiny_weights, images, tmp_path, capsys):
+    assert main(["segment", str(images / "rgb.png"), "--classes", " ; ", "--out", str(tmp_path / "o"), *_args(tiny_weights)]) == 2
+    assert "empty class list" in _one_line_error(capsys)
+
+
+def test_bad_images_are_reported_and_the_rest_is_written(tiny_weights, images, tmp_path, capsys, caplog):
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    cv2.imwrite(str(images / "tiny.png"), np.zeros((8, 40, 3), np.uint8))
+    out = tmp_path / "o"
+    code = main(["segment", str(images / "broken.png"), str(images / "tiny.png"), str(images / "rgb.png"), "--classes", "road;tree", "--out", str(out), *_args(tiny_weights)])
+    assert code == 2
+    err = capsys.readouterr().err + caplog.text  # per-image messages go through logging
+    assert "2 of 3 image(s) could not be segmented" in err
+    assert "broken.png" in err and "smaller than one 16-pixel patch" in err and "Traceback" not in err
+    assert (out / "rgb.png").is_file() and not (out / "broken.png").exists()
+
+
+def test_bg_idx_out_of_range(tiny_weights, images, tmp_path, capsys):
+    assert main(["segment", str(images / "rgb.png"), "--classes", "road;tree", "--bg-idx", "5", "--out", str(tmp_path / "o"), *_args(tiny_weights)]) == 2
+    assert "--bg-idx 5" in _one_line_error(capsys)
+
+
+def test_upsampler_of_wrong_feature_size_names_both_sizes(tiny_weights, images, tmp_path, capsys):
+    from simfeatup.upsampler import SimFeatUp, save_upsampler
+
+    path = tmp_path / "up.safetensors"
+    save_upsampler(SimFeatUp(dim=48, patch_size=16), path)
+    code = main(["segment", str(images / "rgb.png"), "--classes", "road", "--upsampler", str(path), "--out", str(tmp_path / "o"), *_args(tiny_weights)])
+    assert code == 2
+    line = _one_line_error(capsys)
+    assert "48" in line and "32" in line
+
+
+def test_presets_lists_all(capsys):
+    assert main(["presets"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 17
