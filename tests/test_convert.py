@@ -1,0 +1,101 @@
+"""Importing the authors' Lightning checkpoint (SPEC 3.1) into safetensors."""
+import json
+
+import pytest
+import torch
+
+from simfeatup.convert import CheckpointError, convert_checkpoint
+from simfeatup.upsampler import SimFeatUp, load_upsampler
+
+# SPEC 3.1, verbatim: the tensors under `upsampler.` in xclip_jbu_one_million_aid.ckpt.
+AUTHORS_SHAPES = {
+    "up.range_temp": (),
+    "up.sigma_spatial": (),
+    "up.range_proj.0.weight": (32, 3, 1, 1),
+    "up.range_proj.0.bias": (32,),
+    "up.range_proj.3.weight": (32, 32, 1, 1),
+    "up.range_proj.3.bias": (32,),
+    "up.fixup_proj.0.weight": (121, 124, 1, 1),
+    "up.fixup_proj.0.bias": (121,),
+    "up.fixup_proj.3.weight": (121, 121, 1, 1),
+    "up.fixup_proj.3.bias": (121,),
+    "fixup_proj.1.weight": (512, 512, 1, 1),
+    "fixup_proj.1.bias": (512,),
+}
+
+
+def lightning_ckpt(path, state, **extra):
+    """A file shaped like a Lightning checkpoint, with training-only heads beside the upsampler."""
+    state = {f"upsampler.{k}": v for k, v in state.items()}
+    state["downsampler.w"] = torch.randn(14, 14)
+    state["scale_net.net.weight"] = torch.randn(1, 512, 1, 1)
+    state["projection_img.0.weight"] = torch.randn(512, 512, 1, 1)
+    torch.save({"epoch": 1, "global_step": 100, "pytorch-lightning_version": "1.9.0", "state_dict": state,
+                "optimizer_states": [{"state": {}, "param_groups": []}], **extra}, path)
+    return path
+
+
+def test_converts_authors_layout(tmp_path):
+    state = {k: torch.randn(s) for k, s in AUTHORS_SHAPES.items()}
+    src = lightning_ckpt(tmp_path / "xclip_jbu_one_million_aid.ckpt", state)
+    report = convert_checkpoint(src, tmp_path / "up.safetensors", backbone={"model": "ViT-B-16"})
+    assert report["upsampler"] == {"dim": 512, "patch_size": 16, "radius": 5, "key_dim": 32, "shared": True}
+    assert report["ignored"] == {"downsampler": 1, "scale_net": 1, "projection_img": 1}
+    module, info = load_upsampler(tmp_path / "up.json")
+    assert info["backbone"] == {"model": "ViT-B-16"}
+    assert info["converted_from"]["file"] == "xclip_jbu_one_million_aid.ckpt"
+    loaded = module.state_dict()
+    assert set(loaded) == set(state)
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+def test_converts_featup_jbu_stack(tmp_path):
+    ref = SimFeatUp(384, 16, radius=3, shared=False)
+    state = {k: torch.randn_like(v) for k, v in ref.state_dict().items()}
+    src = lightning_ckpt(tmp_path / "stack.ckpt", state)
+    report = convert_checkpoint(src, tmp_path / "stack.safetensors")
+    assert report["upsampler"] == {"dim": 384, "patch_size": 16, "radius": 3, "key_dim": 32, "shared": False}
+    module, _ = load_upsampler(tmp_path / "stack.safetensors")
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in state.items())
+    sidecar = json.loads((tmp_path / "stack.json").read_text())
+    assert sidecar["converted_from"]["layout"] == "JBUStack"
+
+
+def test_missing_and_misshapen_tensors(tmp_path):
+    state = {k: torch.randn(s) for k, s in AUTHORS_SHAPES.items()}
+    del state["up.range_proj.3.bias"]
+    with pytest.raises(CheckpointError, match=r"missing \['upsampler.up.range_proj.3.bias'\]"):
+        convert_checkpoint(lightning_ckpt(tmp_path / "a.ckpt", state), tmp_path / "a.safetensors")
+    state = {k: torch.randn(s) for k, s in AUTHORS_SHAPES.items()}
+    state["up.range_proj.3.weight"] = torch.randn(32, 16, 1, 1)
+    with pytest.raises(CheckpointError, match=r"'upsampler.up.range_proj.3.weight' has shape \(32, 16, 1, 1\)"):
+        convert_checkpoint(lightning_ckpt(tmp_path / "b.ckpt", state), tmp_path / "b.safetensors")
+    assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_bad_files_give_one_line_errors(tmp_path):
+    (tmp_path / "junk.ckpt").write_bytes(b"\x80\x02junk" * 50)
+    torch.save({"state_dict": {"encoder.w": torch.zeros(1)}}, tmp_path / "other.ckpt")
+    torch.save({"state_dict": {"upsampler.conv.weight": torch.zeros(1)}}, tmp_path / "carafe.ckpt")
+    cases = {
+        "junk.ckpt": "not a PyTorch checkpoint",
+        "other.ckpt": "no tensors under 'upsampler.'",
+        "carafe.ckpt": "not a JBU upsampler checkpoint",
+        "absent.ckpt": "no such file",
+    }
+    for name, expected in cases.items():
+        with pytest.raises(CheckpointError, match=expected) as e:
+            convert_checkpoint(tmp_path / name, tmp_path / "out.safetensors")
+        assert "\n" not in str(e.value) and isinstance(e.value, ValueError)
+
+
+class Pickled:
+    """A Python object that weights_only loading must refuse."""
+
+
+def test_pickled_objects_are_refused_with_reason(tmp_path):
+    state = {k: torch.randn(s) for k, s in AUTHORS_SHAPES.items()}
+    src = lightning_ckpt(tmp_path / "unsafe.ckpt", state, hyper_parameters=Pickled())
+    with pytest.raises(CheckpointError, match="pickled Python objects beyond tensors .*Pickled") as e:
+        convert_checkpoint(src, tmp_path / "out.safetensors")
+    assert "\n" not in str(e.value)
