@@ -18,6 +18,15 @@ from simfeatup.upsampler import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: a second thread only adds sync cost, 100x when the cores are busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def naive_step(step, source, guide):
     """SPEC 3 as the reference writes it: unfold everything (B, C, d*d, H, W)."""
     B, C = source.shape[:2]
