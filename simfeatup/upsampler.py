@@ -210,19 +210,11 @@ class SimFeatUp(nn.Module):
 
         Returns (B, C, h*p, w*p) in feats' dtype.
         """
+        self._check(feats, guidance)
         B, C, h, w = feats.shape
-        H, W = h * self.patch_size, w * self.patch_size
-        if C != self.dim or guidance.shape != (B, GUIDANCE_DIM, H, W):
-            raise ValueError(
-                f"SimFeatUp(dim={self.dim}, patch_size={self.patch_size}) expects feats (B, {self.dim}, h, w) "
-                f"and guidance (B, 3, h*{self.patch_size}, w*{self.patch_size}); "
-                f"got feats {tuple(feats.shape)} and guidance {tuple(guidance.shape)}"
-            )
+        H, W = guidance.shape[-2:]
         guidance = guidance.to(feats.dtype)
-        drop, conv = self.fixup_proj
-        # The final fixup mixes channels per pixel and every JBU step filters each channel with
-        # the same kernel, so the two commute: mixing at h x w is the same operator, far cheaper.
-        x = feats + RESIDUAL * F.conv2d(drop(feats), conv.weight)
+        x = self._mix_channels(feats)
         n = h * w
         if n < C:
             # The steps are one image-dependent linear map, identical for every channel: apply it
@@ -232,7 +224,46 @@ class SimFeatUp(nn.Module):
             out = torch.bmm(x.flatten(2), op.flatten(2)).view(B, C, H, W)
         else:
             out = self._upsample(x, guidance)
-        return out + RESIDUAL * conv.bias.to(out.dtype).view(1, C, 1, 1)
+        return out + RESIDUAL * self.fixup_proj[1].bias.to(out.dtype).view(1, C, 1, 1)
+
+    def _check(self, feats: torch.Tensor, guidance: torch.Tensor) -> None:
+        B, C, h, w = feats.shape
+        p = self.patch_size
+        if C != self.dim or guidance.shape != (B, GUIDANCE_DIM, h * p, w * p):
+            raise ValueError(
+                f"SimFeatUp(dim={self.dim}, patch_size={p}) expects feats (B, {self.dim}, h, w) and guidance "
+                f"(B, 3, h*{p}, w*{p}); got feats {tuple(feats.shape)} and guidance {tuple(guidance.shape)}"
+            )
+
+    def _mix_channels(self, feats: torch.Tensor) -> torch.Tensor:
+        """The final fixup without its bias, applied on the token grid (B, C, h, w).
+
+        The fixup mixes channels per pixel and every JBU step filters each channel with the same
+        kernel, so the two commute: mixing before upsampling is the same operator, far cheaper.
+        """
+        drop, conv = self.fixup_proj
+        return feats + RESIDUAL * F.conv2d(drop(feats), conv.weight)
+
+    def forward_factored(self, feats: torch.Tensor, guidance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward() as basis (B, C, r) with orthonormal columns and coords (B, r, H, W), r <= h*w+1.
+
+        forward(feats, guidance) == einsum("bcr,brhw->bchw", basis, coords), and per-pixel norms and
+        dot products are those of coords (with basis^T t for a query t), so a caller scoring
+        against a few text queries never builds the (B, C, H, W) tensor. Not exportable to ONNX
+        (QR); export forward().
+        """
+        self._check(feats, guidance)
+        B, C, h, w = feats.shape
+        x = self._mix_channels(feats).flatten(2)  # (B, C, n)
+        bias = RESIDUAL * self.fixup_proj[1].bias.to(x.dtype).view(1, C, 1).expand(B, C, 1)
+        # The output's columns lie in span([x, bias]); QR gives an orthonormal basis of it and the
+        # coordinates R, so the spatial steps run on R's rows (r <= n + 1 channels) instead of C.
+        # QR has no half-precision kernels: run it in at least float32.
+        span = torch.cat([x, bias], dim=2).to(torch.promote_types(x.dtype, torch.float32))
+        basis, coef = torch.linalg.qr(span)  # (B, C, r), (B, r, n + 1)
+        basis, coef = basis.to(x.dtype), coef.to(x.dtype)
+        coords = self._upsample(coef[:, :, :-1].reshape(B, -1, h, w), guidance.to(x.dtype))
+        return basis, coords + coef[:, :, -1:, None]
 
 
 def save_upsampler(module: SimFeatUp, path, *, backbone: dict | None = None, extra: dict | None = None) -> None:

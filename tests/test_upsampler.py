@@ -212,3 +212,18 @@ def test_load_rejects_missing_tensor_and_foreign_files(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
     with pytest.raises(UpsamplerFileError, match="not a safetensors file"):
         load_upsampler(tmp_path / "junk.safetensors")
+
+
+@pytest.mark.parametrize("dim,h,w", [(40, 3, 4), (6, 2, 3)])  # r = h*w + 1 < C, and r capped at C
+def test_factored_output_is_forward_in_an_orthonormal_basis(dim, h, w):
+    m = perturbed(SimFeatUp(dim, 16)).double().eval()
+    feats = torch.randn(2, dim, h, w, dtype=torch.float64)
+    guidance = torch.randn(2, 3, h * 16, w * 16, dtype=torch.float64)
+    with torch.no_grad():
+        basis, coords = m.forward_factored(feats, guidance)
+        out = m(feats, guidance)
+    r = basis.shape[2]
+    assert r == min(dim, h * w + 1) and coords.shape == (2, r, h * 16, w * 16)
+    assert torch.allclose(basis.transpose(1, 2) @ basis, torch.eye(r, dtype=torch.float64).expand(2, r, r))
+    assert torch.allclose(torch.einsum("bcr,brhw->bchw", basis, coords), out, rtol=0, atol=1e-10 * out.abs().max())
+    assert torch.allclose(coords.norm(dim=1), out.norm(dim=1))
