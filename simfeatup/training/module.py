@@ -1,0 +1,302 @@
+"""LightningModule for SimFeatUp's self-supervised training (SPEC 4).
+
+Per batch of uint8 crops: frozen DenseCLIP features L; then, n_jitters times, H = up(L, img),
+a random transform tau of image and H, L' = f(tau(img)), a fresh random projection, the
+attention downsampler D(tau(H)), the uncertainty-weighted reconstruction loss and the image
+reconstruction loss. Each jitter is back-propagated on its own (the reference does the same)
+so only one jitter's high-res graph is alive at a time; gradients add up over the jitters.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from simfeatup.constants import CLIP_MEAN, CLIP_STD, DEFAULT_MODEL, DEFAULT_PRETRAINED
+from simfeatup.encoder import DenseCLIP
+from simfeatup.training.downsampler import AttentionDownsampler
+from simfeatup.training.jitter import MAX_PAD, MAX_ZOOM, apply_jitter, sample_jitter
+from simfeatup.training.losses import (
+    PROJ_DIM,
+    ImageHead,
+    UncertaintyHead,
+    image_loss,
+    project,
+    random_projection,
+    reconstruction_loss,
+)
+from simfeatup.training.preview import preview
+from simfeatup.upsampler import SimFeatUp, save_upsampler
+
+log = logging.getLogger(__name__)
+
+# SPEC 4 -- 5 jitters, image-reconstruction weight 0.1, NAdam lr 1e-3, gradient-norm clip 1e-4
+# during the first 10 optimizer steps.
+N_JITTERS = 5
+IMG_WEIGHT = 0.1
+LR = 1e-3
+CLIP_STEPS = 10
+CLIP_NORM = 1e-4
+ARTEFACT_NAME = "upsampler.safetensors"
+
+
+class SimFeatUpModule(L.LightningModule):
+    """Trains a :class:`~simfeatup.upsampler.SimFeatUp` for a frozen DenseCLIP backbone.
+
+    Args:
+        model, pretrained: open_clip model name and weights tag or local file (the backbone).
+        clip_config: instead of ``model``/``pretrained``, an ``open_clip.CLIP(**clip_config)``
+            with random weights (tests and CI).
+        attention: DenseCLIP last-block mode (SPEC 2.3).
+        feature_source: "final" learns the features used at inference (default, SPEC 8);
+            "penultimate" the last block's input, as the authors trained their weights.
+        radius, key_dim, shared: SimFeatUp architecture.
+        n_jitters, proj_dim, lr, img_weight, clip_steps, clip_norm, max_pad, max_zoom: SPEC 4.
+        preview_every_n_steps: log an image | low-res | upsampled preview this often (0: never).
+        val_seed: seed of the validation jitters and projections, so validation is comparable
+            across steps and runs.
+        artefact_dir: where ``upsampler.safetensors`` + ``.json`` go (default: the Trainer's
+            ``default_root_dir``); written at every checkpoint and at the end of fit.
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        pretrained: str = DEFAULT_PRETRAINED,
+        clip_config: dict | None = None,
+        attention: str = "segearth",
+        feature_source: Literal["final", "penultimate"] = "final",
+        radius: int = 5,
+        key_dim: int = 32,
+        shared: bool = True,
+        n_jitters: int = N_JITTERS,
+        proj_dim: int = PROJ_DIM,
+        lr: float = LR,
+        img_weight: float = IMG_WEIGHT,
+        clip_steps: int = CLIP_STEPS,
+        clip_norm: float = CLIP_NORM,
+        max_pad: int = MAX_PAD,
+        max_zoom: float = MAX_ZOOM,
+        preview_every_n_steps: int = 100,
+        val_seed: int = 0,
+        artefact_dir: str | None = None,
+    ):
+        super().__init__()
+        if feature_source not in ("final", "penultimate"):
+            raise ValueError(f"feature_source={feature_source!r} must be 'final' or 'penultimate'")
+        self.save_hyperparameters()
+        if clip_config is not None:
+            self.backbone = DenseCLIP.from_config(clip_config, attention=attention)
+        else:
+            self.backbone = DenseCLIP.from_pretrained(model, pretrained, attention=attention)
+        dim, patch = self.backbone.embed_dim, self.backbone.patch_size
+        self.upsampler = SimFeatUp(dim, patch, radius=radius, key_dim=key_dim, shared=shared)
+        self.downsampler = AttentionDownsampler(dim, patch)
+        self.uncertainty = UncertaintyHead(dim)
+        self.image_head = ImageHead(dim)
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN).reshape(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(CLIP_STD).reshape(1, 3, 1, 1) * 255, persistent=False)
+        # Jitters are back-propagated one by one (memory), so the optimizer step is ours.
+        self.automatic_optimization = False
+
+    # ------------------------------------------------------------------ pieces
+    def train(self, mode: bool = True):
+        """The backbone stays in eval mode whatever Lightning asks of the module."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def normalise(self, batch: Tensor) -> Tensor:
+        """uint8 (B, 3, H, W) RGB -> float32 CLIP-normalised, on the batch's device."""
+        return (batch.float() - self.mean) / self.std
+
+    @torch.no_grad()
+    def features(self, img: Tensor) -> Tensor:
+        """Frozen backbone features (B, C, H/p, W/p) in float32 (under the Trainer's autocast)."""
+        feats, _ = self.backbone(img, source=self.hparams.feature_source)
+        return feats.float()
+
+    def jitter_losses(
+        self, high: Tensor, img: Tensor, *, generator: torch.Generator | None = None, bilinear: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """SPEC 4 steps 2-7 for one random transform.
+
+        ``high`` (B, C, H, W) upsampled features, ``img`` (B, 3, H, W) normalised image.
+        With ``bilinear`` (B, C, H, W) also scores it with the same transform and projection.
+        """
+        b, c = high.shape[:2]
+        params = sample_jitter(
+            b, tuple(img.shape[-2:]), max_pad=self.hparams.max_pad, max_zoom=self.hparams.max_zoom, generator=generator
+        )
+        jit_img = apply_jitter(img, params)
+        target = self.features(jit_img)  # L' (B, C, h, w)
+        proj = random_projection(b, c, self.hparams.proj_dim, generator=generator, device=img.device)
+        scale = self.uncertainty(target)  # (B, 1, h, w)
+        proj_target = project(target, proj)
+
+        def rec(h: Tensor) -> tuple[Tensor, Tensor]:
+            jit_high = apply_jitter(h, params)
+            down = project(self.downsampler(jit_high), proj)
+            return reconstruction_loss(down.float(), proj_target, scale.float()), jit_high
+
+        out = {}
+        out["rec"], jit_high = rec(high)
+        out["img"] = image_loss(jit_img, self.image_head(jit_high).float())
+        if bilinear is not None:
+            out["rec_bilinear"], _ = rec(bilinear)
+        return out
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: Tensor, batch_idx: int) -> None:
+        opt = self.optimizers()
+        img = self.normalise(batch)
+        low = self.features(img)
+        n = self.hparams.n_jitters
+        totals = {"rec": 0.0, "img": 0.0}
+        opt.zero_grad()
+        for j in range(n):
+            # Recomputed per jitter: the upsampler's dropouts draw anew, and only one
+            # jitter's high-res graph is ever held in memory.
+            high = self.upsampler(low, img)
+            losses = self.jitter_losses(high, img)
+            loss = (losses["rec"] + self.hparams.img_weight * losses["img"]) / n
+            # Under DDP Lightning all-reduces each manual backward; the heads are small.
+            self.manual_backward(loss)
+            for k in totals:
+                totals[k] += losses[k].detach() / n
+            if j == 0:
+                self._maybe_preview(batch, low, high)
+        opt.step()
+        total = totals["rec"] + self.hparams.img_weight * totals["img"]
+        self.log("train/loss", total, prog_bar=True, batch_size=batch.shape[0])
+        self.log("train/rec", totals["rec"], batch_size=batch.shape[0])
+        self.log("train/img", totals["img"], batch_size=batch.shape[0])
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Called after AMP unscaling, so the norm is the true one in every precision.
+        if self.global_step < self.hparams.clip_steps:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.clip_norm, gradient_clip_algorithm="norm")
+
+    def configure_optimizers(self):
+        params = [
+            *self.upsampler.parameters(),
+            *self.downsampler.parameters(),
+            *self.uncertainty.parameters(),
+            *self.image_head.parameters(),
+        ]
+        return torch.optim.NAdam(params, lr=self.hparams.lr, weight_decay=0.0)
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        """SPEC reconstruction loss of the upsampler and of bilinear upsampling, same crops,
+        transforms and projections (seeded by ``val_seed`` and the batch index)."""
+        generator = torch.Generator().manual_seed(self.hparams.val_seed * 1_000_003 + batch_idx)
+        img = self.normalise(batch)
+        low = self.features(img)
+        high = self.upsampler(low, img)
+        bilinear = F.interpolate(low, size=img.shape[-2:], mode="bilinear", align_corners=False)
+        n = self.hparams.n_jitters
+        totals = {"rec": 0.0, "img": 0.0, "rec_bilinear": 0.0}
+        for _ in range(n):
+            losses = self.jitter_losses(high, img, generator=generator, bilinear=bilinear)
+            for k in totals:
+                totals[k] += losses[k] / n
+        for k, v in totals.items():
+            self.log(f"val/{k}", v, prog_bar=k != "img", batch_size=batch.shape[0], sync_dist=True)
+
+    # ------------------------------------------------------------------ previews
+    def _maybe_preview(self, batch: Tensor, low: Tensor, high: Tensor) -> None:
+        every = self.hparams.preview_every_n_steps
+        if not every or self.global_step % every or not self.trainer.is_global_zero or self.logger is None:
+            return
+        strip = preview(batch[0], low[0], high[0])  # (3, H, 3W) uint8
+        experiment = getattr(self.logger, "experiment", None)
+        if hasattr(experiment, "add_image"):  # TensorBoard
+            experiment.add_image("preview/image|low-res|upsampled", strip, self.global_step)
+            return
+        # CSV and other loggers: a PNG beside the metrics.
+        from PIL import Image
+
+        out = Path(self.logger.log_dir or self.trainer.default_root_dir) / "previews"
+        out.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(strip.permute(1, 2, 0).numpy()).save(out / f"step_{self.global_step:07d}.png")
+
+    # ------------------------------------------------------------------ checkpoints and artefact
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The frozen backbone is rebuilt from the hyperparameters; storing it would multiply
+        # every checkpoint's size (~600 MB for ViT-B/16) for nothing.
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("backbone.")]:
+            del state[key]
+        if self.trainer.is_global_zero:
+            self.write_artefact()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("hyper_parameters", {})
+        for key in ("model", "pretrained", "clip_config", "attention", "feature_source"):
+            if key in saved and saved[key] != self.hparams[key]:
+                raise ValueError(
+                    f"checkpoint was trained with {key}={saved[key]!r} but this run has {key}={self.hparams[key]!r}; "
+                    f"resume with the same --model.{key} (or start a new run directory)"
+                )
+        # Put the (identical, frozen) backbone back so the state dict loads strictly.
+        state = checkpoint["state_dict"]
+        for key, value in self.backbone.state_dict(prefix="backbone.").items():
+            state.setdefault(key, value)
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero:
+            self.write_artefact()
+
+    def artefact_info(self) -> tuple[dict, dict]:
+        """(backbone, extra) dicts stored beside the upsampler weights."""
+        hp = dict(self.hparams)
+        backbone = {
+            "model": hp["model"] if hp["clip_config"] is None else "config",
+            "pretrained": hp["pretrained"] if hp["clip_config"] is None else None,
+            "attention": hp["attention"],
+            "feature_source": hp["feature_source"],
+            "patch_size": self.backbone.patch_size,
+            "embed_dim": self.backbone.embed_dim,
+        }
+        if hp["clip_config"] is not None:
+            backbone["clip_config"] = hp["clip_config"]
+        trainer = self._trainer
+        training = {"steps": int(self.global_step), "config": _jsonable(hp)}
+        if trainer is not None:
+            training["epoch"] = int(trainer.current_epoch)
+            datamodule = getattr(trainer, "datamodule", None)
+            if datamodule is not None:
+                training["data"] = _jsonable(dict(getattr(datamodule, "hparams", {})))
+        return backbone, {"training": training}
+
+    def write_artefact(self, directory: str | os.PathLike | None = None) -> Path:
+        """Write ``upsampler.safetensors`` + ``upsampler.json`` atomically; returns the path."""
+        if directory is None:
+            directory = self.hparams.artefact_dir or (self._trainer.default_root_dir if self._trainer else ".")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        backbone, extra = self.artefact_info()
+        final = directory / ARTEFACT_NAME
+        # Written in a scratch folder on the same filesystem, then renamed into place: a run
+        # killed mid-write never leaves a truncated artefact under the final name.
+        with tempfile.TemporaryDirectory(dir=directory, prefix=".artefact-") as tmp:
+            staged = Path(tmp) / ARTEFACT_NAME
+            save_upsampler(self.upsampler, staged, backbone=backbone, extra=extra)
+            for src in sorted(Path(tmp).iterdir(), key=lambda p: p.suffix != ".safetensors"):
+                os.replace(src, directory / src.name)
+        log.info("wrote %s (step %d)", final, self.global_step)
+        return final
+
+
+def _jsonable(value):
+    """Best-effort conversion of hyperparameters to JSON-safe values."""
+    return json.loads(json.dumps(value, default=str))
