@@ -1,0 +1,27 @@
+"""Train a SimFeatUp upsampler for a frozen CLIP backbone (SPEC 4), configured by YAML.
+
+    python train/fit.py                                          # quick start: bundled samples, ViT-B/16
+    python train/fit.py --config configs/train/simfeatup_vitb16.yaml --data.train_shards 'shards/train-{000000..000099}.tar'
+    python train/fit.py --config configs/train/simfeatup_vitb16.yaml --ckpt_path last   # resume
+    python train/fit.py --help                                   # every option
+"""
+import sys
+from pathlib import Path
+
+from simfeatup.encoder import WeightsUnavailableError
+from simfeatup.training.cli import SimFeatUpCLI
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "train" / "quickstart.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        SimFeatUpCLI(args=argv, parser_kwargs={"default_config_files": [str(QUICKSTART)]}).fit()
+    except WeightsUnavailableError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
