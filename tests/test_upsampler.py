@@ -227,3 +227,15 @@ def test_factored_output_is_forward_in_an_orthonormal_basis(dim, h, w):
     assert torch.allclose(basis.transpose(1, 2) @ basis, torch.eye(r, dtype=torch.float64).expand(2, r, r))
     assert torch.allclose(torch.einsum("bcr,brhw->bchw", basis, coords), out, rtol=0, atol=1e-10 * out.abs().max())
     assert torch.allclose(coords.norm(dim=1), out.norm(dim=1))
+
+
+@pytest.mark.parametrize("H,W", [(24, 40), (6, 10), (7, 5)])  # tiles of 8, 2 and 1 pixels
+def test_tiled_filter_and_logits_match_shifted_slices(H, W):
+    from simfeatup.upsampler import _adaptive_filter_tiles, adaptive_filter, range_logits
+
+    src, kernel = torch.randn(2, 5, H + 10, W + 10), torch.randn(2, 121, H, W)
+    assert torch.allclose(_adaptive_filter_tiles(src, kernel), adaptive_filter(src, kernel), atol=1e-5)
+    key = torch.randn(2, 4, H, W)
+    pad = reflect_pad(key, 5)
+    slices = torch.stack([(pad[..., dy:dy + H, dx:dx + W] * key).sum(1) for dy in range(11) for dx in range(11)], 1)
+    assert torch.allclose(range_logits(pad, key), slices, atol=1e-5)
