@@ -260,3 +260,12 @@ def test_atomic_checkpoint_never_leaves_a_partial_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_feature_source_penultimate_trains_on_the_last_block_input(module, tiny_clip_cfg):
+    pen = SimFeatUpModule(clip_config=tiny_clip_cfg, feature_source="penultimate")
+    img = module.normalise(torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8))
+    final, penultimate = module.features(img), pen.features(img)
+    assert final.shape == penultimate.shape == (1, 32, 2, 2)
+    assert not torch.allclose(final, penultimate)
+    assert pen.artefact_info()[0]["feature_source"] == "penultimate"

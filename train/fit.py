@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         SimFeatUpCLI(args=argv, parser_kwargs={"default_config_files": [str(QUICKSTART)]}).fit()
     except WeightsUnavailableError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err}\nHere the weights are --model.pretrained (a tag or a local file).", file=sys.stderr)
         return 1
     return 0
 
