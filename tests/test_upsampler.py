@@ -239,3 +239,19 @@ def test_tiled_filter_and_logits_match_shifted_slices(H, W):
     pad = reflect_pad(key, 5)
     slices = torch.stack([(pad[..., dy:dy + H, dx:dx + W] * key).sum(1) for dy in range(11) for dx in range(11)], 1)
     assert torch.allclose(range_logits(pad, key), slices, atol=1e-5)
+
+
+@pytest.mark.slow  # ~15-30 s: the dynamo export traces four steps at 224 x 224
+def test_onnx_export_runs_in_onnxruntime_at_224(tmp_path):
+    """SPEC 7: standard ops only; dim > h*w so the exported graph takes the operator path."""
+    ort = pytest.importorskip("onnxruntime")
+    m = SimFeatUp(200, 16).eval()
+    feats, guidance = torch.randn(2, 200, 14, 14), torch.randn(2, 3, 224, 224)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    torch.onnx.export(m, (feats, guidance), tmp_path / "up.onnx", dynamo=True, input_names=["feats", "guidance"],
+                      output_names=["out"], dynamic_shapes={"feats": {0: batch}, "guidance": {0: batch}})
+    session = ort.InferenceSession(str(tmp_path / "up.onnx"), providers=["CPUExecutionProvider"])
+    for b in (1, 2):
+        (out,) = session.run(None, {"feats": feats[:b].numpy(), "guidance": guidance[:b].numpy()})
+        with torch.no_grad():
+            assert (torch.from_numpy(out) - m(feats[:b], guidance[:b])).abs().max() <= 1e-4
