@@ -255,3 +255,15 @@ def test_onnx_export_runs_in_onnxruntime_at_224(tmp_path):
         (out,) = session.run(None, {"feats": feats[:b].numpy(), "guidance": guidance[:b].numpy()})
         with torch.no_grad():
             assert (torch.from_numpy(out) - m(feats[:b], guidance[:b])).abs().max() <= 1e-4
+
+
+def test_filter_backward_matches_autograd_through_tiles():
+    from simfeatup.upsampler import _adaptive_filter_tiles, adaptive_filter
+
+    src = torch.randn(2, 3, 16, 14, dtype=torch.float64, requires_grad=True)
+    kernel = torch.randn(2, 121, 6, 4, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(adaptive_filter, (src, kernel))
+    weights = torch.randn(2, 3, 6, 4, dtype=torch.float64)
+    ours = torch.autograd.grad((adaptive_filter(src, kernel) * weights).sum(), (src, kernel))
+    tiles = torch.autograd.grad((_adaptive_filter_tiles(src, kernel) * weights).sum(), (src, kernel))
+    assert all(torch.allclose(a, b) for a, b in zip(ours, tiles))
