@@ -1,6 +1,7 @@
 """SimFeatUp training pieces (SPEC 4): jitter, downsampler, losses, module hooks, artefact."""
 import json
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -249,6 +250,9 @@ def test_atomic_checkpoint_never_leaves_a_partial_file(tmp_path, monkeypatch):
     path = tmp_path / "ckpts" / "last.ckpt"
     io.save_checkpoint({"step": 1}, path)
     assert torch.load(path, weights_only=True) == {"step": 1}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
     def dies_half_way(obj, f, *args, **kwargs):
         f.write(b"half a checkpoint")

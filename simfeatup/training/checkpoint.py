@@ -31,6 +31,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         # Hidden and not ending in .ckpt, so ModelCheckpoint never mistakes a leftover for a checkpoint.
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
         try:
+            # mkstemp makes 0600 files; give the checkpoint the permissions a plain open() would.
+            os.chmod(tmp, 0o666 & ~_umask())
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
@@ -41,6 +43,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.unlink(tmp)
             raise
         _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: Path) -> None:
