@@ -1,8 +1,12 @@
 """SimFeatUp: learned joint bilateral upsampling of patch features, guided by the RGB window (SPEC 3).
 
 The reference computes each step with a CUDA extension, and its PyTorch fallback unfolds the
-features into C x 121 x H x W (~12 GB at C=512, 224x224). Here the same sum is accumulated over
-121 shifted slices, a few cache-sized channel chunks at a time, with standard ops only (ONNX).
+features into C x 121 x H x W (~12 GB at C=512, 224x224). Here the same sums are exact but cheap:
+- each step's filter accumulates 121 shifted slices, a cache-sized channel chunk at a time
+  (under ONNX export: one small matmul per 8 x 8 tile, which onnxruntime runs far faster);
+- every step is linear in the features with one kernel for all channels, so the final 1x1 conv
+  runs on the token grid, and with h*w < C the steps run on the h*w unit images (the columns of
+  the operator) and one matmul mixes them into the C channels.
 """
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from simfeatup.upsampler import (
+    STACK_RADIUS,
     SimFeatUp,
     UpsamplerFileError,
     load_upsampler,
@@ -72,8 +73,8 @@ CASES = [
     (8, 16, 3, 4, True, 5),  # direct path
     (24, 14, 4, 3, True, 5),  # patch 14: x2, x2, x2, x1.75
     (8, 14, 3, 3, True, 5),
-    (16, 16, 3, 4, False, 3),  # JBUStack layout
-    (6, 16, 2, 3, False, 3),
+    (16, 16, 3, 4, False, STACK_RADIUS),  # JBUStack layout
+    (6, 16, 2, 3, False, STACK_RADIUS),
     (20, 8, 3, 3, True, 5),  # 3 steps
 ]
 
@@ -142,7 +143,7 @@ def test_parameter_names_match_authors_layout():
             "up.fixup_proj.0.weight", "up.fixup_proj.3.bias", "fixup_proj.1.weight"} <= names
     shapes = {k: tuple(v.shape) for k, v in SimFeatUp(512, 16).state_dict().items()}
     assert shapes["up.fixup_proj.0.weight"] == (121, 124, 1, 1) and shapes["fixup_proj.1.weight"] == (512, 512, 1, 1)
-    stack = SimFeatUp(384, 16, radius=3, shared=False).state_dict()
+    stack = SimFeatUp(384, 16, radius=STACK_RADIUS, shared=False).state_dict()
     assert tuple(stack["up4.fixup_proj.0.weight"].shape) == (49, 52, 1, 1) and "up5.range_temp" not in stack
 
 
