@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,10 +61,12 @@ def train_step_rate(config: str | Path = TINY, *, steps: int = 4, warmup: int = 
     torch.manual_seed(0)
     module = SimFeatUpModule(**{**cfg.get("model", {}), "preview_every_n_steps": 0})
     clock = _Clock(warmup)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=warmup + steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[clock])
     loader = DataLoader(_Crops(warmup + steps, batch_size, crop_size), batch_size=None)
-    trainer.fit(module, loader)
+    with tempfile.TemporaryDirectory() as run_dir:  # the module writes its artefact at fit end
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=warmup + steps, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[clock], default_root_dir=run_dir)
+        trainer.fit(module, loader)
     seconds = clock.end - clock.start
     return {"config": str(config), "batch_size": batch_size, "crop_size": crop_size, "steps": steps,
             "seconds": seconds, "steps_per_s": steps / seconds, "images_per_s": steps * batch_size / seconds}
