@@ -1,7 +1,7 @@
 """SimFeatUp forward vs the reference's unfold formulation: time and peak memory, in one run.
 
     python bench/upsampler.py                       # C=512, 14x14 -> 224x224, one window
-    python bench/upsampler.py --naive-dims 8 16 32  # channel counts the unfold form really runs at
+    python bench/upsampler.py --threads 1 --naive-dims 16 32 64  # channel counts the unfold form runs at
 
 The unfold form (the reference's PyTorch fallback) materialises (C, 121, H, W), 12 GB at C=512,
 so it runs at a few small channel counts and is extrapolated to --dim with a straight line
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dim", type=int, default=512, help="feature channels C")
     parser.add_argument("--grid", type=int, default=14, help="token grid side h = w")
     parser.add_argument("--patch", type=int, default=16)
-    parser.add_argument("--naive-dims", type=int, nargs="+", default=[16, 32],
+    parser.add_argument("--naive-dims", type=int, nargs="+", default=[16, 64],
                         help="channel counts at which the unfold form is really run (>= 2 values)")
     parser.add_argument("--repeats", type=int, default=3, help="timed forwards after one cold one (best counts)")
     parser.add_argument("--threads", type=int, help="torch threads in every measurement (default: torch's)")
