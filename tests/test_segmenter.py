@@ -36,27 +36,36 @@ def _image(h, w, seed=0):
 @pytest.mark.parametrize("use_upsampler", [False, True])
 def test_window_logits_is_cosine_plus_lambda_cls(encoder, upsampler, use_upsampler):
     seg = Segmenter(encoder, upsampler if use_upsampler else None)
-    windows = torch.randn(2, 3, 224, 224)
+    windows = torch.randn(2, 3, 224, 160)
     text = _text(encoder)
-    feats, cls = encoder(windows)
-    if use_upsampler:
-        feats = upsampler(feats, windows)
+    with torch.no_grad():
+        feats, cls = encoder(windows)
+        if use_upsampler:
+            feats = upsampler(feats, windows)
     cos = torch.einsum("bdhw,qd->bqhw", F.normalize(feats, dim=1), text)
     if not use_upsampler:  # SPEC 2.4: logits at the token grid, then resized
-        cos = F.interpolate(cos, size=(224, 224), mode="bilinear", align_corners=False)
+        cos = F.interpolate(cos, size=(224, 160), mode="bilinear", align_corners=False)
     cls_sim = F.normalize(cls, dim=1) @ text.T  # (B, Q)
     for lam in (0.0, -0.3):
         expected = cos + lam * cls_sim[:, :, None, None]
-        torch.testing.assert_close(seg.window_logits(windows, text, lam), expected, atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            got = seg.window_logits(windows, text, lam)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+# The upsampler's kernels cost the same whatever the feature size, so tests that run it on
+# many windows use a scaled-down geometry (windows 48/24 on a long side of 96); the SPEC
+# geometry itself (448, 224/112) is exercised with the bilinear path.
+SMALL = {"long_side": 96, "window": 48, "stride": 24}
 
 
 def _direct_canvas(seg, image, text, lam):
     """The window average written out with explicit loops (SPEC 2.2, 2.6)."""
-    x = torch.from_numpy(imaging.preprocess(image))
+    x = torch.from_numpy(imaging.preprocess(image, seg.long_side))
     _, h, w = x.shape
     total = torch.zeros(len(text), h, w)
     count = torch.zeros(h, w)
-    for y0, y1, x0, x1 in imaging.window_boxes(h, w):
+    for y0, y1, x0, x1 in imaging.window_boxes(h, w, seg.window, seg.stride):
         (t, b), (l, r) = imaging.padding(y1 - y0, 16), imaging.padding(x1 - x0, 16)
         window = F.pad(x[:, y0:y1, x0:x1], (l, r, t, b))  # zeros after normalising = mean colour
         out = seg.window_logits(window[None], text, lam)[0]
@@ -66,9 +75,20 @@ def _direct_canvas(seg, image, text, lam):
     return F.interpolate(canvas, size=image.shape[:2], mode="bilinear", align_corners=False)[0].numpy()
 
 
-@pytest.mark.parametrize("hw", [(448, 448), (300, 500), (60, 448), (100, 40)])
-def test_logits_average_windows_and_return_original_size(encoder, upsampler, hw):
-    seg = Segmenter(encoder, upsampler)
+@pytest.mark.parametrize(
+    "hw, use_upsampler, geometry",
+    [
+        ((448, 448), False, {}),
+        ((300, 500), False, {}),
+        ((60, 448), False, {}),
+        ((100, 40), True, {}),
+        ((96, 96), True, SMALL),
+        ((70, 130), True, SMALL),
+        ((20, 96), True, SMALL),
+    ],
+)
+def test_logits_average_windows_and_return_original_size(encoder, upsampler, hw, use_upsampler, geometry):
+    seg = Segmenter(encoder, upsampler if use_upsampler else None, **geometry)
     image = _image(*hw)
     text = _text(encoder)
     with torch.inference_mode():
@@ -78,8 +98,9 @@ def test_logits_average_windows_and_return_original_size(encoder, upsampler, hw)
     np.testing.assert_allclose(got, expected, atol=2e-5)
 
 
-def test_batched_equals_one_by_one(encoder, upsampler):
-    seg = Segmenter(encoder, upsampler, window_batch=5)
+@pytest.mark.parametrize("use_upsampler, geometry", [(False, {}), (True, SMALL)])
+def test_batched_equals_one_by_one(encoder, upsampler, use_upsampler, geometry):
+    seg = Segmenter(encoder, upsampler if use_upsampler else None, window_batch=5, **geometry)
     images = [_image(448, 448, 1), _image(200, 333, 2), _image(90, 700, 3)]
     text = _text(encoder, 4)
     with torch.inference_mode():
