@@ -219,7 +219,10 @@ def _onnx_runner(args, vocabulary):
 def _convert(args) -> int:
     from .convert import convert_checkpoint
 
-    convert_checkpoint(args.src, args.dst, backbone={"model": args.model, "pretrained": args.pretrained})
+    # SPEC 8: the authors trained their upsampler on the last block's INPUT; recorded so a
+    # reader of the .json knows (inference still uses the modified block's output, as theirs does).
+    backbone = {"model": args.model, "pretrained": args.pretrained, "feature_source": "penultimate"}
+    convert_checkpoint(args.src, args.dst, backbone=backbone)
     logger.info("wrote %s (+ %s)", args.dst, args.dst.with_suffix(".json"))
     return 0
 
