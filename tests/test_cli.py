@@ -94,3 +94,23 @@ def test_upsampler_of_wrong_feature_size_names_both_sizes(tiny_weights, images, 
 def test_presets_lists_all(capsys):
     assert main(["presets"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 17
+
+
+def test_convert_weights_then_segment_with_them(tiny_weights, images, tmp_path, capsys):
+    """A user's path: convert the authors' checkpoint, then segment with it (tiny dims here)."""
+    from test_convert import lightning_ckpt
+
+    from simfeatup.upsampler import SimFeatUp
+
+    state = SimFeatUp(dim=32, patch_size=16).state_dict()
+    src = lightning_ckpt(tmp_path / "authors.ckpt", state)
+    dst = tmp_path / "up.safetensors"
+    assert main(["convert-weights", str(src), str(dst), "--model", tiny_weights[0], "--pretrained", str(tiny_weights[1])]) == 0
+    info = json.loads(dst.with_suffix(".json").read_text())
+    assert info["backbone"]["feature_source"] == "penultimate"
+    out = tmp_path / "o"
+    # the backbone comes from the artefact's .json: no --model/--pretrained needed
+    assert main(["segment", str(images / "rgb.png"), "--classes", "road;tree", "--upsampler", str(dst.with_suffix(".json")), "--out", str(out)]) == 0
+    assert (out / "rgb.png").is_file()
+    assert main(["convert-weights", str(tmp_path / "missing.ckpt"), str(tmp_path / "x.safetensors")]) == 2
+    assert "missing.ckpt" in _one_line_error(capsys)
