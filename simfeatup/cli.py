@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", type=Path, help="model folder from export/to_onnx.py: run with onnxruntime instead of torch")
     p.add_argument("--model", help=f"open_clip model name (default: the upsampler's backbone, else {DEFAULT_MODEL})")
     p.add_argument("--pretrained", help=f"open_clip weights tag or local weights file (default: {DEFAULT_PRETRAINED})")
-    p.add_argument("--attention", default="segearth", help="last-block attention: segearth, clearclip, sclip, maskclip, vanilla")
+    p.add_argument("--attention", help="last-block attention: segearth (default), clearclip, sclip, maskclip, vanilla")
     p.add_argument("--overlay", action="store_true", help="also write <image>_overlay.jpg (labels blended over the image)")
     p.add_argument("--save-probs", action="store_true", help="also write <image>_probs.npy (K, H, W) class probabilities")
     p.add_argument("--batch-size", type=int, default=2, help="images whose windows are batched together (default 2)")
@@ -159,7 +159,10 @@ def _segment(args) -> int:
             if args.save_probs:
                 import numpy as np
 
-                np.save(args.out / f"{name}_probs.npy", result.probs.astype(np.float16))
+                from .atomic import atomic_write
+
+                with atomic_write(args.out / f"{name}_probs.npy") as tmp, open(tmp, "wb") as f:
+                    np.save(f, result.probs.astype(np.float16))
             bar.update(1)
     bar.close()
     done = len(args.images) - len(failed)

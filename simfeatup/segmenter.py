@@ -128,7 +128,7 @@ def build_segmenter(
     model: str | None = None,
     pretrained: str | None = None,
     clip_config: dict | None = None,
-    attention: str = "segearth",
+    attention: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     window_batch: int = 4,
@@ -136,7 +136,8 @@ def build_segmenter(
     """A ready segmenter from user-facing choices.
 
     ``upsampler``: a SimFeatUp artefact (``.safetensors`` or its ``.json``) or None/"bilinear".
-    The backbone defaults to the one the artefact was trained for, else ViT-B-16/openai.
+    The backbone (model, weights, attention; or the random config of a test run) defaults to
+    the one the artefact was trained for, else ViT-B-16/openai with SegEarth-OV attention.
     """
     from .encoder import DenseCLIP
     from .upsampler import load_upsampler
@@ -145,6 +146,9 @@ def build_segmenter(
     if upsampler is not None and str(upsampler) != "bilinear":
         module, info = load_upsampler(upsampler)
         backbone = info.get("backbone") or {}
+    attention = attention or backbone.get("attention") or "segearth"
+    if clip_config is None and model is None and pretrained is None:
+        clip_config = backbone.get("clip_config")  # an upsampler trained on a random test backbone
     if clip_config is not None:
         encoder = DenseCLIP.from_config(clip_config, attention=attention)
     else:

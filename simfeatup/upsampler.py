@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .atomic import atomic_write
+
 RADIUS = 5  # SPEC 3: the shared step filters an 11 x 11 window
 STACK_RADIUS = 3  # SPEC 3.1: FeatUp's JBUStack (up1..up4) filters 7 x 7
 KEY_DIM = 32  # SPEC 3: channels of the range projection
@@ -399,9 +401,10 @@ def save_upsampler(module: SimFeatUp, path, *, backbone: dict | None = None, ext
     info.update(extra or {})
     text = json.dumps(info, indent=2, sort_keys=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"simfeatup": text})
-    path.with_suffix(".json").write_text(text + "\n")
+    with atomic_write(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"simfeatup": text})
+    with atomic_write(path.with_suffix(".json")) as tmp:
+        tmp.write_text(text + "\n")
 
 
 def _read_info(path: Path) -> tuple[dict, Path]:

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import colorsys
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from .atomic import atomic_write
 
 # Distinct, colour-blind-friendlier colours first (Okabe-Ito, then Tableau); more are generated.
 _BASE = [
@@ -41,13 +41,7 @@ def overlay(image: np.ndarray, labels: np.ndarray, colours: np.ndarray, alpha: f
 
 
 def save_atomic(img: Image.Image, path: str | Path) -> None:
-    """Write through a temporary file in the same folder, so a crash never leaves half a file."""
+    """Save through a temporary file, so a crash never leaves half a picture (format from the suffix)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
-    os.close(fd)
-    try:
-        img.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp:
+        img.save(tmp, format=Image.registered_extensions()[path.suffix.lower()])

@@ -114,3 +114,16 @@ def test_convert_weights_then_segment_with_them(tiny_weights, images, tmp_path, 
     assert (out / "rgb.png").is_file()
     assert main(["convert-weights", str(tmp_path / "missing.ckpt"), str(tmp_path / "x.safetensors")]) == 2
     assert "missing.ckpt" in _one_line_error(capsys)
+
+
+def test_outputs_are_written_whole_with_normal_permissions(tiny_weights, images, tmp_path):
+    import os
+    import stat
+
+    out = tmp_path / "o"
+    assert main(["segment", str(images / "rgb.png"), "--classes", "road", "--out", str(out), "--overlay", *_args(tiny_weights)]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in out.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
+    assert not list(out.glob(".*partial"))
