@@ -51,7 +51,7 @@ def tiny_args(run_dir, *extra, train=TRAIN_SHARDS, val=VAL_SHARDS):
 
 
 def _ckpt_step(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+    return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
 
 
 def _logged_steps(run_dir, version):
@@ -80,7 +80,7 @@ def test_tiny_recipe_trains_checkpoints_and_resumes(tmp_path):
     assert fit.main(tiny_args(run, "--trainer.max_steps", "2")) == 0
     last = run / "checkpoints" / "last.ckpt"
     assert _ckpt_step(last) == 2
-    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
     assert not any(k.startswith("backbone.") for k in ckpt["state_dict"])
     info = json.loads((run / "upsampler.json").read_text())
     assert info["training"]["steps"] == 2 and info["backbone"]["feature_source"] == "final"
@@ -96,6 +96,14 @@ def test_tiny_recipe_trains_checkpoints_and_resumes(tmp_path):
 
     upsampler, _ = load_upsampler(run / "upsampler.safetensors")
     assert upsampler.dim == 32
+
+    # The artefact is what `simfeatup segment` takes, backbone and all.
+    from simfeatup.cli import main as simfeatup
+
+    out = tmp_path / "seg"
+    assert simfeatup(["segment", str(ROOT / "samples" / "spacenet6_rotterdam.jpg"), "--classes", "building;road;tree",
+                      "--upsampler", str(run / "upsampler.safetensors"), "--out", str(out)]) == 0
+    assert (out / "spacenet6_rotterdam.png").is_file()
 
 
 @pytest.mark.slow
