@@ -24,5 +24,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options")
-        with atomic_write(path) as tmp:
-            torch.save(checkpoint, tmp)
+        with atomic_write(path) as tmp, open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
