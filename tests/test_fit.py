@@ -247,3 +247,25 @@ def test_learning_signal_on_held_out_real_crops(tmp_path):
           f"\n  bilinear, same heads  {trained['val/rec_bilinear']:.4f}")
     assert trained["val/rec"] < init["val/rec"]
     assert trained["val/rec"] < trained["val/rec_bilinear"]
+
+
+def test_training_goes_on_past_a_truncated_file_and_a_non_image_member(tmp_path, caplog):
+    """A damaged shard among good ones: training completes and the skip count is reported."""
+    import io
+    import logging
+    import tarfile
+
+    good = sorted(tarfile.open(SAMPLES / "train-000000.tar").getmembers(), key=lambda m: m.name)[:6]
+    bad = tmp_path / "bad-000000.tar"
+    with tarfile.open(SAMPLES / "train-000000.tar") as src, tarfile.open(bad, "w") as dst:
+        members = [(m.name, src.extractfile(m).read()) for m in good]
+        members += [("truncated.jpg", members[0][1][:300]), ("notes.txt", b"not an image")]
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+    with caplog.at_level(logging.WARNING):
+        assert fit.main(tiny_args(tmp_path / "run", "--trainer.max_steps", "3", "--data.resampled", "false",
+                                  train=str(bad), val=None)) == 0
+    assert json.loads((tmp_path / "run" / "upsampler.json").read_text())["training"]["steps"] == 3
+    assert "samples were skipped in total" in caplog.text
