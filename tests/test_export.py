@@ -1,0 +1,209 @@
+"""ONNX export: export-form pieces vs torch, whole exports verified by onnxruntime, failure paths."""
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+
+from simfeatup import export
+from simfeatup.encoder import DenseCLIP
+from simfeatup.export import OnnxExportError, export_onnx, verify_onnx
+from simfeatup.runtime import session_options
+from simfeatup.segmenter import Segmenter
+from simfeatup.upsampler import SimFeatUp
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _perturbed(module, scale=0.3):
+    """Move every parameter off its init so a wrong index or sign cannot hide."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_segmenter():
+    """Features wider (256) than the 196 tokens of a window: SimFeatUp's operator path, as ViT-B/16.
+
+    (test_runtime exports the 32-wide conftest model: the direct path.)"""
+    from conftest import TINY_CLIP
+
+    torch.manual_seed(0)
+    encoder = DenseCLIP.from_config({**TINY_CLIP, "embed_dim": 256})
+    return Segmenter(encoder, _perturbed(SimFeatUp(256, 16))).eval()
+
+
+@pytest.fixture(scope="module")
+def upsampler_dir(tiny_segmenter, tmp_path_factory):
+    return export_onnx(tmp_path_factory.mktemp("onnx") / "tiny_up", segmenter=tiny_segmenter)
+
+
+def _to_onnx_main():
+    spec = importlib.util.spec_from_file_location("to_onnx", REPO / "export" / "to_onnx.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.fixture(scope="module")
+def bilinear_dir(tiny_weights, tmp_path_factory):
+    """The script as a user runs it: registered tiny model + weights file, bilinear."""
+    name, weights = tiny_weights
+    out = tmp_path_factory.mktemp("onnx") / "tiny_bilinear"
+    assert _to_onnx_main()(["--upsampler", "bilinear", "--model", name, "--pretrained", str(weights), "--out", str(out)]) == 0
+    return out
+
+
+# ------------------------------------------------------------------ export-form pieces, eager
+@pytest.mark.parametrize("n", [1, 3, 13, 14, 20])
+def test_bicubic_matrix_is_torch_bicubic_with_scale_factor(n):
+    grid = torch.randn(1, 4, 14, 14)
+    ref = F.interpolate(grid, scale_factor=((n + 0.1) / 14, 1.0), mode="bicubic", align_corners=False, recompute_scale_factor=False)
+    m = export.bicubic_matrix(n, 14, torch.tensor(14 / (n + 0.1)), grid)
+    torch.testing.assert_close(torch.einsum("ij,bcjk->bcik", m, grid), ref, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("hw", [(14, 14), (14, 6), (1, 14), (3, 2)])
+def test_pos_embed_export_form_matches_dense_clip(hw):
+    from conftest import TINY_CLIP
+
+    encoder = DenseCLIP.from_config(TINY_CLIP)
+    torch.testing.assert_close(export._pos_embed(encoder, *hw), encoder.pos_embed(*hw), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dim", [32, 300])  # direct path (32 < 196 tokens) and operator path
+@pytest.mark.parametrize("hw", [(14, 14), (1, 14), (3, 5), (2, 2)])
+def test_graph_upsampler_matches_simfeatup(dim, hw):
+    torch.manual_seed(0)
+    up = _perturbed(SimFeatUp(dim, 16)).eval()
+    graph = export._GraphUpsampler(up, max_tokens=196)
+    assert graph.operator == (dim > 196)
+    feats, guidance = torch.randn(2, dim, *hw), torch.randn(2, 3, 16 * hw[0], 16 * hw[1])
+    with torch.no_grad():
+        ref = up(feats, guidance)
+        torch.testing.assert_close(graph(feats, guidance), ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
+
+
+# ------------------------------------------------------------------ whole exports
+def test_bilinear_export_writes_a_complete_verified_folder(bilinear_dir, tiny_weights):
+    manifest = json.loads((bilinear_dir / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == sorted(p.name for p in bilinear_dir.iterdir() if p.name != "manifest.json")
+    for name, digest in manifest["files"].items():
+        assert export.sha256(bilinear_dir / name) == digest
+    assert {"image.onnx.data", "text.onnx.data", export.MERGES} <= set(manifest["files"])  # external-data layout
+    pre = manifest["preprocessing"]
+    assert (pre["long_side"], pre["window"], pre["stride"], pre["patch"]) == (448, 224, 112, 16)
+    assert manifest["logit_scale"] == 50.0 and manifest["default_lambda"] == -0.3 and manifest["upsampler"] == {"kind": "bilinear"}
+    assert manifest["model"]["model"] == tiny_weights[0] and manifest["model"]["pretrained"] == str(tiny_weights[1])
+    assert manifest["exporter"]["versions"]["torch"] and manifest["opset"] >= 18
+    report = manifest["verification"]
+    assert report["max_abs_logit_diff"] <= export.FP32_TOLERANCE and any(c.startswith("sample") for c in report["cases"])
+    assert not list(bilinear_dir.parent.glob(".*tmp"))  # the temporary folder was renamed, not copied
+
+
+def test_operator_path_graph_never_materialises_the_feature_map(upsampler_dir, tiny_segmenter):
+    """The logits come from the low-rank form: no (B, 256, H, W) value in the graph."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(upsampler_dir / "image.onnx"), load_external_data=False))
+    for value in model.graph.value_info:
+        dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+        full_res = len(dims) == 4 and "16*h" in dims and "16*w" in dims
+        assert not (full_res and 256 in dims), (value.name, dims)  # NCHW or channels-last
+
+
+def test_input_dims_are_symbolic(upsampler_dir):
+    model = onnx.load(str(upsampler_dir / "image.onnx"), load_external_data=False)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert dims["windows"][1] == 3 and all(isinstance(d, str) for d in (dims["windows"][0], *dims["windows"][2:]))
+    assert isinstance(dims["text"][0], str) and dims["lam"] == []
+
+
+@pytest.mark.parametrize("shape", [(2, 224, 224), (2, 224, 96), (1, 16, 224), (3, 80, 112)])
+def test_upsampler_graph_matches_torch_at_several_sizes(upsampler_dir, tiny_segmenter, shape):
+    B, H, W = shape
+    rng = np.random.default_rng(H * W)
+    windows = rng.standard_normal((B, 3, H, W)).astype(np.float32)
+    text = rng.standard_normal((4, 256)).astype(np.float32)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    session = ort.InferenceSession(str(upsampler_dir / "image.onnx"), session_options(), providers=["CPUExecutionProvider"])
+    for lam in (0.0, -0.3):
+        got = session.run(None, {"windows": windows, "text": text, "lam": np.asarray(lam, np.float32)})[0]
+        with torch.no_grad():
+            ref = tiny_segmenter.window_logits(torch.from_numpy(windows), torch.from_numpy(text), lam).numpy()
+        assert got.shape == (B, 4, H, W)
+        assert np.abs(got - ref).max() <= export.FP32_TOLERANCE
+
+
+def test_text_graph_matches_encoder(bilinear_dir, tiny_weights):
+    name, weights = tiny_weights
+    encoder = DenseCLIP.from_pretrained(name, str(weights))
+    tokens = encoder.tokenize(["a photo of a road.", "forêt", "道路", "x " * 100])
+    session = ort.InferenceSession(str(bilinear_dir / "text.onnx"), session_options(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"tokens": tokens.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, encoder.encode_text(tokens).numpy(), atol=1e-5)
+
+
+def test_fp16_export_reports_and_bounds_its_error(tiny_segmenter, tmp_path, caplog):
+    bilinear = Segmenter(tiny_segmenter.encoder, None).eval()
+    with caplog.at_level("INFO", logger="simfeatup.export"):
+        out = export_onnx(tmp_path / "half", segmenter=bilinear, dtype="fp16", samples=[])
+    report = json.loads((out / "manifest.json").read_text())["verification"]
+    assert 0 < report["max_abs_logit_diff"] <= export.FP16_TOLERANCE
+    assert "fp16 image graph: max |logit diff|" in caplog.text
+    assert next(tiny_segmenter.parameters()).dtype == torch.float32  # the caller's model is untouched
+
+
+# ------------------------------------------------------------------ failures leave nothing behind
+def test_failed_export_removes_everything(tiny_segmenter, tmp_path, monkeypatch):
+    def broken(segmenter, path, opset):
+        path.write_bytes(b"half a graph")
+        raise OnnxExportError("simulated exporter failure")
+
+    monkeypatch.setattr(export, "_export_image", broken)
+    with pytest.raises(OnnxExportError, match="simulated"):
+        export_onnx(tmp_path / "out", segmenter=tiny_segmenter)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verification_catches_a_graph_of_another_model(upsampler_dir):
+    from conftest import TINY_CLIP
+
+    other = Segmenter(DenseCLIP.from_config({**TINY_CLIP, "embed_dim": 256}, seed=1), _perturbed(SimFeatUp(256, 16))).eval()
+    with pytest.raises(OnnxExportError, match="disagrees with torch"):
+        verify_onnx(upsampler_dir, other, samples=[])
+
+
+def test_existing_output_is_refused_without_overwrite(tiny_segmenter, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("keep me")
+    with pytest.raises(ValueError, match="already exists"):
+        export_onnx(tmp_path / "taken", segmenter=tiny_segmenter)
+    assert (tmp_path / "taken" / "file").read_text() == "keep me"
+
+
+def test_script_reports_user_mistakes_in_one_line(tmp_path, capsys):
+    assert _to_onnx_main()(["--upsampler", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.safetensors" in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_vit_b16_random_weights_export_with_simfeatup(tmp_path):
+    """The real architecture (random weights, no download): export + its own parity check."""
+    import open_clip
+
+    torch.manual_seed(0)
+    encoder = DenseCLIP(open_clip.create_model("ViT-B-16", pretrained=None), model_name="ViT-B-16")
+    segmenter = Segmenter(encoder, _perturbed(SimFeatUp(512, 16), 0.1)).eval()
+    out = export_onnx(tmp_path / "vitb16", segmenter=segmenter)
+    report = json.loads((out / "manifest.json").read_text())["verification"]
+    assert report["max_abs_logit_diff"] <= export.FP32_TOLERANCE
