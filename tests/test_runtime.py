@@ -1,0 +1,206 @@
+"""The onnxruntime path as users run it: torch-free, same labels as torch, refuses corrupt folders."""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from simfeatup import imaging
+from simfeatup.runtime import ModelFolderError, OnnxSegmenter, choose_providers
+from simfeatup.tokenizer import Tokenizer
+from simfeatup.vocabulary import Vocabulary
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = sorted((REPO / "samples").glob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def artefacts(tiny_weights, tmp_path_factory):
+    """A SimFeatUp artefact for the registered tiny model, and its verified export."""
+    import torch
+
+    from simfeatup.export import export_onnx
+    from simfeatup.upsampler import SimFeatUp, save_upsampler
+
+    name, weights = tiny_weights
+    folder = tmp_path_factory.mktemp("runtime")
+    torch.manual_seed(5)
+    up = SimFeatUp(32, 16)
+    with torch.no_grad():
+        for p in up.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    path = folder / "upsampler.safetensors"
+    save_upsampler(up, path, backbone={"model": name, "pretrained": str(weights)})
+    return path, export_onnx(folder / "onnx", upsampler=path)
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(artefacts):
+    return artefacts[1]
+
+
+def _labels_agree(a: np.ndarray, b: np.ndarray, probs: np.ndarray, prob_thd: float, tie: float = 1e-4):
+    """Identical labels, except at float-level ties of the torch class probabilities: top-2 gap
+    or distance of the top probability to the threshold below ``tie``."""
+    top = np.sort(probs, axis=0)
+    tie = ((top[-1] - top[-2]) < tie) | (np.abs(top[-1] - prob_thd) < tie)
+    assert np.array_equal(a[~tie], b[~tie])
+    assert (a != b).sum() <= 10 + a.size // 10_000  # ties are rare: the mask must not hide real disagreement
+
+
+# ------------------------------------------------------------------ tokenizer
+TEXTS = [
+    "a photo of a building.", "Bâtiment, forêt & rivière", "ÉCOLE naïve café", "道路と建物", "森林",
+    "🏠 house 🌳 tree 🇫🇷", "it's the road's edge", "  tabs\tand\nnewlines  ", "&amp; html &lt;b&gt;",
+    "ﬁnancial ligature", "mojibake Ã©", "Ελληνικά", "русский", "مرحبا", "हिन्दी", "", "123 4567 8.9",
+    "x" * 500, " ".join(["word"] * 100),
+]
+
+
+def test_tokenizer_gives_open_clips_ids():
+    import open_clip
+
+    ref = open_clip.get_tokenizer("ViT-B-16")
+    mine = Tokenizer(open_clip.tokenizer.default_bpe())
+    ids = mine(TEXTS)
+    assert ids.dtype == np.int64 and ids.shape == (len(TEXTS), 77)
+    np.testing.assert_array_equal(ids, ref(TEXTS).numpy())
+    assert ids[-1, -1] == mine.eot and ids[-2, -1] == mine.eot  # truncated texts still end with end-of-text
+
+
+def test_tokenizer_refuses_another_file(tmp_path):
+    import gzip
+
+    bad = tmp_path / "merges.txt.gz"
+    with gzip.open(bad, "wt") as f:
+        f.write("#version\na b\n")
+    with pytest.raises(ValueError, match="not CLIP's BPE merges"):
+        Tokenizer(bad)
+
+
+# ------------------------------------------------------------------ same labels as torch
+def test_same_label_maps_as_torch_on_the_sample_images(artefacts, tiny_weights):
+    from simfeatup.segmenter import build_segmenter
+    from simfeatup.text import encode_queries
+
+    path, onnx_dir = artefacts
+    name, weights = tiny_weights
+    torch_segmenter = build_segmenter(path, model=name, pretrained=str(weights))
+    onnx_segmenter = OnnxSegmenter(onnx_dir, cache=False)
+    vocabulary = Vocabulary.from_preset("openearthmap")
+    text = encode_queries(torch_segmenter.encoder, vocabulary.queries, cache=False)
+    np.testing.assert_allclose(onnx_segmenter.encode_queries(vocabulary.queries), text.numpy(), atol=1e-5)
+    images = [imaging.load_image(p) for p in SAMPLES]
+    assert len(images) >= 2
+    kwargs = dict(prob_thd=0.1, bg_idx=0, lam=-0.3, return_probs=True)
+    for ref, got, image in zip(torch_segmenter.segment(images, vocabulary, text, **kwargs), onnx_segmenter.segment(images, vocabulary, **kwargs), images):
+        assert got.labels.shape == image.shape[:2] and got.labels.dtype == ref.labels.dtype
+        assert np.abs(got.probs - ref.probs).max() < 1e-3
+        _labels_agree(ref.labels, got.labels, ref.probs, kwargs["prob_thd"])
+
+
+def test_cli_segment_with_onnx_matches_the_torch_cli(artefacts, tiny_weights, tmp_path):
+    from simfeatup.cli import main
+
+    path, onnx_dir = artefacts
+    name, weights = tiny_weights
+    image = SAMPLES[-1]
+    common = [str(image), "--preset", "udd5", "--save-probs"]
+    assert main(["segment", *common, "--onnx", str(onnx_dir), "--out", str(tmp_path / "onnx")]) == 0
+    assert main(["segment", *common, "--upsampler", str(path), "--model", name, "--pretrained", str(weights), "--out", str(tmp_path / "torch")]) == 0
+    got = np.asarray(Image.open(tmp_path / "onnx" / f"{image.stem}.png"))
+    ref = np.asarray(Image.open(tmp_path / "torch" / f"{image.stem}.png"))
+    probs = np.load(tmp_path / "torch" / f"{image.stem}_probs.npy").astype(np.float32)  # saved as float16
+    _labels_agree(ref, got, probs, prob_thd=0.4, tie=1e-3)  # udd5: prob_thd 0.4
+
+
+def test_manifest_records_the_upsampler_artefact(artefacts, tiny_weights):
+    import json
+
+    from simfeatup.export import sha256
+
+    path, onnx_dir = artefacts
+    up = json.loads((onnx_dir / "manifest.json").read_text())["upsampler"]
+    assert up["kind"] == "simfeatup" and up["file"] == path.name and up["sha256"] == sha256(path)
+    assert up["backbone"] == {"model": tiny_weights[0], "pretrained": str(tiny_weights[1])} and up["config"]["dim"] == 32
+
+
+def test_cli_rejects_torch_only_flags_with_onnx(onnx_dir, tmp_path, capsys):
+    from simfeatup.cli import main
+
+    code = main(["segment", str(SAMPLES[0]), "--classes", "road;tree", "--onnx", str(onnx_dir), "--model", "ViT-B-16", "--out", str(tmp_path)])
+    assert code == 2 and "--model does not apply with --onnx" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ no torch, bounded memory, caching
+def test_runtime_never_imports_torch(onnx_dir, tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import numpy as np
+        from simfeatup.runtime import OnnxSegmenter
+        from simfeatup.vocabulary import Vocabulary
+        image = np.random.default_rng(0).integers(0, 256, (120, 300, 3), dtype=np.uint8)
+        result = OnnxSegmenter({str(onnx_dir)!r}).segment([image], Vocabulary.from_preset("loveda"), prob_thd=0.3)[0]
+        assert result.labels.shape == (120, 300)
+        heavy = sorted(m for m in ("torch", "torchvision", "open_clip", "lightning") if m in sys.modules)
+        print("heavy modules:", heavy)
+        sys.exit(1 if heavy else 0)
+        """
+    )
+    env = {**os.environ, "SIMFEATUP_CACHE": str(tmp_path)}
+    # cwd = the repository, so `simfeatup` is this checkout whatever the install looks like
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_corrupt_graph_is_refused_in_one_line_naming_the_file(onnx_dir, tmp_path):
+    copy = Path(shutil.copytree(onnx_dir, tmp_path / "copy"))
+    data = copy / "image.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte in the weights
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ModelFolderError) as err:
+        OnnxSegmenter(copy)
+    message = str(err.value)
+    assert isinstance(err.value, ValueError) and "\n" not in message
+    assert str(data) in message and "checksum" in message
+
+
+def test_missing_folder_and_file_are_clear(onnx_dir, tmp_path):
+    with pytest.raises(ModelFolderError, match="not found"):
+        OnnxSegmenter(tmp_path / "nowhere")
+    copy = Path(shutil.copytree(onnx_dir, tmp_path / "copy"))
+    (copy / "text.onnx").unlink()
+    with pytest.raises(ModelFolderError, match="text.onnx: listed in manifest.json but missing"):
+        OnnxSegmenter(copy)
+
+
+def test_windows_go_through_the_graph_in_fixed_size_batches(onnx_dir, monkeypatch):
+    segmenter = OnnxSegmenter(onnx_dir, window_batch=2, cache=False)
+    sizes = []
+    run = segmenter.window_logits
+    monkeypatch.setattr(segmenter, "window_logits", lambda windows, *a: sizes.append(len(windows)) or run(windows, *a))
+    image = np.random.default_rng(1).integers(0, 256, (448, 448, 3), dtype=np.uint8)
+    segmenter.segment([image], Vocabulary.from_spec("road;tree"))
+    assert sizes == [2, 2, 2, 2, 1]  # 3 x 3 windows, never more than 2 at once
+
+
+def test_query_embeddings_are_cached_by_text_graph_checksum(onnx_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SIMFEATUP_CACHE", str(tmp_path))
+    first = OnnxSegmenter(onnx_dir).encode_queries(["road", "forêt"])
+    second = OnnxSegmenter(onnx_dir)
+    monkeypatch.setattr(second, "encode_texts", lambda texts: pytest.fail("should have come from the cache"))
+    np.testing.assert_array_equal(second.encode_queries(["road", "forêt"]), first)
+    assert np.allclose(np.linalg.norm(first, axis=1), 1, atol=1e-6)
+
+
+def test_providers_fall_back_to_cpu_and_unknown_ones_are_refused():
+    assert choose_providers()[-1] == "CPUExecutionProvider"
+    with pytest.raises(ValueError, match="not available"):
+        choose_providers(["NoSuchExecutionProvider"])
