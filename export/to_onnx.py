@@ -6,8 +6,11 @@
 import argparse
 import logging
 import sys
+from pathlib import Path
 
-from simfeatup.export import DTYPES, OnnxExportError, export_onnx
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from simfeatup.export import DTYPES, OnnxExportError, export_onnx  # noqa: E402
 
 
 def main(argv=None) -> int:

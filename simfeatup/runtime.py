@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,7 +27,10 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "simfeatup-onnx"  # must match simfeatup.export.FORMAT (export imports torch, so not imported here)
 MANIFEST = "manifest.json"
-PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+# TensorRT is opt-in (providers=... or $SIMFEATUP_ORT_PROVIDERS): with dynamic window sizes it builds a
+# new engine whenever a window shape leaves the range seen so far, minutes each for ViT-B/16.
+PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+PROVIDERS_ENV = "SIMFEATUP_ORT_PROVIDERS"
 # Prompts per text-graph call: 80 at once grew onnxruntime's arena by ~400 MB (ViT-B/16), 16 by ~70 MB
 # for the same total time.
 TEXT_BATCH = 16
@@ -50,17 +54,25 @@ def session_options() -> ort.SessionOptions:
 
 
 def choose_providers(requested=None) -> list[str]:
-    """TensorRT / CUDA when this onnxruntime build offers them (``onnxruntime-gpu``), else CPU."""
+    """CUDA when this onnxruntime build offers it (``onnxruntime-gpu``), else CPU.
+
+    ``requested`` (or ``$SIMFEATUP_ORT_PROVIDERS``, comma-separated), e.g.
+    ``["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]``, overrides.
+    """
     available = ort.get_available_providers()
+    if requested is None and os.environ.get(PROVIDERS_ENV):
+        requested = [p.strip() for p in os.environ[PROVIDERS_ENV].split(",") if p.strip()]
     if requested is not None:
         missing = [p for p in requested if p not in available]
         if missing:
-            raise ValueError(f"onnxruntime providers {missing} are not available here; available: {available}")
+            raise ValueError(f"onnxruntime providers {missing} are not available here; available: {available} "
+                             "(GPU providers need `pip install onnxruntime-gpu` instead of onnxruntime)")
         return list(requested)
     return [p for p in PREFERRED_PROVIDERS if p in available] or available
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (the manifest's checksums)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -86,7 +98,7 @@ def read_manifest(model_dir: Path, *, check_files: bool = True) -> dict:
             file = model_dir / name
             if not file.is_file():
                 raise ModelFolderError(f"{file}: listed in {MANIFEST} but missing; re-export the model folder")
-            if _sha256(file) != digest:
+            if sha256(file) != digest:
                 raise ModelFolderError(f"{file}: checksum mismatch with {MANIFEST} (corrupt or modified); re-export the model folder")
     return manifest
 

@@ -200,7 +200,10 @@ def test_query_embeddings_are_cached_by_text_graph_checksum(onnx_dir, tmp_path, 
     assert np.allclose(np.linalg.norm(first, axis=1), 1, atol=1e-6)
 
 
-def test_providers_fall_back_to_cpu_and_unknown_ones_are_refused():
+def test_providers_fall_back_to_cpu_and_unknown_ones_are_refused(monkeypatch):
     assert choose_providers()[-1] == "CPUExecutionProvider"
     with pytest.raises(ValueError, match="not available"):
         choose_providers(["NoSuchExecutionProvider"])
+    monkeypatch.setenv("SIMFEATUP_ORT_PROVIDERS", "NoSuchExecutionProvider, CPUExecutionProvider")
+    with pytest.raises(ValueError, match="NoSuchExecutionProvider"):
+        choose_providers()
