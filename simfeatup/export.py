@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import imaging
+from .runtime import sha256
 from .constants import CLIP_MEAN, CLIP_STD, DEFAULT_LAMBDA, LOGIT_SCALE, POS_EMBED_SCALE_EPS, STRIDE
 
 logger = logging.getLogger(__name__)
@@ -531,9 +531,7 @@ def _export_image(segmenter, path: Path, opset):
             output_names=["logits"],
             dynamic_shapes=dynamic,
             opset_version=opset,
-            # onnxscript's optimiser takes minutes on this graph; onnxruntime folds constants
-            # and fuses at session creation anyway.
-            optimize=False,
+            optimize=True,  # folds the shape arithmetic: ~3x fewer nodes, no CastLike left for onnxruntime
             verbose=False,
         )
     program.save(str(path), external_data=True)
@@ -552,7 +550,7 @@ def _export_text(encoder, path: Path, opset):
         output_names=["embeddings"],
         dynamic_shapes={"tokens": {0: Dim("texts", min=1)}},
         opset_version=opset,
-        optimize=False,
+        optimize=True,
         verbose=False,
     )
     program.save(str(path), external_data=True)
@@ -648,14 +646,6 @@ def _upsampler_info(path: Path) -> dict:
     extra = {k: v for k, v in info.items() if k not in ("upsampler", "backbone", "weights", "format", "version")}
     return {"kind": "simfeatup", "config": info["upsampler"], "backbone": info.get("backbone", {}),
             "file": weights.name, "sha256": sha256(weights), **extra}
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _versions() -> dict:
