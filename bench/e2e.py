@@ -1,0 +1,199 @@
+"""Per-image segmentation time, torch eager vs onnxruntime (CPU), ViT-B/16 + SimFeatUp, in one run.
+
+    python bench/e2e.py                       # 448 x 448 image, random ViT-B/16 + random SimFeatUp
+    python bench/e2e.py --repeats 5 --onnx-window-batch 2 --profile
+
+Both backends get the same random weights (open_clip's ViT-B-16 architecture, nothing is
+downloaded), the same image and vocabulary; the ONNX folder is exported and verified first.
+Times are medians over interleaved repeats (the machine may be shared: read the ratio).
+Peak RSS is measured in fresh processes as the number of images grows, so a leak or a
+buffer that scales with the windows processed would show as a rising curve.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+SAMPLE = ROOT / "samples" / "spacenet6_rotterdam.jpg"
+
+_RSS_SCRIPT = """
+import json, resource, sys, time
+import numpy as np
+sys.path.insert(0, {root!r})
+backend, model_dir, counts, window_batch = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+image = np.load({image!r})
+from simfeatup.vocabulary import Vocabulary
+vocabulary = Vocabulary.from_preset("openearthmap")
+if backend == "onnxruntime":
+    from simfeatup.runtime import OnnxSegmenter
+    segmenter = OnnxSegmenter(model_dir, window_batch=window_batch, cache=False)
+    run = lambda: segmenter.segment([image], vocabulary, prob_thd=0.1)
+else:
+    import torch
+    from bench.e2e import build_torch
+    segmenter = build_torch(window_batch)
+    from simfeatup.text import encode_queries
+    text = encode_queries(segmenter.encoder, vocabulary.queries, cache=False)
+    run = lambda: segmenter.segment([image], vocabulary, text, prob_thd=0.1)
+def kib():
+    # VmHWM is this process's own peak; ru_maxrss would include the parent's RSS at fork time
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+loaded, done, out = kib(), 0, []
+for n in counts:
+    while done < n:
+        run()
+        done += 1
+    out.append([n, kib()])
+print(json.dumps({{"loaded": loaded, "curve": out}}))
+"""
+
+
+def build_torch(window_batch: int = 4, seed: int = 0):
+    """Random ViT-B/16 (open_clip architecture, no download) + random-init SimFeatUp, fp32 CPU."""
+    import open_clip
+    import torch
+
+    from simfeatup.encoder import DenseCLIP
+    from simfeatup.segmenter import Segmenter
+    from simfeatup.upsampler import SimFeatUp
+
+    torch.manual_seed(seed)
+    clip = open_clip.create_model("ViT-B-16", pretrained=None)
+    encoder = DenseCLIP(clip, model_name="ViT-B-16", pretrained=None)
+    upsampler = SimFeatUp(encoder.embed_dim, encoder.patch_size)
+    return Segmenter(encoder, upsampler, window_batch=window_batch).eval()
+
+
+def test_image(size: int = 448):
+    """A real aerial image (bundled SpaceNet 6 tile) resized to size x size: 9 windows."""
+    import cv2
+
+    from simfeatup import imaging
+
+    return cv2.resize(imaging.load_image(SAMPLE), (size, size), interpolation=cv2.INTER_AREA)
+
+
+def rss_curve(backend: str, model_dir: Path, image_file: Path, counts: list[int], window_batch: int) -> dict:
+    """Peak RSS (KiB) of a fresh process after segmenting 1, 2, 4, ... images one by one."""
+    code = _RSS_SCRIPT.format(root=str(ROOT), image=str(image_file))
+    done = subprocess.run([sys.executable, "-c", code, backend, str(model_dir), json.dumps(counts), str(window_batch)],
+                          capture_output=True, text=True, cwd=ROOT, check=False)
+    if done.returncode:
+        raise RuntimeError(f"RSS probe ({backend}) failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def op_profile(model_dir: Path, windows, text, top: int = 12) -> list[tuple[str, float]]:
+    """Share of onnxruntime's node time per op type for one call of the image graph."""
+    import collections
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from simfeatup.runtime import session_options
+
+    options = session_options()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "simfeatup_e2e")
+    session = ort.InferenceSession(str(model_dir / "image.onnx"), options, providers=["CPUExecutionProvider"])
+    feeds = {"windows": windows, "text": text, "lam": np.asarray(-0.3, np.float32)}
+    session.run(None, feeds)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    per_op = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            per_op[e["args"]["op_name"]] += e["dur"]
+    total = sum(per_op.values()) or 1
+    return [(op, d / total) for op, d in per_op.most_common(top)]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=448, help="image side in pixels (448: 3 x 3 windows)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed images per backend (after one warm-up each)")
+    parser.add_argument("--torch-window-batch", type=int, default=4, help="windows per torch forward (Segmenter's default)")
+    parser.add_argument("--onnx-window-batch", type=int, default=1, help="windows per onnxruntime call (OnnxSegmenter's default)")
+    parser.add_argument("--rss-images", type=int, nargs="+", default=[1, 2, 4, 6], help="image counts for the RSS curve")
+    parser.add_argument("--model-dir", type=Path, help="reuse an exported folder (from a previous run's --keep)")
+    parser.add_argument("--keep", type=Path, help="export into this folder and keep it")
+    parser.add_argument("--profile", action="store_true", help="print onnxruntime's time per op type")
+    args = parser.parse_args(argv)
+
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from simfeatup.export import export_onnx
+    from simfeatup.runtime import OnnxSegmenter
+    from simfeatup.text import encode_queries
+    from simfeatup.vocabulary import Vocabulary
+
+    torch_seg = build_torch(args.torch_window_batch)
+    work = Path(tempfile.mkdtemp(prefix="simfeatup_e2e_"))
+    model_dir = args.model_dir
+    if model_dir is None:
+        model_dir = args.keep or work / "onnx"
+        started = time.perf_counter()
+        export_onnx(model_dir, segmenter=torch_seg, overwrite=bool(args.keep))
+        print(f"export + verification: {time.perf_counter() - started:.0f} s -> {model_dir}")
+    onnx_seg = OnnxSegmenter(model_dir, window_batch=args.onnx_window_batch, cache=False)
+
+    image = test_image(args.size)
+    vocabulary = Vocabulary.from_preset("openearthmap")
+    text = encode_queries(torch_seg.encoder, vocabulary.queries, cache=False)
+    onnx_seg.encode_queries(vocabulary.queries)  # both backends start with their queries encoded
+    runs = {
+        "torch eager": lambda: torch_seg.segment([image], vocabulary, text, prob_thd=0.1)[0],
+        "onnxruntime": lambda: onnx_seg.segment([image], vocabulary, prob_thd=0.1)[0],
+    }
+    results = {name: run() for name, run in runs.items()}  # warm-up; also the label maps compared below
+    times = {name: [] for name in runs}
+    for _ in range(args.repeats):  # interleaved, so load spikes hit both backends alike
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+
+    agree = float((results["torch eager"].labels == results["onnxruntime"].labels).mean())
+    med = {name: statistics.median(t) for name, t in times.items()}
+    ratio = med["torch eager"] / med["onnxruntime"]
+    print(f"\nViT-B/16 (random weights) + SimFeatUp (random init), {args.size}x{args.size} image, "
+          f"{len(vocabulary.queries)} queries, windows per call: torch {args.torch_window_batch}, onnxruntime {args.onnx_window_batch}")
+    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {ort.__version__} "
+          f"({', '.join(onnx_seg.image_session.get_providers())})")
+    for name in runs:
+        spread = ", ".join(f"{t:.2f}" for t in times[name])
+        print(f"  {name:12s} {med[name]:6.2f} s/image   (runs: {spread})")
+    print(f"  speed-up onnxruntime vs torch eager: {ratio:.2f}x (target >= 1.5x: {'met' if ratio >= 1.5 else 'MISSED'})")
+    print(f"  label agreement: {100 * agree:.4f}% of pixels")
+
+    np.save(work / "image.npy", image)
+    curves = {}
+    for backend, batch in (("torch", args.torch_window_batch), ("onnxruntime", args.onnx_window_batch)):
+        curves[backend] = rss_curve(backend, model_dir, work / "image.npy", sorted(args.rss_images), batch)
+        points = "  ".join(f"{n} img: {kib / 1024:.0f} MiB" for n, kib in curves[backend]["curve"])
+        print(f"  peak RSS {backend:12s} after loading {curves[backend]['loaded'] / 1024:.0f} MiB;  {points}")
+
+    profile = None
+    if args.profile:
+        windows = np.random.default_rng(0).standard_normal((args.onnx_window_batch, 3, 224, 224)).astype(np.float32)
+        profile = op_profile(model_dir, windows, text.numpy())
+        print("  onnxruntime time per op type: " + ", ".join(f"{op} {100 * share:.0f}%" for op, share in profile))
+    return {"seconds": med, "speedup": ratio, "label_agreement": agree, "rss_kib": curves, "profile": profile}
+
+
+if __name__ == "__main__":
+    main()
