@@ -111,7 +111,9 @@ def op_profile(model_dir: Path, windows, text, top: int = 12) -> list[tuple[str,
     session = ort.InferenceSession(str(model_dir / "image.onnx"), options, providers=["CPUExecutionProvider"])
     feeds = {"windows": windows, "text": text, "lam": np.asarray(-0.3, np.float32)}
     session.run(None, feeds)
-    events = json.loads(Path(session.end_profiling()).read_text())
+    trace = Path(session.end_profiling())
+    events = json.loads(trace.read_text())
+    trace.unlink()
     per_op = collections.Counter()
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
@@ -142,56 +144,57 @@ def main(argv: list[str] | None = None) -> dict:
     from simfeatup.vocabulary import Vocabulary
 
     torch_seg = build_torch(args.torch_window_batch)
-    work = Path(tempfile.mkdtemp(prefix="simfeatup_e2e_"))
-    model_dir = args.model_dir
-    if model_dir is None:
-        model_dir = args.keep or work / "onnx"
-        started = time.perf_counter()
-        export_onnx(model_dir, segmenter=torch_seg, overwrite=bool(args.keep))
-        print(f"export + verification: {time.perf_counter() - started:.0f} s -> {model_dir}")
-    onnx_seg = OnnxSegmenter(model_dir, window_batch=args.onnx_window_batch, cache=False)
+    with tempfile.TemporaryDirectory(prefix="simfeatup_e2e_") as tmp:  # the export is ~600 MB
+        work = Path(tmp)
+        model_dir = args.model_dir
+        if model_dir is None:
+            model_dir = args.keep or work / "onnx"
+            started = time.perf_counter()
+            export_onnx(model_dir, segmenter=torch_seg, overwrite=bool(args.keep))
+            print(f"export + verification: {time.perf_counter() - started:.0f} s -> {model_dir}")
+        onnx_seg = OnnxSegmenter(model_dir, window_batch=args.onnx_window_batch, cache=False)
 
-    image = test_image(args.size)
-    vocabulary = Vocabulary.from_preset("openearthmap")
-    text = encode_queries(torch_seg.encoder, vocabulary.queries, cache=False)
-    onnx_seg.encode_queries(vocabulary.queries)  # both backends start with their queries encoded
-    runs = {
-        "torch eager": lambda: torch_seg.segment([image], vocabulary, text, prob_thd=0.1)[0],
-        "onnxruntime": lambda: onnx_seg.segment([image], vocabulary, prob_thd=0.1)[0],
-    }
-    results = {name: run() for name, run in runs.items()}  # warm-up; also the label maps compared below
-    times = {name: [] for name in runs}
-    for _ in range(args.repeats):  # interleaved, so load spikes hit both backends alike
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
+        image = test_image(args.size)
+        vocabulary = Vocabulary.from_preset("openearthmap")
+        text = encode_queries(torch_seg.encoder, vocabulary.queries, cache=False)
+        onnx_seg.encode_queries(vocabulary.queries)  # both backends start with their queries encoded
+        runs = {
+            "torch eager": lambda: torch_seg.segment([image], vocabulary, text, prob_thd=0.1)[0],
+            "onnxruntime": lambda: onnx_seg.segment([image], vocabulary, prob_thd=0.1)[0],
+        }
+        results = {name: run() for name, run in runs.items()}  # warm-up; also the label maps compared below
+        times = {name: [] for name in runs}
+        for _ in range(args.repeats):  # interleaved, so load spikes hit both backends alike
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
 
-    agree = float((results["torch eager"].labels == results["onnxruntime"].labels).mean())
-    med = {name: statistics.median(t) for name, t in times.items()}
-    ratio = med["torch eager"] / med["onnxruntime"]
-    print(f"\nViT-B/16 (random weights) + SimFeatUp (random init), {args.size}x{args.size} image, "
-          f"{len(vocabulary.queries)} queries, windows per call: torch {args.torch_window_batch}, onnxruntime {args.onnx_window_batch}")
-    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {ort.__version__} "
-          f"({', '.join(onnx_seg.image_session.get_providers())})")
-    for name in runs:
-        spread = ", ".join(f"{t:.2f}" for t in times[name])
-        print(f"  {name:12s} {med[name]:6.2f} s/image   (runs: {spread})")
-    print(f"  speed-up onnxruntime vs torch eager: {ratio:.2f}x (target >= 1.5x: {'met' if ratio >= 1.5 else 'MISSED'})")
-    print(f"  label agreement: {100 * agree:.4f}% of pixels")
+        agree = float((results["torch eager"].labels == results["onnxruntime"].labels).mean())
+        med = {name: statistics.median(t) for name, t in times.items()}
+        ratio = med["torch eager"] / med["onnxruntime"]
+        print(f"\nViT-B/16 (random weights) + SimFeatUp (random init), {args.size}x{args.size} image, "
+              f"{len(vocabulary.queries)} queries, windows per call: torch {args.torch_window_batch}, onnxruntime {args.onnx_window_batch}")
+        print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {ort.__version__} "
+              f"({', '.join(onnx_seg.image_session.get_providers())})")
+        for name in runs:
+            spread = ", ".join(f"{t:.2f}" for t in times[name])
+            print(f"  {name:12s} {med[name]:6.2f} s/image   (runs: {spread})")
+        print(f"  speed-up onnxruntime vs torch eager: {ratio:.2f}x (target >= 1.5x: {'met' if ratio >= 1.5 else 'MISSED'})")
+        print(f"  label agreement: {100 * agree:.4f}% of pixels")
 
-    np.save(work / "image.npy", image)
-    curves = {}
-    for backend, batch in (("torch", args.torch_window_batch), ("onnxruntime", args.onnx_window_batch)):
-        curves[backend] = rss_curve(backend, model_dir, work / "image.npy", sorted(args.rss_images), batch)
-        points = "  ".join(f"{n} img: {kib / 1024:.0f} MiB" for n, kib in curves[backend]["curve"])
-        print(f"  peak RSS {backend:12s} after loading {curves[backend]['loaded'] / 1024:.0f} MiB;  {points}")
+        np.save(work / "image.npy", image)
+        curves = {}
+        for backend, batch in (("torch", args.torch_window_batch), ("onnxruntime", args.onnx_window_batch)):
+            curves[backend] = rss_curve(backend, model_dir, work / "image.npy", sorted(args.rss_images), batch)
+            points = "  ".join(f"{n} img: {kib / 1024:.0f} MiB" for n, kib in curves[backend]["curve"])
+            print(f"  peak RSS {backend:12s} after loading {curves[backend]['loaded'] / 1024:.0f} MiB;  {points}")
 
-    profile = None
-    if args.profile:
-        windows = np.random.default_rng(0).standard_normal((args.onnx_window_batch, 3, 224, 224)).astype(np.float32)
-        profile = op_profile(model_dir, windows, text.numpy())
-        print("  onnxruntime time per op type: " + ", ".join(f"{op} {100 * share:.0f}%" for op, share in profile))
+        profile = None
+        if args.profile:
+            windows = np.random.default_rng(0).standard_normal((args.onnx_window_batch, 3, 224, 224)).astype(np.float32)
+            profile = op_profile(model_dir, windows, text.numpy())
+            print("  onnxruntime time per op type: " + ", ".join(f"{op} {100 * share:.0f}%" for op, share in profile))
     return {"seconds": med, "speedup": ratio, "label_agreement": agree, "rss_kib": curves, "profile": profile}
 
 
