@@ -404,6 +404,8 @@ def export_onnx(
             _export_image(traced, tmp / IMAGE_GRAPH, opset)
             _export_text(traced.encoder, tmp / TEXT_GRAPH, opset)
         del traced
+        if opset is not None:
+            _check_opset(tmp, opset)
         shutil.copyfile(_open_clip_merges(), tmp / MERGES)
         manifest = _manifest(reference, upsampler_info, dtype, tmp)
         if clip_config is not None:
@@ -556,6 +558,21 @@ def _export_text(encoder, path: Path, opset):
     program.save(str(path), external_data=True)
 
 
+def _graph_opset(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _check_opset(folder: Path, opset: int) -> None:
+    """torch.onnx keeps its own opset when it cannot convert a graph: say so instead of shipping it."""
+    for name in (IMAGE_GRAPH, TEXT_GRAPH):
+        got = _graph_opset(folder / name)
+        if got != opset:
+            raise ValueError(f"--opset {opset}: the exporter could only write opset {got} for {name}; use --opset {got} or higher")
+
+
 def _check_dims(model, name: str, symbolic: dict) -> None:
     """Dynamic dims must be symbolic in the saved graph, never a number baked in by tracing."""
     inputs = {i.name: i.type.tensor_type.shape.dim for i in model.graph.input}
@@ -614,7 +631,7 @@ def _sample_windows(samples, window: int, patch: int) -> list[tuple[str, np.ndar
     """Two windows per sample image, cut and padded exactly as the segmenters do."""
     paths = [Path(p) for p in samples] if samples is not None else default_samples()
     if not paths:
-        logger.warning("no sample images found: the parity check uses random windows only")
+        logger.warning("no sample images: the parity check uses random windows only")
     cases = []
     for path in paths:
         x = imaging.preprocess(imaging.load_image(path))
@@ -659,12 +676,9 @@ def _versions() -> dict:
 
 
 def _manifest(segmenter, upsampler_info: dict, dtype: str, folder: Path) -> dict:
-    import onnx
-
     encoder = segmenter.encoder
     tok = encoder.tokenizer
-    image = onnx.load(str(folder / IMAGE_GRAPH), load_external_data=False)
-    used_opset = next(o.version for o in image.opset_import if o.domain in ("", "ai.onnx"))
+    used_opset = _graph_opset(folder / IMAGE_GRAPH)
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,

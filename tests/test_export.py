@@ -189,6 +189,13 @@ def test_existing_output_is_refused_without_overwrite(tiny_segmenter, tmp_path):
     assert (tmp_path / "taken" / "file").read_text() == "keep me"
 
 
+def test_an_opset_the_exporter_cannot_write_is_refused(tiny_segmenter, tmp_path):
+    bilinear = Segmenter(tiny_segmenter.encoder, None).eval()
+    with pytest.raises(ValueError, match="--opset 9: the exporter could only write opset"):
+        export_onnx(tmp_path / "old", segmenter=bilinear, opset=9)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_script_reports_user_mistakes_in_one_line(tmp_path, capsys):
     assert _to_onnx_main()(["--upsampler", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
