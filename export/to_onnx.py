@@ -10,7 +10,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from simfeatup.export import DTYPES, OnnxExportError, export_onnx  # noqa: E402
+from simfeatup.extras import missing_extra  # noqa: E402
+
+DTYPES = ("fp16", "fp32")  # simfeatup.export.DTYPES; not imported here so --help works without torch
 
 
 def main(argv=None) -> int:
@@ -29,6 +31,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("simfeatup").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
+        from simfeatup.export import OnnxExportError, export_onnx
+    except ModuleNotFoundError as err:
+        return _missing(err)
+    try:
         export_onnx(args.out, upsampler=args.upsampler, model=args.model, pretrained=args.pretrained,
                     attention=args.attention, dtype=args.dtype, opset=args.opset, overwrite=args.overwrite)
     except ValueError as err:  # user mistakes: bad path, weights, flags (WeightsUnavailableError, UpsamplerFileError, ...)
@@ -37,7 +43,17 @@ def main(argv=None) -> int:
     except OnnxExportError as err:  # the graphs do not reproduce torch; nothing was written
         sys.stderr.write(f"to_onnx: export failed: {err}\n")
         return 1
+    except ModuleNotFoundError as err:  # onnxruntime, for the self-check; nothing was written
+        return _missing(err)
     return 0
+
+
+def _missing(err: ModuleNotFoundError) -> int:
+    message = missing_extra(err, "export")
+    if message is None:
+        raise err
+    sys.stderr.write(f"to_onnx: error: {message}\n")
+    return 2
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from .constants import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from .extras import missing_extra
 
 logger = logging.getLogger("simfeatup")
 
@@ -56,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay", action="store_true", help="also write <image>_overlay.jpg (labels blended over the image)")
     p.add_argument("--save-probs", action="store_true", help="also write <image>_probs.npy (K, H, W) class probabilities")
     p.add_argument("--batch-size", type=int, default=2, help="images whose windows are batched together (default 2)")
-    p.add_argument("--device", default="auto", help="torch device: auto (cuda if present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1 ... (torch device, or with --onnx the onnxruntime provider)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help="auto: float32 on CPU, float16 on CUDA")
     p.add_argument("--bands", help="for multi-band images: the 0-based bands that are R,G,B, e.g. 3,2,1")
     p.add_argument("--stretch", default="percentile", type=_stretch, help="how 16-bit/float images become 8-bit: percentile (2-98%%, default), minmax, or the value that maps to 255 (e.g. 2047)")
@@ -203,12 +205,14 @@ def _torch_runner(args, vocabulary):
 
 
 def _onnx_runner(args, vocabulary):
-    from .runtime import OnnxSegmenter
+    from .runtime import OnnxSegmenter, providers_for_device
 
-    for flag in ("upsampler", "model", "pretrained"):
+    for flag in ("upsampler", "model", "pretrained", "attention"):
         if getattr(args, flag):
             raise UsageError(f"--{flag} does not apply with --onnx: the model folder fixes it (re-export to change it)")
-    segmenter = OnnxSegmenter(args.onnx)
+    if args.dtype != "auto":
+        raise UsageError("--dtype does not apply with --onnx: the precision was fixed at export (export/to_onnx.py --dtype)")
+    segmenter = OnnxSegmenter(args.onnx, providers=providers_for_device(args.device))
 
     class _Run:
         patch_size = segmenter.patch_size
@@ -249,11 +253,26 @@ def _presets(args) -> int:
     return 0
 
 
+def _what_needs_it(args) -> str:
+    if args.command == "segment":
+        return "segment --onnx" if args.onnx else "segmenting with PyTorch (without --onnx)"
+    return args.command
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
+    except BrokenPipeError:  # `simfeatup presets | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except ModuleNotFoundError as err:  # an optional part of simfeatup is not installed
+        message = missing_extra(err, _what_needs_it(args))
+        if message is None:
+            raise
+        sys.stderr.write(f"simfeatup {args.command}: error: {message}\n")
+        return 2
     except (ValueError, FileNotFoundError, PermissionError) as err:
         if args.verbose:
             logger.exception("failed")

@@ -369,6 +369,8 @@ def export_onnx(
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
+    import onnxruntime  # noqa: F401  the self-check needs it: fail now, not after minutes of export
+
     out_dir = Path(out_dir)
     if out_dir.exists() and not (out_dir.is_dir() and (overwrite or not any(out_dir.iterdir()))):
         raise ValueError(f"{out_dir} already exists; choose another --out or pass overwrite=True (--overwrite)")

@@ -53,7 +53,7 @@ def session_options() -> ort.SessionOptions:
     return options
 
 
-def choose_providers(requested=None) -> list[str]:
+def choose_providers(requested=None) -> list:
     """CUDA when this onnxruntime build offers it (``onnxruntime-gpu``), else CPU.
 
     ``requested`` (or ``$SIMFEATUP_ORT_PROVIDERS``, comma-separated), e.g.
@@ -63,12 +63,26 @@ def choose_providers(requested=None) -> list[str]:
     if requested is None and os.environ.get(PROVIDERS_ENV):
         requested = [p.strip() for p in os.environ[PROVIDERS_ENV].split(",") if p.strip()]
     if requested is not None:
-        missing = [p for p in requested if p not in available]
+        # a provider is a name or a (name, options) pair, as onnxruntime takes them
+        names = [p[0] if isinstance(p, tuple) else p for p in requested]
+        missing = [name for name in names if name not in available]
         if missing:
             raise ValueError(f"onnxruntime providers {missing} are not available here; available: {available} "
                              "(GPU providers need `pip install onnxruntime-gpu` instead of onnxruntime)")
         return list(requested)
     return [p for p in PREFERRED_PROVIDERS if p in available] or available
+
+
+def providers_for_device(device: str):
+    """``--device`` for onnxruntime: auto (None: :func:`choose_providers` decides), cpu, cuda or cuda:N."""
+    if device == "auto":
+        return None
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    kind, _, index = device.partition(":")
+    if kind == "cuda" and (index == "" or index.isdigit()):
+        return [("CUDAExecutionProvider", {"device_id": int(index or 0)}), "CPUExecutionProvider"]
+    raise ValueError(f"device {device!r} has no onnxruntime provider here: use auto, cpu, cuda or cuda:N")
 
 
 def sha256(path: Path) -> str:

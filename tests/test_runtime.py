@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from simfeatup import imaging
+from simfeatup.extras import TORCH_MODULES
 from simfeatup.runtime import ModelFolderError, OnnxSegmenter, choose_providers
 from simfeatup.tokenizer import Tokenizer
 from simfeatup.vocabulary import Vocabulary
@@ -133,30 +134,86 @@ def test_manifest_records_the_upsampler_artefact(artefacts, tiny_weights):
 def test_cli_rejects_torch_only_flags_with_onnx(onnx_dir, tmp_path, capsys):
     from simfeatup.cli import main
 
-    code = main(["segment", str(SAMPLES[0]), "--classes", "road;tree", "--onnx", str(onnx_dir), "--model", "ViT-B-16", "--out", str(tmp_path)])
-    assert code == 2 and "--model does not apply with --onnx" in capsys.readouterr().err
+    common = ["segment", str(SAMPLES[0]), "--classes", "road;tree", "--onnx", str(onnx_dir), "--out", str(tmp_path)]
+    for flags, message in (
+        (["--model", "ViT-B-16"], "--model does not apply with --onnx"),
+        (["--attention", "clearclip"], "--attention does not apply with --onnx"),
+        (["--dtype", "float16"], "--dtype does not apply with --onnx: the precision was fixed at export"),
+    ):
+        assert main([*common, *flags]) == 2
+        assert message in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ no torch, bounded memory, caching
-def test_runtime_never_imports_torch(onnx_dir, tmp_path):
+# The torch-free install as users have it: every module of the `torch` extra made unimportable (or,
+# in CI, a separate venv with only `pip install ".[onnxruntime]"`, given as $SIMFEATUP_RUNTIME_PYTHON).
+RUNTIME_PYTHON = os.environ.get("SIMFEATUP_RUNTIME_PYTHON", sys.executable)
+
+
+def _run_without(blocked, argv, tmp_path):
     script = textwrap.dedent(
         f"""
         import sys
-        import numpy as np
-        from simfeatup.runtime import OnnxSegmenter
-        from simfeatup.vocabulary import Vocabulary
-        image = np.random.default_rng(0).integers(0, 256, (120, 300, 3), dtype=np.uint8)
-        result = OnnxSegmenter({str(onnx_dir)!r}).segment([image], Vocabulary.from_preset("loveda"), prob_thd=0.3)[0]
-        assert result.labels.shape == (120, 300)
-        heavy = sorted(m for m in ("torch", "torchvision", "open_clip", "lightning") if m in sys.modules)
-        print("heavy modules:", heavy)
-        sys.exit(1 if heavy else 0)
+        for name in {sorted(blocked)!r}:
+            sys.modules[name] = None  # `import name` now raises ModuleNotFoundError, as if not installed
+        from simfeatup.cli import main
+        code = main({argv!r})
+        heavy = sorted(m for m in {sorted(TORCH_MODULES)!r} if sys.modules.get(m) is not None)
+        print("imported:", heavy)
+        sys.exit(code or (3 if heavy else 0))
         """
     )
-    env = {**os.environ, "SIMFEATUP_CACHE": str(tmp_path)}
+    env = {**os.environ, "SIMFEATUP_CACHE": str(tmp_path / "cache")}
     # cwd = the repository, so `simfeatup` is this checkout whatever the install looks like
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([RUNTIME_PYTHON, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_segments_with_onnx_without_torch_installed(onnx_dir, tmp_path):
+    from simfeatup.cli import main
+
+    image = SAMPLES[0]
+    common = ["segment", str(image), "--preset", "loveda", "--overlay"]
+    done = _run_without(TORCH_MODULES, [*common, "--onnx", str(onnx_dir), "--out", str(tmp_path / "free")], tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "imported: []" in done.stdout
+    assert main([*common, "--onnx", str(onnx_dir), "--out", str(tmp_path / "here")]) == 0
+    for name in (f"{image.stem}.png", f"{image.stem}_overlay.jpg", "classes.json"):
+        assert (tmp_path / "free" / name).read_bytes() == (tmp_path / "here" / name).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "blocked, flags, needs",
+    [
+        (TORCH_MODULES, [], 'segmenting with PyTorch (without --onnx) needs torch, which is not installed: pip install "simfeatup[torch]"'),
+        (("onnxruntime",), ["--onnx", "MODEL"], 'segment --onnx needs onnxruntime, which is not installed: pip install "simfeatup[onnxruntime]" (CPU) or "simfeatup[gpu]"'),
+    ],
+    ids=["torch", "onnxruntime"],
+)
+def test_a_missing_extra_is_named_in_one_line(onnx_dir, tmp_path, blocked, flags, needs):
+    flags = [str(onnx_dir) if f == "MODEL" else f for f in flags]
+    done = _run_without(blocked, ["segment", str(SAMPLES[0]), "--classes", "road;tree", *flags, "--out", str(tmp_path / "out")], tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("simfeatup segment: error: " + needs), line
+
+
+def test_onnx_device_flag_picks_the_provider(onnx_dir, tmp_path, capsys, monkeypatch):
+    import onnxruntime
+
+    from simfeatup.cli import main
+    from simfeatup.runtime import providers_for_device
+
+    assert providers_for_device("auto") is None and providers_for_device("cpu") == ["CPUExecutionProvider"]
+    assert providers_for_device("cuda:1") == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    with pytest.raises(ValueError, match="use auto, cpu, cuda or cuda:N"):
+        providers_for_device("mps")
+    common = ["segment", str(SAMPLES[0]), "--classes", "road;tree", "--onnx", str(onnx_dir), "--out", str(tmp_path)]
+    assert main([*common, "--device", "cpu"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])  # a CPU build
+    assert main([*common, "--device", "cuda"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "['CUDAExecutionProvider'] are not available here" in line and "onnxruntime-gpu" in line
 
 
 def test_corrupt_graph_is_refused_in_one_line_naming_the_file(onnx_dir, tmp_path):

@@ -8,17 +8,25 @@
 import sys
 from pathlib import Path
 
-from simfeatup.encoder import WeightsUnavailableError
-from simfeatup.training.cli import SimFeatUpCLI
+from simfeatup.extras import missing_extra
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "train" / "quickstart.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
+        from simfeatup.encoder import WeightsUnavailableError
+        from simfeatup.training.cli import SimFeatUpCLI
+    except ModuleNotFoundError as err:
+        message = missing_extra(err, "training")
+        if message is None:
+            raise
+        sys.stderr.write(f"error: {message}\n")
+        return 1
+    try:
         SimFeatUpCLI(args=argv, parser_kwargs={"default_config_files": [str(QUICKSTART)]}).fit()
     except WeightsUnavailableError as err:
-        print(f"error: {err}\nHere the weights are --model.pretrained (a tag or a local file).", file=sys.stderr)
+        sys.stderr.write(f"error: {err}\nHere the weights are --model.pretrained (a tag or a local file).\n")
         return 1
     return 0
 

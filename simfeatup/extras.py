@@ -1,0 +1,27 @@
+"""Which optional install provides which module, and the one-line advice when one is missing.
+
+``pip install simfeatup`` is the torch-free runtime: segmenting an exported model folder with
+onnxruntime. The extras add the rest (keep in step with pyproject.toml):
+
+- ``simfeatup[onnxruntime]`` (CPU) or ``simfeatup[gpu]`` (``onnxruntime-gpu``; never both),
+- ``simfeatup[torch]``: PyTorch, open_clip and Lightning for the torch segmenter, training,
+  weight conversion and export.
+"""
+from __future__ import annotations
+
+TORCH_MODULES = (
+    "torch", "torchvision", "open_clip", "lightning", "jsonargparse", "kornia", "webdataset",
+    "onnx", "onnxscript", "safetensors", "tensorboard",
+)
+ADVICE = {
+    **{module: 'pip install "simfeatup[torch]" (in a checkout: pip install -c constraints.txt -e ".[torch]")' for module in TORCH_MODULES},
+    "onnxruntime": 'pip install "simfeatup[onnxruntime]" (CPU) or "simfeatup[gpu]" (onnxruntime-gpu), not both',
+}
+
+
+def missing_extra(err: ModuleNotFoundError, what: str) -> str | None:
+    """One line for a module that an extra installs (``what`` needs it), else None: a real bug."""
+    top = (err.name or "").split(".")[0]
+    if top not in ADVICE:
+        return None
+    return f"{what} needs {top}, which is not installed: {ADVICE[top]}"

@@ -1,0 +1,90 @@
+"""pyproject.toml's split: the base install is the torch-free runtime, the extras hold the rest,
+and every third-party import in simfeatup is declared where simfeatup/extras.py says it is."""
+import ast
+import re
+import subprocess
+import sys
+import tomllib
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from simfeatup.extras import ADVICE, TORCH_MODULES
+
+REPO = Path(__file__).resolve().parents[1]
+PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+
+def _names(requirements) -> set[str]:
+    """Distribution names of requirement strings, normalised; self-references left out."""
+    names = {re.split(r"[\[<>=!~; ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
+    return names - {"simfeatup"}
+
+
+def _modules_of(distributions: set[str]) -> set[str]:
+    """Top-level import names that the installed ``distributions`` provide."""
+    provided = metadata.packages_distributions()
+    return {module for module, dists in provided.items() if any(d.lower().replace("_", "-") in distributions for d in dists)}
+
+
+BASE = _names(PROJECT["dependencies"])
+TORCH_EXTRA = _names(PROJECT["optional-dependencies"]["torch"])
+
+
+def _third_party_imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return {n for n in names if n not in sys.stdlib_module_names and n not in ("simfeatup", "__future__")}
+
+
+def test_the_base_install_has_no_torch():
+    assert not BASE & TORCH_EXTRA
+    assert not BASE & {"torch", "torchvision", "open-clip-torch", "lightning", "onnxruntime", "onnxruntime-gpu"}
+    assert _names(PROJECT["optional-dependencies"]["onnxruntime"]) == {"onnxruntime"}
+    assert _names(PROJECT["optional-dependencies"]["gpu"]) == {"onnxruntime-gpu"}
+
+
+def test_extras_module_list_is_the_torch_extra():
+    assert set(TORCH_MODULES) <= _modules_of(TORCH_EXTRA)
+    provided = metadata.packages_distributions()
+    for dist in TORCH_EXTRA:  # each distribution of the extra is recognised by at least one module
+        modules = {m for m, dists in provided.items() if dist in {d.lower().replace("_", "-") for d in dists}}
+        assert modules & set(TORCH_MODULES), f"{dist}: none of {sorted(modules)} is in extras.TORCH_MODULES"
+
+
+def test_every_import_in_the_library_is_declared():
+    declared = _modules_of(BASE) | set(ADVICE)
+    undeclared = {}
+    for path in sorted((REPO / "simfeatup").rglob("*.py")):
+        missing = _third_party_imports(path) - declared
+        if missing:
+            undeclared[str(path.relative_to(REPO))] = sorted(missing)
+    assert not undeclared, f"imported but not in pyproject.toml (or not mapped in extras.ADVICE): {undeclared}"
+
+
+@pytest.mark.parametrize(
+    "script, argv, code, pattern",
+    [
+        ("train/fit.py", [], 1, r'error: training needs \w+, which is not installed: pip install "simfeatup\[torch\]"'),
+        ("export/to_onnx.py", ["--upsampler", "bilinear", "--out", "OUT"], 2, r'to_onnx: error: export needs \w+, which is not installed: pip install "simfeatup\[torch\]"'),
+    ],
+)
+def test_scripts_name_the_missing_extra_in_one_line(tmp_path, script, argv, code, pattern):
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    runner = (
+        f"import runpy, sys\n"
+        f"for name in {list(TORCH_MODULES)!r}:\n"
+        f"    sys.modules[name] = None  # as if the torch extra were not installed\n"
+        f"sys.argv = [{script!r}, *{argv!r}]\n"
+        f"runpy.run_path({script!r}, run_name='__main__')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", runner], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == code, done.stderr
+    [got] = done.stderr.strip().splitlines()
+    assert re.match(pattern, got), got
+    assert not (tmp_path / "out").exists()
