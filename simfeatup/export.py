@@ -38,13 +38,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import imaging
-from .runtime import sha256
+from .runtime import FORMAT, FORMAT_VERSION, sha256
 from .constants import CLIP_MEAN, CLIP_STD, DEFAULT_LAMBDA, LOGIT_SCALE, POS_EMBED_SCALE_EPS, STRIDE
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "simfeatup-onnx"
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 IMAGE_GRAPH = "image.onnx"
 TEXT_GRAPH = "text.onnx"
@@ -349,7 +347,7 @@ def export_onnx(
     model: str | None = None,
     pretrained: str | None = None,
     clip_config: dict | None = None,
-    attention: str = "segearth",
+    attention: str | None = None,
     segmenter=None,
     dtype: str = "fp32",
     opset: int | None = None,
@@ -369,8 +367,6 @@ def export_onnx(
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
-    import onnxruntime  # noqa: F401  the self-check needs it: fail now, not after minutes of export
-
     out_dir = Path(out_dir)
     if out_dir.exists() and not (out_dir.is_dir() and (overwrite or not any(out_dir.iterdir()))):
         raise ValueError(f"{out_dir} already exists; choose another --out or pass overwrite=True (--overwrite)")

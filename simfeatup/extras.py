@@ -20,8 +20,12 @@ ADVICE = {
 
 
 def missing_extra(err: ModuleNotFoundError, what: str) -> str | None:
-    """One line for a module that an extra installs (``what`` needs it), else None: a real bug."""
+    """One line for a package that an extra installs (``what`` needs it), else None.
+
+    None also for a missing submodule of an installed package (``torch._C``): a broken
+    install, not a missing extra, and its traceback is the useful report.
+    """
     top = (err.name or "").split(".")[0]
-    if top not in ADVICE:
+    if top not in ADVICE or err.name != top:
         return None
     return f"{what} needs {top}, which is not installed: {ADVICE[top]}"

@@ -18,14 +18,15 @@ import onnxruntime as ort
 
 from . import imaging, scores
 from .cache import EmbeddingCache
-from .constants import DEFAULT_BG_IDX, DEFAULT_LAMBDA, DEFAULT_PROB_THD
+from .constants import CLIP_MEAN, CLIP_STD, DEFAULT_BG_IDX, DEFAULT_PROB_THD, LOGIT_SCALE
 from .templates import prompts_for
 from .tokenizer import Tokenizer
 from .vocabulary import Vocabulary
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "simfeatup-onnx"  # must match simfeatup.export.FORMAT (export imports torch, so not imported here)
+FORMAT = "simfeatup-onnx"  # the manifest's "format"; simfeatup.export writes it
+FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 # TensorRT is opt-in (providers=... or $SIMFEATUP_ORT_PROVIDERS): with dynamic window sizes it builds a
 # new engine whenever a window shape leaves the range seen so far, minutes each for ViT-B/16.
@@ -107,6 +108,16 @@ def read_manifest(model_dir: Path, *, check_files: bool = True) -> dict:
         raise ModelFolderError(f"{path}: not valid JSON ({err})") from None
     if manifest.get("format") != FORMAT:
         raise ModelFolderError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise ModelFolderError(f"{path}: format version {manifest.get('version')!r}, this simfeatup reads {FORMAT_VERSION}; "
+                               "re-export the folder with this simfeatup version")
+    # The runtime scores with simfeatup.imaging / simfeatup.scores, whose constants the graphs were verified with.
+    pre = manifest.get("preprocessing", {})
+    expected = {"mean": list(CLIP_MEAN), "std": list(CLIP_STD), "logit_scale": LOGIT_SCALE}
+    found = {"mean": pre.get("mean"), "std": pre.get("std"), "logit_scale": manifest.get("logit_scale")}
+    if found != expected:
+        raise ModelFolderError(f"{path}: preprocessing/scoring constants {found} differ from this simfeatup's {expected}; "
+                               "re-export the folder with this simfeatup version")
     if check_files:
         for name, digest in manifest.get("files", {}).items():
             file = model_dir / name
@@ -131,7 +142,6 @@ class OnnxSegmenter:
         self.manifest = read_manifest(self.model_dir)
         pre = self.manifest["preprocessing"]
         self.long_side, self.window, self.stride, self.patch_size = pre["long_side"], pre["window"], pre["stride"], pre["patch"]
-        self.logit_scale = float(self.manifest["logit_scale"])
         self.default_lambda = float(self.manifest["default_lambda"])
         if window_batch < 1:
             raise ValueError(f"window_batch must be >= 1, got {window_batch}")
@@ -181,12 +191,15 @@ class OnnxSegmenter:
         feeds = {"windows": np.ascontiguousarray(windows, np.float32), "text": np.ascontiguousarray(text, np.float32), "lam": np.asarray(lam, np.float32)}
         return self.image_session.run(None, feeds)[0]
 
-    def logits(self, images: list[np.ndarray], text: np.ndarray, *, lam: float = DEFAULT_LAMBDA) -> list[np.ndarray]:
+    def logits(self, images: list[np.ndarray], text: np.ndarray, *, lam: float | None = None) -> list[np.ndarray]:
         """RGB uint8 images (H, W, 3) -> per-image (Q, H, W) averaged window logits at original size.
+
+        ``lam``: the [CLS] weight, default the manifest's.
 
         The same windows, grouping, padding, accumulation order and final resize as
         :meth:`simfeatup.segmenter.Segmenter.logits`.
         """
+        lam = self.default_lambda if lam is None else lam
         prepared = [imaging.preprocess(image, self.long_side) for image in images]
         canvases = [np.zeros((len(text), *x.shape[1:]), np.float32) for x in prepared]
         counts = [np.zeros(x.shape[1:], np.float32) for x in prepared]

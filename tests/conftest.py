@@ -46,3 +46,26 @@ def tiny_weights(tmp_path_factory):
     weights = folder / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
     return TINY_NAME, weights
+
+
+@pytest.fixture(scope="session")
+def artefacts(tiny_weights, tmp_path_factory):
+    """A SimFeatUp artefact for the registered tiny model, and its verified ONNX export."""
+    from simfeatup.export import export_onnx
+    from simfeatup.upsampler import SimFeatUp, save_upsampler
+
+    name, weights = tiny_weights
+    folder = tmp_path_factory.mktemp("runtime")
+    torch.manual_seed(5)
+    up = SimFeatUp(32, 16)
+    with torch.no_grad():
+        for p in up.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    path = folder / "upsampler.safetensors"
+    save_upsampler(up, path, backbone={"model": name, "pretrained": str(weights)})
+    return path, export_onnx(folder / "onnx", upsampler=path)
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(artefacts):
+    return artefacts[1]
