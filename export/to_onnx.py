@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     p.add_argument("--upsampler", required=True, help="SimFeatUp artefact (.safetensors or its .json), or 'bilinear'")
     p.add_argument("--model", help="open_clip model name (default: the upsampler's backbone, else ViT-B-16)")
     p.add_argument("--pretrained", help="open_clip weights tag or local weights file (default: the upsampler's, else openai)")
-    p.add_argument("--attention", default="segearth", help="last-block attention: segearth, clearclip, sclip, maskclip, vanilla")
+    p.add_argument("--attention", help="last-block attention: segearth, clearclip, sclip, maskclip, vanilla (default: the upsampler's, else segearth)")
     p.add_argument("--out", required=True, help="model folder to write (must not exist unless --overwrite)")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weight precision of the graphs (default fp32)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")

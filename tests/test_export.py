@@ -214,3 +214,20 @@ def test_vit_b16_random_weights_export_with_simfeatup(tmp_path):
     out = export_onnx(tmp_path / "vitb16", segmenter=segmenter)
     report = json.loads((out / "manifest.json").read_text())["verification"]
     assert report["max_abs_logit_diff"] <= export.FP32_TOLERANCE
+
+
+def test_script_leaves_the_attention_to_the_artefact(tmp_path, monkeypatch, capsys):
+    """Without --attention the export builds the backbone the upsampler was trained with, as segment does."""
+    import simfeatup.segmenter
+
+    seen = {}
+
+    def build(upsampler, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(simfeatup.segmenter, "build_segmenter", build)
+    assert _to_onnx_main()(["--upsampler", str(tmp_path / "up.safetensors"), "--out", str(tmp_path / "o")]) == 2
+    assert seen["attention"] is None and "stop here" in capsys.readouterr().err
+    assert _to_onnx_main()(["--upsampler", "bilinear", "--attention", "clearclip", "--out", str(tmp_path / "o")]) == 2
+    assert seen["attention"] == "clearclip"
