@@ -32,6 +32,19 @@ def _add_vocabulary_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lam", type=float, help="weight of the [CLS] similarity in the logits (preset value, else -0.3)")
 
 
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--upsampler", default=None, help="SimFeatUp artefact (.safetensors or its .json), or 'bilinear' (default)")
+    p.add_argument("--onnx", type=Path, help="model folder from export/to_onnx.py: run with onnxruntime instead of torch")
+    p.add_argument("--model", help=f"open_clip model name (default: the upsampler's backbone, else {DEFAULT_MODEL})")
+    p.add_argument("--pretrained", help=f"open_clip weights tag or local weights file (default: {DEFAULT_PRETRAINED})")
+    p.add_argument("--attention", help="last-block attention: segearth (default), clearclip, sclip, maskclip, vanilla")
+    p.add_argument("--batch-size", type=int, default=2, help="images whose windows are batched together (default 2)")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1 ... (torch device, or with --onnx the onnxruntime provider)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help="auto: float32 on CPU, float16 on CUDA")
+    p.add_argument("--bands", help="for multi-band images: the 0-based bands that are R,G,B, e.g. 3,2,1")
+    p.add_argument("--stretch", default="percentile", type=_stretch, help="how 16-bit/float images become 8-bit: percentile (2-98%%, default), minmax, or the value that maps to 255 (e.g. 2047)")
+
+
 def _stretch(text: str):
     if text in ("percentile", "minmax"):
         return text
@@ -45,40 +58,44 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="simfeatup", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)  # -v after the subcommand too
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
 
-    p = sub.add_parser("segment", help="segment images with class names typed on the command line")
-    p.add_argument("images", nargs="+", type=Path, help="jpg/png/tif images")
+    p = sub.add_parser("segment", parents=[common], help="segment images with class names typed on the command line")
+    p.add_argument("images", nargs="+", type=Path, help="jpg/png/tif images, or folders of them")
     _add_vocabulary_flags(p)
     p.add_argument("--out", type=Path, required=True, help="output folder for <image>.png label maps")
-    p.add_argument("--upsampler", default=None, help="SimFeatUp artefact (.safetensors or its .json), or 'bilinear' (default)")
-    p.add_argument("--onnx", type=Path, help="model folder from export/to_onnx.py: run with onnxruntime instead of torch")
-    p.add_argument("--model", help=f"open_clip model name (default: the upsampler's backbone, else {DEFAULT_MODEL})")
-    p.add_argument("--pretrained", help=f"open_clip weights tag or local weights file (default: {DEFAULT_PRETRAINED})")
-    p.add_argument("--attention", help="last-block attention: segearth (default), clearclip, sclip, maskclip, vanilla")
     p.add_argument("--overlay", action="store_true", help="also write <image>_overlay.jpg (labels blended over the image)")
     p.add_argument("--save-probs", action="store_true", help="also write <image>_probs.npy (K, H, W) class probabilities")
-    p.add_argument("--batch-size", type=int, default=2, help="images whose windows are batched together (default 2)")
-    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1 ... (torch device, or with --onnx the onnxruntime provider)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help="auto: float32 on CPU, float16 on CUDA")
-    p.add_argument("--bands", help="for multi-band images: the 0-based bands that are R,G,B, e.g. 3,2,1")
-    p.add_argument("--stretch", default="percentile", type=_stretch, help="how 16-bit/float images become 8-bit: percentile (2-98%%, default), minmax, or the value that maps to 255 (e.g. 2047)")
+    _add_model_flags(p)
     p.set_defaults(func=_segment)
 
-    p = sub.add_parser("convert-weights", help="import the authors' released SimFeatUp checkpoint as safetensors")
+    p = sub.add_parser("evaluate", parents=[common], help="score segmentations against ground-truth labels (IoU over the whole dataset, SPEC 6)")
+    p.add_argument("images", nargs="+", type=Path, help="jpg/png/tif images, or folders of them")
+    p.add_argument("--labels", type=Path, required=True, help="folder of label images: <image stem><--label-suffix>.png/.tif")
+    p.add_argument("--label-suffix", default="", help="label file name = image stem + this (e.g. _label); default none")
+    _add_vocabulary_flags(p)
+    p.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, help="label 0 is no-data, the others shift down by 1 (default: the preset's, e.g. LoveDA)")
+    p.add_argument("--binary-255", action=argparse.BooleanOptionalAction, help="labels are 0/255 masks of the second class; scores its IoU only (default: the preset's)")
+    p.add_argument("--report", type=Path, help="also write the scores as JSON to this file")
+    _add_model_flags(p)
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("convert-weights", parents=[common], help="import the authors' released SimFeatUp checkpoint as safetensors")
     p.add_argument("src", type=Path, help="Lightning checkpoint, e.g. xclip_jbu_one_million_aid.ckpt")
     p.add_argument("dst", type=Path, help="output .safetensors (a .json with its config is written beside it)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="backbone the weights were trained for (recorded in the .json)")
     p.add_argument("--pretrained", default=DEFAULT_PRETRAINED, help="its weights tag (recorded in the .json)")
     p.set_defaults(func=_convert)
 
-    p = sub.add_parser("make-shards", help="pack folders of images into WebDataset shards for training")
+    p = sub.add_parser("make-shards", parents=[common], help="pack folders of images into WebDataset shards for training")
     p.add_argument("sources", nargs="+", type=Path, help="image folders (searched recursively) or files")
     p.add_argument("pattern", help="output shard pattern, e.g. shards/train-%%06d.tar")
     p.add_argument("--maxcount", type=int, default=1000, help="images per shard at most (default 1000)")
     p.add_argument("--maxsize", type=float, default=3e9, help="bytes per shard at most (default 3e9)")
     p.set_defaults(func=_make_shards)
 
-    p = sub.add_parser("presets", help="list the dataset presets")
+    p = sub.add_parser("presets", parents=[common], help="list the dataset presets")
     p.set_defaults(func=_presets)
     return parser
 
@@ -113,23 +130,61 @@ def _output_names(images: list[Path]) -> list[str]:
     return stems
 
 
-def _segment(args) -> int:
-    from tqdm import tqdm
+def _inputs(args):
+    """What segment and evaluate share: image files, vocabulary, scoring settings, band choice."""
+    from . import imaging
 
-    from . import imaging, visualize
-
-    missing = [str(p) for p in args.images if not p.is_file()]
+    missing = [str(p) for p in args.images if not p.exists()]
     if missing:
         raise UsageError(f"image not found: {', '.join(missing)}")
+    images = imaging.list_images(args.images)
+    if not images:
+        raise UsageError(f"no {'/'.join(imaging.IMAGE_SUFFIXES)} images in {', '.join(map(str, args.images))}")
     vocabulary, prob_thd, bg_idx, lam = _vocabulary_and_settings(args)
-    stems = _output_names(args.images)
     try:
         bands = tuple(int(b) for b in args.bands.split(",")) if args.bands else (0, 1, 2)
     except ValueError:
         raise UsageError(f"--bands {args.bands!r}: give three 0-based band indices, e.g. 3,2,1") from None
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+    return images, vocabulary, dict(prob_thd=prob_thd, bg_idx=bg_idx, lam=lam), bands
 
+
+def _run_batches(args, run, images, bands, settings, *, desc, on_error=None, return_probs=False):
+    """Yield (index, image array, Segmentation) per image, ``--batch-size`` images at a time.
+
+    An unreadable image goes to ``on_error(path, err)`` when given, else stops the run.
+    """
+    from tqdm import tqdm
+
+    from . import imaging
+
+    with tqdm(total=len(images), desc=desc, unit="img") as bar:
+        for start in range(0, len(images), args.batch_size):
+            loaded = []
+            for i in range(start, min(start + args.batch_size, len(images))):
+                try:
+                    image = imaging.load_image(images[i], bands=bands, stretch=args.stretch)
+                    imaging.check_size(image, run.patch_size, images[i])
+                    loaded.append((i, image))
+                except imaging.ImageError as err:
+                    if on_error is None:
+                        raise
+                    on_error(images[i], err)
+                    bar.update(1)
+            if not loaded:
+                continue
+            results = run([image for _, image in loaded], **settings, return_probs=return_probs)
+            for (i, image), result in zip(loaded, results):
+                yield i, image, result
+                bar.update(1)
+
+
+def _segment(args) -> int:
+    from . import visualize
+
+    images, vocabulary, settings, bands = _inputs(args)
+    stems = _output_names(images)
     run = _onnx_runner(args, vocabulary) if args.onnx else _torch_runner(args, vocabulary)
     args.out.mkdir(parents=True, exist_ok=True)
     colours = visualize.palette(len(vocabulary))
@@ -137,40 +192,63 @@ def _segment(args) -> int:
     (args.out / "classes.json").write_text(json.dumps(legend, indent=2) + "\n")
 
     failed = []
-    bar = tqdm(total=len(args.images), desc="segment", unit="img")
-    for start in range(0, len(args.images), args.batch_size):
-        paths = args.images[start : start + args.batch_size]
-        names = stems[start : start + args.batch_size]
-        loaded = []
-        for path, name in zip(paths, names):
-            try:
-                image = imaging.load_image(path, bands=bands, stretch=args.stretch)
-                imaging.check_size(image, run.patch_size, path)
-                loaded.append((path, name, image))
-            except imaging.ImageError as err:
-                logger.error("skipped: %s", err)
-                failed.append(path)
-                bar.update(1)
-        if not loaded:
-            continue
-        results = run([image for _, _, image in loaded], prob_thd=prob_thd, bg_idx=bg_idx, lam=lam, return_probs=args.save_probs)
-        for (path, name, image), result in zip(loaded, results):
-            visualize.save_atomic(visualize.label_image(result.labels, colours), args.out / f"{name}.png")
-            if args.overlay:
-                visualize.save_atomic(visualize.overlay(image, result.labels, colours), args.out / f"{name}_overlay.jpg")
-            if args.save_probs:
-                import numpy as np
 
-                from .atomic import atomic_write
+    def skip(path, err):
+        logger.error("skipped: %s", err)
+        failed.append(path)
 
-                with atomic_write(args.out / f"{name}_probs.npy") as tmp, open(tmp, "wb") as f:
-                    np.save(f, result.probs.astype(np.float16))
-            bar.update(1)
-    bar.close()
-    done = len(args.images) - len(failed)
+    for i, image, result in _run_batches(args, run, images, bands, settings, desc="segment", on_error=skip, return_probs=args.save_probs):
+        name = stems[i]
+        visualize.save_atomic(visualize.label_image(result.labels, colours), args.out / f"{name}.png")
+        if args.overlay:
+            visualize.save_atomic(visualize.overlay(image, result.labels, colours), args.out / f"{name}_overlay.jpg")
+        if args.save_probs:
+            import numpy as np
+
+            from .atomic import atomic_write
+
+            with atomic_write(args.out / f"{name}_probs.npy") as tmp, open(tmp, "wb") as f:
+                np.save(f, result.probs.astype(np.float16))
+    done = len(images) - len(failed)
     logger.info("wrote %d label map(s) to %s (legend: %s)", done, args.out, args.out / "classes.json")
     if failed:
-        raise UsageError(f"{len(failed)} of {len(args.images)} image(s) could not be segmented (see the messages above)")
+        raise UsageError(f"{len(failed)} of {len(images)} image(s) could not be segmented (see the messages above)")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from . import evaluation
+
+    images, vocabulary, settings, bands = _inputs(args)
+    labels = evaluation.pair_labels(images, args.labels, args.label_suffix)  # before loading any model
+    notes = {}
+    if args.preset:
+        from . import presets
+
+        notes = presets.load(args.preset).labels
+    reduce_zero_label = bool(notes.get("reduce_zero_label")) if args.reduce_zero_label is None else args.reduce_zero_label
+    binary_255 = bool(notes.get("binary_255")) if args.binary_255 is None else args.binary_255
+    if binary_255 and len(vocabulary) != 2:
+        raise UsageError(f"--binary-255 needs exactly 2 classes (background and the foreground), got {len(vocabulary)}")
+    run = _onnx_runner(args, vocabulary) if args.onnx else _torch_runner(args, vocabulary)
+    iou = evaluation.IoU(len(vocabulary))
+    for i, _, result in _run_batches(args, run, images, bands, settings, desc="evaluate"):
+        try:
+            label = evaluation.prepare_labels(evaluation.read_label(labels[i]), len(vocabulary), reduce_zero_label=reduce_zero_label, binary_255=binary_255)
+            iou.update(result.labels, label)
+        except evaluation.LabelError as err:
+            raise UsageError(f"{labels[i]} (for {images[i]}): {err}") from None
+    report = iou.summary(vocabulary.names, foreground_only=binary_255)
+    sys.stdout.write(report.table() + "\n")
+    if args.report:
+        from .atomic import atomic_write
+
+        record = {**report.as_dict(), "images": len(images), "settings": settings,
+                  "label_notes": {"reduce_zero_label": reduce_zero_label, "binary_255": binary_255},
+                  "model": str(args.onnx) if args.onnx else {"upsampler": args.upsampler, "model": args.model, "pretrained": args.pretrained}}
+        with atomic_write(args.report) as tmp:
+            Path(tmp).write_text(json.dumps(record, indent=2) + "\n")
+        logger.info("wrote %s", args.report)
     return 0
 
 

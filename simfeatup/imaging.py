@@ -14,6 +14,7 @@ import numpy as np
 from .constants import CLIP_MEAN, CLIP_STD, LONG_SIDE, STRIDE, WINDOW
 
 IMAGE_EXTS = ("jpg", "png", "tif")  # encoded kinds decode_image reads
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")  # file names of those, matched case-insensitively
 STRETCHES = ("percentile", "minmax")  # or a number: the value that maps to 255
 PERCENTILES = (2.0, 98.0)  # the "percentile" stretch clips at these (per band)
 _STATS_MAX_PIXELS = 1 << 20  # percentiles on a strided subsample above this: same result, 10x faster
@@ -35,6 +36,17 @@ def load_image(path: str | Path, *, bands=(0, 1, 2), stretch="percentile") -> np
         return decode_image(data, bands=bands, stretch=stretch)
     except ImageError as err:
         raise ImageError(f"cannot read image {path}: {err}") from None
+
+
+def list_images(sources) -> list[Path]:
+    """Image files among ``sources``: files as given, folders' images (not recursive) sorted by name."""
+    out = []
+    for src in map(Path, sources):
+        if src.is_dir():
+            out += sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            out.append(src)
+    return out
 
 
 def sniff_image(data: bytes) -> str | None:

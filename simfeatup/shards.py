@@ -18,11 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .imaging import decode_image, sniff_image
+from .imaging import IMAGE_SUFFIXES, decode_image, sniff_image
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")  # matched case-insensitively
 
 _PATTERN_HELP = "use one printf field for the shard number, e.g. 'shards/train-%06d.tar'"
 

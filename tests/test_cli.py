@@ -127,3 +127,16 @@ def test_outputs_are_written_whole_with_normal_permissions(tiny_weights, images,
     for f in out.iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
     assert not list(out.glob(".*partial"))
+
+
+def test_verbose_flag_works_before_and_after_the_subcommand(capsys, monkeypatch):
+    import logging
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])  # an unconfigured root, as in a fresh process; restored after
+    monkeypatch.setattr(root, "level", root.level)
+    for argv, level in ((["-v", "presets"], logging.DEBUG), (["presets", "-v"], logging.DEBUG), (["presets"], logging.INFO)):
+        root.handlers = []  # basicConfig only configures a root logger without handlers
+        assert main(argv) == 0
+        assert root.level == level, argv
+    assert "loveda" in capsys.readouterr().out
