@@ -72,11 +72,13 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", parents=[common], help="score segmentations against ground-truth labels (IoU over the whole dataset, SPEC 6)")
     p.add_argument("images", nargs="+", type=Path, help="jpg/png/tif images, or folders of them")
-    p.add_argument("--labels", type=Path, required=True, help="folder of label images: <image stem><--label-suffix>.png/.tif")
-    p.add_argument("--label-suffix", default="", help="label file name = image stem + this (e.g. _label); default none")
+    p.add_argument("--labels", type=Path, nargs="+", required=True, help="label folder(s), searched in order for <image stem><--label-suffix>.png/.tif/.tiff/.bmp")
+    p.add_argument("--label-suffix", default="", help="label file name = image stem + this (e.g. _label, or --label-suffix=-gt); default none")
+    p.add_argument("--image-suffix", default="", help="strip this from image stems first (e.g. _sat for DeepGlobe's x_sat.jpg -> x_mask.png)")
     _add_vocabulary_flags(p)
     p.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, help="label 0 is no-data, the others shift down by 1 (default: the preset's, e.g. LoveDA)")
-    p.add_argument("--binary-255", action=argparse.BooleanOptionalAction, help="labels are 0/255 masks of the second class; scores its IoU only (default: the preset's)")
+    p.add_argument("--binary-255", action=argparse.BooleanOptionalAction, help="labels are 0/255 masks: 255 is the second class, not ignored (default: the preset's)")
+    p.add_argument("--foreground-iou", action=argparse.BooleanOptionalAction, help="report the second class's IoU instead of mIoU: single-class sets (default: the preset's)")
     p.add_argument("--report", type=Path, help="also write the scores as JSON to this file")
     _add_model_flags(p)
     p.set_defaults(func=_evaluate)
@@ -139,7 +141,7 @@ def _inputs(args):
         raise UsageError(f"image not found: {', '.join(missing)}")
     images = imaging.list_images(args.images)
     if not images:
-        raise UsageError(f"no {'/'.join(imaging.IMAGE_SUFFIXES)} images in {', '.join(map(str, args.images))}")
+        raise UsageError(f"no {'/'.join(imaging.IMAGE_SUFFIXES)} images in {', '.join(map(str, args.images))} (folders are not searched recursively)")
     vocabulary, prob_thd, bg_idx, lam = _vocabulary_and_settings(args)
     try:
         bands = tuple(int(b) for b in args.bands.split(",")) if args.bands else (0, 1, 2)
@@ -217,39 +219,84 @@ def _segment(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from . import evaluation
+    from . import evaluation, imaging
 
     images, vocabulary, settings, bands = _inputs(args)
-    labels = evaluation.pair_labels(images, args.labels, args.label_suffix)  # before loading any model
     notes = {}
     if args.preset:
         from . import presets
 
         notes = presets.load(args.preset).labels
-    reduce_zero_label = bool(notes.get("reduce_zero_label")) if args.reduce_zero_label is None else args.reduce_zero_label
-    binary_255 = bool(notes.get("binary_255")) if args.binary_255 is None else args.binary_255
-    if binary_255 and len(vocabulary) != 2:
-        raise UsageError(f"--binary-255 needs exactly 2 classes (background and the foreground), got {len(vocabulary)}")
+
+    def note(flag):
+        given = getattr(args, flag)
+        return bool(notes.get(flag)) if given is None else given
+
+    reduce_zero_label, binary_255, foreground_iou = note("reduce_zero_label"), note("binary_255"), note("foreground_iou")
+    if (binary_255 or foreground_iou) and len(vocabulary) != 2:
+        raise UsageError(f"--binary-255 and --foreground-iou need exactly 2 classes (background, foreground), got {len(vocabulary)}")
+    if args.report is not None and args.report.is_dir():
+        raise UsageError(f"--report {args.report} is a folder: give a file name, e.g. {args.report / 'report.json'}")
+    # Labels kept beside their images are not images; one file is not scored twice.
+    pairing = dict(suffix=args.label_suffix, image_suffix=args.image_suffix)
+    images = list(dict.fromkeys(p.resolve() for p in images))
+    found = evaluation.pair_labels(images, args.labels, **pairing, strict=False)
+    images = [p for p in images if p not in {label.resolve() for label in found if label is not None}]
+    labels = evaluation.pair_labels(images, args.labels, **pairing)
+    shared = {label for label in labels if labels.count(label) > 1}
+    if shared:
+        raise UsageError(f"{sorted(shared)[0]} is the label of several images (same stem in two folders?): evaluate them separately")
+
+    def prepared(i):
+        raw = evaluation.read_label(labels[i])  # its errors name the file
+        try:
+            return evaluation.prepare_labels(raw, len(vocabulary), reduce_zero_label=reduce_zero_label, binary_255=binary_255)
+        except evaluation.LabelError as err:
+            raise UsageError(f"{labels[i]}: {err}") from None
+
+    # Every label is read and checked against its image's size before the model runs: a bad
+    # label at image 900 must not cost 899 inferences.
+    from tqdm import tqdm
+
+    for i in tqdm(range(len(images)), desc="check labels", unit="label", leave=False):
+        label = prepared(i)
+        if label.shape != imaging.image_size(images[i]):
+            h, w = imaging.image_size(images[i])
+            raise UsageError(f"{labels[i]} is {label.shape[1]}x{label.shape[0]} but {images[i]} is {w}x{h}: "
+                             "labels are scored at the image's size (SPEC 6), give the label that matches it")
+
     run = _onnx_runner(args, vocabulary) if args.onnx else _torch_runner(args, vocabulary)
     iou = evaluation.IoU(len(vocabulary))
     for i, _, result in _run_batches(args, run, images, bands, settings, desc="evaluate"):
-        try:
-            label = evaluation.prepare_labels(evaluation.read_label(labels[i]), len(vocabulary), reduce_zero_label=reduce_zero_label, binary_255=binary_255)
-            iou.update(result.labels, label)
-        except evaluation.LabelError as err:
-            raise UsageError(f"{labels[i]} (for {images[i]}): {err}") from None
-    report = iou.summary(vocabulary.names, foreground_only=binary_255)
+        iou.update(result.labels, prepared(i))
+    if iou.confusion.sum() == 0:
+        raise UsageError("every label pixel is ignored (255, or 0 with --reduce-zero-label): nothing to score; check the label notes")
+    report = iou.summary(vocabulary.names, foreground_only=foreground_iou)
+    unlabelled = [name for name, count in zip(report.per_class, iou.confusion.sum(1)) if count == 0]
+    if unlabelled:
+        logger.warning("no labelled pixels of %s in the whole dataset%s", ", ".join(unlabelled),
+                       " (0/255 masks need --binary-255: 255 is otherwise ignored)" if len(vocabulary) == 2 and not binary_255 else "")
     sys.stdout.write(report.table() + "\n")
     if args.report:
         from .atomic import atomic_write
 
-        record = {**report.as_dict(), "images": len(images), "settings": settings,
-                  "label_notes": {"reduce_zero_label": reduce_zero_label, "binary_255": binary_255},
-                  "model": str(args.onnx) if args.onnx else {"upsampler": args.upsampler, "model": args.model, "pretrained": args.pretrained}}
+        record = {
+            **report.as_dict(), "images": len(images), "preset": args.preset, "classes": [",".join(c) for c in vocabulary.classes],
+            "settings": settings, "label_notes": {"reduce_zero_label": reduce_zero_label, "binary_255": binary_255, "foreground_iou": foreground_iou},
+            "model": _model_record(args, run),
+        }
         with atomic_write(args.report) as tmp:
             Path(tmp).write_text(json.dumps(record, indent=2) + "\n")
         logger.info("wrote %s", args.report)
     return 0
+
+
+def _model_record(args, run) -> dict:
+    """What produced the predictions, as resolved (not as typed)."""
+    if args.onnx:
+        return {"onnx": str(args.onnx), **{k: run.manifest.get(k) for k in ("model", "upsampler", "dtype")}}
+    segmenter = run.segmenter
+    return {"torch": {**segmenter.encoder.provenance, "upsampler": args.upsampler or "bilinear", "dtype": str(next(segmenter.parameters()).dtype)}}
 
 
 class _TorchRunner:
@@ -294,6 +341,7 @@ def _onnx_runner(args, vocabulary):
 
     class _Run:
         patch_size = segmenter.patch_size
+        manifest = segmenter.manifest
 
         def __call__(self, images, **kwargs):
             return segmenter.segment(images, vocabulary, **kwargs)
@@ -351,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         sys.stderr.write(f"simfeatup {args.command}: error: {message}\n")
         return 2
-    except (ValueError, FileNotFoundError, PermissionError) as err:
+    except (ValueError, OSError) as err:  # OSError: unwritable or missing paths, full disks
         if args.verbose:
             logger.exception("failed")
         sys.stderr.write(f"simfeatup {args.command}: error: {err}\n")

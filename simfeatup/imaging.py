@@ -38,6 +38,24 @@ def load_image(path: str | Path, *, bands=(0, 1, 2), stretch="percentile") -> np
         raise ImageError(f"cannot read image {path}: {err}") from None
 
 
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(H, W) of an image file from its header, without decoding the pixels."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                dims = dict(zip(tif.series[0].axes, tif.series[0].shape))
+            return dims["Y"], dims["X"]
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return im.height, im.width
+    except Exception as err:  # any decoder error on a damaged or foreign file
+        raise ImageError(f"cannot read image {path}: {err}") from None
+
+
 def list_images(sources) -> list[Path]:
     """Image files among ``sources``: files as given, folders' images (not recursive) sorted by name."""
     out = []
