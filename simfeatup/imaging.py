@@ -255,27 +255,31 @@ def padding(size: int, multiple: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def resize_bilinear(x: np.ndarray, size: tuple[int, int], rows: tuple[int, int] | None = None) -> np.ndarray:
     """(C, H, W) float -> (C, h, w): bilinear, align_corners False, no antialias (SPEC 2.6).
 
-    The same sampling as ``torch.nn.functional.interpolate(mode="bilinear")``.
+    The same sampling as ``torch.nn.functional.interpolate(mode="bilinear")``. ``rows=(r0, r1)``
+    gives only output rows r0..r1-1, bit-identical to that slice of the whole result, so a large
+    output can be produced strip by strip.
     """
     out = x
     for axis, new in ((1, size[0]), (2, size[1])):
         old = out.shape[axis]
+        pick = slice(*rows) if axis == 1 and rows is not None else slice(None)
         if new == old:
+            out = out[:, pick] if axis == 1 else out
             continue
         # torch computes fma(scale, dst + 0.5, -0.5) with a float32 scale and one final
         # float32 rounding; float64 holds that product exactly, so we sample where it does
         scale = np.float64(np.float32(old) / np.float32(new))
-        src = ((np.arange(new) + 0.5) * scale - 0.5).astype(np.float32)
+        src = ((np.arange(new)[pick] + 0.5) * scale - 0.5).astype(np.float32)
         src = np.maximum(src, np.float32(0))
         i0 = np.floor(src).astype(np.int64)
         i0 = np.minimum(i0, old - 1)
         i1 = np.minimum(i0 + 1, old - 1)
         frac = (src - i0).astype(out.dtype)
         shape = [1, 1, 1]
-        shape[axis] = new
+        shape[axis] = len(src)
         frac = frac.reshape(shape)
         out = np.take(out, i0, axis=axis) * (1 - frac) + np.take(out, i1, axis=axis) * frac
     return out

@@ -199,6 +199,11 @@ class OnnxSegmenter:
         The same windows, grouping, padding, accumulation order and final resize as
         :meth:`simfeatup.segmenter.Segmenter.logits`.
         """
+        averaged = self.averaged_logits(images, text, lam=lam)
+        return [imaging.resize_bilinear(logits, image.shape[:2]) for logits, image in zip(averaged, images)]
+
+    def averaged_logits(self, images: list[np.ndarray], text: np.ndarray, *, lam: float | None = None) -> list[np.ndarray]:
+        """Like :meth:`logits`, but at the resized image's size (long side 448), before SPEC 2.6's resize."""
         lam = self.default_lambda if lam is None else lam
         prepared = [imaging.preprocess(image, self.long_side) for image in images]
         canvases = [np.zeros((len(text), *x.shape[1:]), np.float32) for x in prepared]
@@ -220,7 +225,7 @@ class OnnxSegmenter:
                     canvases[i][:, y0:y1, x0:x1] += window_out[:, top : top + y1 - y0, left : left + x1 - x0]
                     counts[i][y0:y1, x0:x1] += 1
 
-        return [imaging.resize_bilinear(canvas / count, image.shape[:2]) for canvas, count, image in zip(canvases, counts, images)]
+        return [canvas / count for canvas, count in zip(canvases, counts)]
 
     def segment(
         self,
@@ -236,8 +241,8 @@ class OnnxSegmenter:
         text = self.encode_queries(vocabulary.queries)
         lam = self.default_lambda if lam is None else lam
         return [
-            scores.segmentation(logits, vocabulary, prob_thd=prob_thd, bg_idx=bg_idx, return_probs=return_probs)
-            for logits in self.logits(images, text, lam=lam)
+            scores.segmentation(logits, vocabulary, prob_thd=prob_thd, bg_idx=bg_idx, return_probs=return_probs, size=image.shape[:2])
+            for logits, image in zip(self.averaged_logits(images, text, lam=lam), images)
         ]
 
 

@@ -5,7 +5,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import imaging
 from .constants import LOGIT_SCALE
+
+# Bytes of float32 logits + probabilities per strip of output rows (see segmentation()).
+STRIP_BYTES = 32 << 20
 
 
 def class_probabilities(logits: np.ndarray, query_class: np.ndarray, n_classes: int, *, logit_scale: float = LOGIT_SCALE) -> np.ndarray:
@@ -42,8 +46,24 @@ class Segmentation:
     probs: np.ndarray | None = None  # (K, H, W) class probabilities, when asked for
 
 
-def segmentation(logits: np.ndarray, vocabulary, *, prob_thd: float, bg_idx: int, return_probs: bool = False) -> Segmentation:
-    """(Q, H, W) averaged window logits of one image -> its :class:`Segmentation` (SPEC 2.7)."""
-    probs = class_probabilities(logits, vocabulary.query_class, len(vocabulary))
-    labels = labels_from_probabilities(probs, prob_thd=prob_thd, bg_idx=bg_idx)
-    return Segmentation(labels, probs if return_probs else None)
+def segmentation(logits: np.ndarray, vocabulary, *, prob_thd: float, bg_idx: int, return_probs: bool = False,
+                 size: tuple[int, int] | None = None) -> Segmentation:
+    """(Q, h, w) averaged window logits of one image -> its :class:`Segmentation` (SPEC 2.6, 2.7).
+
+    ``size=(H, W)``: the logits are at the resized image's size and are brought to the original
+    size here (SPEC 2.6's bilinear resize), in strips of rows, so memory for a large image stays
+    about :data:`STRIP_BYTES` beyond the label map (and the probabilities, when asked for).
+    """
+    n_classes = len(vocabulary)
+    H, W = size or logits.shape[1:]
+    labels = np.empty((H, W), np.uint8 if n_classes <= 256 else np.int32)
+    probs = np.empty((n_classes, H, W), np.float32) if return_probs else None
+    step = max(1, STRIP_BYTES // (4 * (len(logits) + n_classes) * W))
+    for r0 in range(0, H, step):
+        rows = (r0, min(r0 + step, H))
+        strip = imaging.resize_bilinear(logits, (H, W), rows) if size is not None else logits[:, rows[0] : rows[1]]
+        p = class_probabilities(strip, vocabulary.query_class, n_classes)
+        labels[rows[0] : rows[1]] = labels_from_probabilities(p, prob_thd=prob_thd, bg_idx=bg_idx)
+        if return_probs:
+            probs[:, rows[0] : rows[1]] = p
+    return Segmentation(labels, probs)

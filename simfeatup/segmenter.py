@@ -63,12 +63,17 @@ class Segmenter(torch.nn.Module):
             logits = F.interpolate(logits, size=windows.shape[-2:], mode="bilinear", align_corners=False)
         return logits
 
-    @torch.inference_mode()
     def logits(self, images: list[np.ndarray], text: torch.Tensor, *, lam: float = DEFAULT_LAMBDA) -> list[np.ndarray]:
         """RGB uint8 images (H, W, 3) -> per-image (Q, H, W) averaged window logits at original size.
 
         Windows of all images are batched together through the encoder (SPEC 2.2, 2.6).
         """
+        averaged = self.averaged_logits(images, text, lam=lam)
+        return [imaging.resize_bilinear(logits, image.shape[:2]) for logits, image in zip(averaged, images)]
+
+    @torch.inference_mode()
+    def averaged_logits(self, images: list[np.ndarray], text: torch.Tensor, *, lam: float = DEFAULT_LAMBDA) -> list[np.ndarray]:
+        """Like :meth:`logits`, but at the resized image's size (long side 448), before SPEC 2.6's resize."""
         param = self._param
         prepared = [torch.from_numpy(imaging.preprocess(image, self.long_side)) for image in images]
         canvases = [torch.zeros(len(text), *x.shape[1:]) for x in prepared]
@@ -92,10 +97,7 @@ class Segmenter(torch.nn.Module):
                     canvases[i][:, y0:y1, x0:x1] += window_out[:, top : top + y1 - y0, left : left + x1 - x0]
                     counts[i][y0:y1, x0:x1] += 1
 
-        return [
-            imaging.resize_bilinear((canvas / count).numpy(), image.shape[:2])
-            for canvas, count, image in zip(canvases, counts, images)
-        ]
+        return [(canvas / count).numpy() for canvas, count in zip(canvases, counts)]
 
     def segment(
         self,
@@ -110,8 +112,8 @@ class Segmenter(torch.nn.Module):
     ) -> list[scores.Segmentation]:
         """Label maps (SPEC 2.7) for RGB uint8 images; ``text`` from :func:`simfeatup.text.encode_queries`."""
         return [
-            scores.segmentation(logits, vocabulary, prob_thd=prob_thd, bg_idx=bg_idx, return_probs=return_probs)
-            for logits in self.logits(images, text, lam=lam)
+            scores.segmentation(logits, vocabulary, prob_thd=prob_thd, bg_idx=bg_idx, return_probs=return_probs, size=image.shape[:2])
+            for logits, image in zip(self.averaged_logits(images, text, lam=lam), images)
         ]
 
 

@@ -29,3 +29,37 @@ def test_threshold_sends_unconfident_pixels_to_background():
     assert scores.labels_from_probabilities(probs, prob_thd=0.0, bg_idx=0).tolist() == [[1, 1]]
     assert scores.labels_from_probabilities(probs, prob_thd=0.46, bg_idx=2).tolist() == [[1, 2]]
     assert scores.labels_from_probabilities(probs, prob_thd=0.6, bg_idx=0).tolist() == [[0, 0]]
+
+
+def test_strips_of_a_resize_are_the_whole_resize_bit_for_bit():
+    from simfeatup import imaging
+
+    x = np.random.default_rng(2).normal(size=(3, 37, 52)).astype(np.float32)
+    for size in ((111, 75), (20, 52), (37, 200), (9, 9)):
+        whole = imaging.resize_bilinear(x, size)
+        parts = [imaging.resize_bilinear(x, size, (r, min(r + 7, size[0]))) for r in range(0, size[0], 7)]
+        np.testing.assert_array_equal(np.concatenate(parts, axis=1), whole)
+
+
+def test_segmentation_at_original_size_matches_resize_then_score_in_bounded_memory(monkeypatch):
+    import tracemalloc
+
+    from simfeatup import imaging
+    from simfeatup.vocabulary import Vocabulary
+
+    vocabulary = Vocabulary.from_spec("road;tree,forest;water;background")
+    small = np.random.default_rng(3).uniform(-0.1, 0.3, (5, 45, 64)).astype(np.float32)
+    size = (301, 428)
+    reference = scores.class_probabilities(imaging.resize_bilinear(small, size), vocabulary.query_class, 4)
+    monkeypatch.setattr(scores, "STRIP_BYTES", 4 * 9 * 428 * 10)  # 10 rows per strip: many strips
+    got = scores.segmentation(small, vocabulary, prob_thd=0.3, bg_idx=3, return_probs=True, size=size)
+    np.testing.assert_array_equal(got.probs, reference)
+    np.testing.assert_array_equal(got.labels, scores.labels_from_probabilities(reference, prob_thd=0.3, bg_idx=3))
+
+    # A 6000 x 8000 tile: the full-size logits alone would be 5 x 48e6 float32 = 960 MB.
+    monkeypatch.setattr(scores, "STRIP_BYTES", 32 << 20)
+    tracemalloc.start()
+    labels = scores.segmentation(small, vocabulary, prob_thd=0.3, bg_idx=3, size=(6000, 8000)).labels
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert labels.shape == (6000, 8000) and peak < 48e6 + 3 * (32 << 20)  # the uint8 map + a few strips
