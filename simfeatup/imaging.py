@@ -255,6 +255,24 @@ def padding(size: int, multiple: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
+def window_batches(sizes, window: int, stride: int, patch: int, batch: int):
+    """The windows of several images, in batches of one padded shape (SPEC 2.2).
+
+    ``sizes``: (H, W) of each resized image. Yields lists of ``(image index, (y0, y1, x0, x1),
+    ((top, bottom), (left, right)))``, at most ``batch`` long; windows of one padded shape
+    share a batch across images. Both segmenters walk the windows in this order.
+    """
+    groups: dict[tuple[int, int], list] = {}
+    for i, (height, width) in enumerate(sizes):
+        for y0, y1, x0, x1 in window_boxes(height, width, window, stride):
+            pads = padding(y1 - y0, patch), padding(x1 - x0, patch)
+            shape = (y1 - y0 + sum(pads[0]), x1 - x0 + sum(pads[1]))
+            groups.setdefault(shape, []).append((i, (y0, y1, x0, x1), pads))
+    for jobs in groups.values():
+        for start in range(0, len(jobs), batch):
+            yield jobs[start : start + batch]
+
+
 def resize_bilinear(x: np.ndarray, size: tuple[int, int], rows: tuple[int, int] | None = None) -> np.ndarray:
     """(C, H, W) float -> (C, h, w): bilinear, align_corners False, no antialias (SPEC 2.6).
 

@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import os
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -209,21 +208,13 @@ class OnnxSegmenter:
         canvases = [np.zeros((len(text), *x.shape[1:]), np.float32) for x in prepared]
         counts = [np.zeros(x.shape[1:], np.float32) for x in prepared]
 
-        groups: dict[tuple[int, int], list] = defaultdict(list)  # windows of one padded shape stack into a batch
-        for i, x in enumerate(prepared):
-            for box in imaging.window_boxes(*x.shape[1:], self.window, self.stride):
-                y0, y1, x0, x1 = box
-                pads = imaging.padding(y1 - y0, self.patch_size), imaging.padding(x1 - x0, self.patch_size)
-                groups[(y1 - y0 + sum(pads[0]), x1 - x0 + sum(pads[1]))].append((i, box, pads))
-
-        for jobs in groups.values():
-            for start in range(0, len(jobs), self.window_batch):
-                batch = jobs[start : start + self.window_batch]
-                windows = np.stack([_crop_and_pad(prepared[i], box, pads) for i, box, pads in batch])
-                out = self.window_logits(windows, text, lam)
-                for (i, (y0, y1, x0, x1), ((top, _), (left, _))), window_out in zip(batch, out):
-                    canvases[i][:, y0:y1, x0:x1] += window_out[:, top : top + y1 - y0, left : left + x1 - x0]
-                    counts[i][y0:y1, x0:x1] += 1
+        sizes = [x.shape[1:] for x in prepared]
+        for batch in imaging.window_batches(sizes, self.window, self.stride, self.patch_size, self.window_batch):
+            windows = np.stack([_crop_and_pad(prepared[i], box, pads) for i, box, pads in batch])
+            out = self.window_logits(windows, text, lam)
+            for (i, (y0, y1, x0, x1), ((top, _), (left, _))), window_out in zip(batch, out):
+                canvases[i][:, y0:y1, x0:x1] += window_out[:, top : top + y1 - y0, left : left + x1 - x0]
+                counts[i][y0:y1, x0:x1] += 1
 
         return [canvas / count for canvas, count in zip(canvases, counts)]
 

@@ -16,7 +16,6 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from .imaging import IMAGE_SUFFIXES, decode_image, sniff_image
 

@@ -100,3 +100,14 @@ def test_check_size_refuses_images_below_one_patch():
     imaging.check_size(np.zeros((16, 16, 3), np.uint8), 16)
     with pytest.raises(imaging.ImageError, match="smaller than one 16-pixel patch"):
         imaging.check_size(np.zeros((15, 40, 3), np.uint8), 16, "tiny.png")
+
+
+def test_window_batches_cover_every_window_once_in_same_shape_batches():
+    sizes = [(448, 448), (269, 448), (100, 130)]
+    batches = list(imaging.window_batches(sizes, 224, 112, 16, 4))
+    seen = [(i, box) for batch in batches for i, box, _ in batch]
+    assert sorted(seen) == sorted((i, box) for i, size in enumerate(sizes) for box in imaging.window_boxes(*size, 224, 112))
+    for batch in batches:
+        assert 1 <= len(batch) <= 4
+        shapes = {(y1 - y0 + sum(pads[0]), x1 - x0 + sum(pads[1])) for _, (y0, y1, x0, x1), pads in batch}
+        assert len(shapes) == 1 and all(n % 16 == 0 for n in shapes.pop())

@@ -26,7 +26,6 @@ from __future__ import annotations
 import glob
 import logging
 import os
-from pathlib import Path
 
 import lightning as L
 import numpy as np

@@ -6,7 +6,6 @@ the (slightly blurred) high-res features inside each patch x patch cell.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from kornia.filters import gaussian_blur2d
 from torch import Tensor, nn
 
