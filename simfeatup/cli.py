@@ -219,71 +219,46 @@ def _segment(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from . import evaluation, imaging
+    from tqdm import tqdm
+
+    from . import evaluation
 
     images, vocabulary, settings, bands = _inputs(args)
-    notes = {}
+    preset_labels = None
     if args.preset:
         from . import presets
 
-        notes = presets.load(args.preset).labels
-
-    def note(flag):
-        given = getattr(args, flag)
-        return bool(notes.get(flag)) if given is None else given
-
-    reduce_zero_label, binary_255, foreground_iou = note("reduce_zero_label"), note("binary_255"), note("foreground_iou")
-    if (binary_255 or foreground_iou) and len(vocabulary) != 2:
-        raise UsageError(f"--binary-255 and --foreground-iou need exactly 2 classes (background, foreground), got {len(vocabulary)}")
+        preset_labels = presets.load(args.preset).labels
+    notes = evaluation.LabelNotes.resolve(preset_labels, reduce_zero_label=args.reduce_zero_label,
+                                          binary_255=args.binary_255, foreground_iou=args.foreground_iou)
     if args.report is not None and args.report.is_dir():
         raise UsageError(f"--report {args.report} is a folder: give a file name, e.g. {args.report / 'report.json'}")
-    # Labels kept beside their images are not images; one file is not scored twice.
-    pairing = dict(suffix=args.label_suffix, image_suffix=args.image_suffix)
-    images = list(dict.fromkeys(p.resolve() for p in images))
-    found = evaluation.pair_labels(images, args.labels, **pairing, strict=False)
-    images = [p for p in images if p not in {label.resolve() for label in found if label is not None}]
-    labels = evaluation.pair_labels(images, args.labels, **pairing)
-    shared = {label for label in labels if labels.count(label) > 1}
-    if shared:
-        raise UsageError(f"{sorted(shared)[0]} is the label of several images (same stem in two folders?): evaluate them separately")
-
-    def prepared(i):
-        raw = evaluation.read_label(labels[i])  # its errors name the file
-        try:
-            return evaluation.prepare_labels(raw, len(vocabulary), reduce_zero_label=reduce_zero_label, binary_255=binary_255)
-        except evaluation.LabelError as err:
-            raise UsageError(f"{labels[i]}: {err}") from None
-
-    # Every label is read and checked against its image's size before the model runs: a bad
-    # label at image 900 must not cost 899 inferences.
-    from tqdm import tqdm
-
-    for i in tqdm(range(len(images)), desc="check labels", unit="label", leave=False):
-        label = prepared(i)
-        if label.shape != imaging.image_size(images[i]):
-            h, w = imaging.image_size(images[i])
-            raise UsageError(f"{labels[i]} is {label.shape[1]}x{label.shape[0]} but {images[i]} is {w}x{h}: "
-                             "labels are scored at the image's size (SPEC 6), give the label that matches it")
+    dataset = evaluation.LabelledImages(images, args.labels, len(vocabulary), notes, suffix=args.label_suffix, image_suffix=args.image_suffix)
+    # Every label is read and size-checked before the model loads: a bad label at image 900
+    # must not cost 899 inferences.
+    for i in tqdm(range(len(dataset)), desc="check labels", unit="label", leave=False):
+        dataset.check(i)
 
     run = _onnx_runner(args, vocabulary) if args.onnx else _torch_runner(args, vocabulary)
     iou = evaluation.IoU(len(vocabulary))
-    for i, _, result in _run_batches(args, run, images, bands, settings, desc="evaluate"):
-        iou.update(result.labels, prepared(i))
+    for i, _, result in _run_batches(args, run, dataset.images, bands, settings, desc="evaluate"):
+        iou.update(result.labels, dataset.label(i))
     if iou.confusion.sum() == 0:
         raise UsageError("every label pixel is ignored (255, or 0 with --reduce-zero-label): nothing to score; check the label notes")
-    report = iou.summary(vocabulary.names, foreground_only=foreground_iou)
+    report = iou.summary(vocabulary.names, foreground_only=notes.foreground_iou)
     unlabelled = [name for name, count in zip(report.per_class, iou.confusion.sum(1)) if count == 0]
     if unlabelled:
         logger.warning("no labelled pixels of %s in the whole dataset%s", ", ".join(unlabelled),
-                       " (0/255 masks need --binary-255: 255 is otherwise ignored)" if len(vocabulary) == 2 and not binary_255 else "")
+                       " (0/255 masks need --binary-255: 255 is otherwise ignored)" if len(vocabulary) == 2 and not notes.binary_255 else "")
     sys.stdout.write(report.table() + "\n")
     if args.report:
+        from dataclasses import asdict
+
         from .atomic import atomic_write
 
         record = {
-            **report.as_dict(), "images": len(images), "preset": args.preset, "classes": [",".join(c) for c in vocabulary.classes],
-            "settings": settings, "label_notes": {"reduce_zero_label": reduce_zero_label, "binary_255": binary_255, "foreground_iou": foreground_iou},
-            "model": _model_record(args, run),
+            **report.as_dict(), "images": len(dataset), "preset": args.preset, "classes": [",".join(c) for c in vocabulary.classes],
+            "settings": settings, "label_notes": asdict(notes), "model": _model_record(args, run),
         }
         with atomic_write(args.report) as tmp:
             Path(tmp).write_text(json.dumps(record, indent=2) + "\n")

@@ -6,11 +6,13 @@ Ground truth goes through the preset's label notes (SPEC 5) first: ``reduce_zero
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from . import imaging
 from .constants import IGNORE_INDEX
 
 LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")  # lossless formats, matched case-insensitively
@@ -182,3 +184,61 @@ def pair_labels(images, label_dirs, *, suffix: str = "", image_suffix: str = "",
         raise LabelError(f"no label for {image} (looked for {name} or .tif/.tiff/.bmp in {', '.join(map(str, label_dirs))})"
                          + (f" and {more} more image(s)" if more else "") + "; check --labels, --label-suffix and --image-suffix")
     return found
+
+
+@dataclass(frozen=True)
+class LabelNotes:
+    """How a dataset stores its labels and how it is scored (SPEC 5, 6); presets carry them."""
+
+    reduce_zero_label: bool = False  # raw 0 is no-data, the rest shift down by 1 (LoveDA)
+    binary_255: bool = False  # 0/255 masks: 255 is the foreground class, not ignored
+    foreground_iou: bool = False  # a single-class set: scored by its foreground IoU, not mIoU
+
+    @classmethod
+    def resolve(cls, preset_labels: dict | None = None, **given) -> "LabelNotes":
+        """The preset's notes, each overridden where ``given`` is not None."""
+        preset_labels = preset_labels or {}
+        return cls(**{name: bool(preset_labels.get(name)) if given.get(name) is None else bool(given[name])
+                      for name in cls.__dataclass_fields__})
+
+
+class LabelledImages:
+    """Image files paired with their label files; labels read and prepared on demand.
+
+    Each image is kept once (resolved paths), files that are another image's label are not
+    images (labels kept beside their images), and one label serving two images is refused.
+    """
+
+    def __init__(self, images, label_dirs, n_classes: int, notes: LabelNotes, *, suffix: str = "", image_suffix: str = ""):
+        if notes.reduce_zero_label and notes.binary_255:
+            raise LabelError("reduce_zero_label and binary_255 exclude each other (the foreground would become class 0)")
+        if (notes.binary_255 or notes.foreground_iou) and n_classes != 2:
+            raise LabelError(f"binary_255 and foreground_iou need exactly 2 classes (background, foreground), got {n_classes}")
+        pairing = dict(suffix=suffix, image_suffix=image_suffix)
+        images = list(dict.fromkeys(Path(p).resolve() for p in images))
+        found = {label.resolve() for label in pair_labels(images, label_dirs, **pairing, strict=False) if label is not None}
+        self.images = [p for p in images if p not in found]
+        self.labels = pair_labels(self.images, label_dirs, **pairing)
+        shared = [label for label, n in Counter(self.labels).items() if n > 1]
+        if shared:
+            raise LabelError(f"{shared[0]} is the label of several images (same stem in two folders?): evaluate them separately")
+        self.n_classes, self.notes = n_classes, notes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def label(self, i: int) -> np.ndarray:
+        """(H, W) int32 class indices of image ``i``, IGNORE_INDEX where ignored."""
+        raw = read_label(self.labels[i])
+        try:
+            return prepare_labels(raw, self.n_classes, reduce_zero_label=self.notes.reduce_zero_label, binary_255=self.notes.binary_255)
+        except LabelError as err:
+            raise LabelError(f"{self.labels[i]}: {err}") from None
+
+    def check(self, i: int) -> None:
+        """Read label ``i`` and compare its size with its image's header: before any inference."""
+        height, width = self.label(i).shape
+        h, w = imaging.image_size(self.images[i])
+        if (height, width) != (h, w):
+            raise LabelError(f"{self.labels[i]} is {width}x{height} but {self.images[i]} is {w}x{h}: "
+                             "labels are scored at the image's size (SPEC 6), give the label that matches it")

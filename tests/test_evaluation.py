@@ -8,7 +8,7 @@ from PIL import Image
 
 from simfeatup.cli import main
 from simfeatup.constants import IGNORE_INDEX
-from simfeatup.evaluation import IoU, LabelError, pair_labels, prepare_labels, read_label
+from simfeatup.evaluation import IoU, LabelError, LabelNotes, pair_labels, prepare_labels, read_label
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL = REPO / "samples" / "eval"
@@ -31,6 +31,18 @@ def test_values_that_are_no_class_are_refused_in_one_line():
     assert "\n" not in str(err.value)
     with pytest.raises(LabelError, match="binary_255"):
         prepare_labels(np.array([[0, 128]], np.uint8), 2, binary_255=True)  # a JPEG-ish mask
+
+
+def test_flags_override_the_presets_notes_one_by_one():
+    from simfeatup import presets
+
+    spacenet = presets.load("spacenet").labels
+    assert LabelNotes.resolve(spacenet) == LabelNotes(binary_255=True, foreground_iou=True)
+    assert LabelNotes.resolve(spacenet, binary_255=False) == LabelNotes(foreground_iou=True)
+    assert LabelNotes.resolve(presets.load("loveda").labels) == LabelNotes(reduce_zero_label=True)
+    assert LabelNotes.resolve(None, foreground_iou=True) == LabelNotes(foreground_iou=True)
+    single = [k for k in presets.available() if presets.load(k).labels.get("foreground_iou")]
+    assert len(single) == 9  # SPEC 6: the 9 single-class datasets
 
 
 # ------------------------------------------------------------------ IoU over a dataset (SPEC 6)
