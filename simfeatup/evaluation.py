@@ -197,6 +197,9 @@ class LabelNotes:
     @classmethod
     def resolve(cls, preset_labels: dict | None = None, **given) -> "LabelNotes":
         """The preset's notes, each overridden where ``given`` is not None."""
+        unknown = set(given) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown label notes {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
         preset_labels = preset_labels or {}
         return cls(**{name: bool(preset_labels.get(name)) if given.get(name) is None else bool(given[name])
                       for name in cls.__dataclass_fields__})
@@ -213,8 +216,10 @@ class LabelledImages:
         if notes.reduce_zero_label and notes.binary_255:
             raise LabelError("reduce_zero_label and binary_255 exclude each other (the foreground would become class 0)")
         if (notes.binary_255 or notes.foreground_iou) and n_classes != 2:
-            raise LabelError(f"binary_255 and foreground_iou need exactly 2 classes (background, foreground), got {n_classes}")
+            raise LabelError(f"binary_255 / foreground_iou (--binary-255 / --foreground-iou) need exactly 2 classes "
+                             f"(background, foreground), got {n_classes}")
         pairing = dict(suffix=suffix, image_suffix=image_suffix)
+        label_dirs = [label_dirs] if isinstance(label_dirs, (str, Path)) else list(label_dirs)
         images = list(dict.fromkeys(Path(p).resolve() for p in images))
         found = {label.resolve() for label in pair_labels(images, label_dirs, **pairing, strict=False) if label is not None}
         self.images = [p for p in images if p not in found]

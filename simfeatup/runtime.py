@@ -202,7 +202,7 @@ class OnnxSegmenter:
         return [imaging.resize_bilinear(logits, image.shape[:2]) for logits, image in zip(averaged, images)]
 
     def averaged_logits(self, images: list[np.ndarray], text: np.ndarray, *, lam: float | None = None) -> list[np.ndarray]:
-        """Like :meth:`logits`, but at the resized image's size (long side 448), before SPEC 2.6's resize."""
+        """Like :meth:`logits`, but at the working size (long side ``self.long_side``), before SPEC 2.6's resize."""
         lam = self.default_lambda if lam is None else lam
         prepared = [imaging.preprocess(image, self.long_side) for image in images]
         canvases = [np.zeros((len(text), *x.shape[1:]), np.float32) for x in prepared]

@@ -58,7 +58,9 @@ def segmentation(logits: np.ndarray, vocabulary, *, prob_thd: float, bg_idx: int
     H, W = size or logits.shape[1:]
     labels = np.empty((H, W), np.uint8 if n_classes <= 256 else np.int32)
     probs = np.empty((n_classes, H, W), np.float32) if return_probs else None
-    step = max(1, STRIP_BYTES // (4 * (len(logits) + n_classes) * W))
+    # Per strip pixel: two float32 copies of the Q logits (the resize's blend, the softmax's
+    # scaled copy), K float32 probabilities, an int64 argmax.
+    step = max(1, STRIP_BYTES // ((4 * (2 * len(logits) + n_classes) + 8) * W))
     for r0 in range(0, H, step):
         rows = (r0, min(r0 + step, H))
         strip = imaging.resize_bilinear(logits, (H, W), rows) if size is not None else logits[:, rows[0] : rows[1]]
@@ -66,4 +68,5 @@ def segmentation(logits: np.ndarray, vocabulary, *, prob_thd: float, bg_idx: int
         labels[rows[0] : rows[1]] = labels_from_probabilities(p, prob_thd=prob_thd, bg_idx=bg_idx)
         if return_probs:
             probs[:, rows[0] : rows[1]] = p
+        del strip, p  # not alive while the next strip is built
     return Segmentation(labels, probs)

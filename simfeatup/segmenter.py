@@ -72,7 +72,7 @@ class Segmenter(torch.nn.Module):
 
     @torch.inference_mode()
     def averaged_logits(self, images: list[np.ndarray], text: torch.Tensor, *, lam: float = DEFAULT_LAMBDA) -> list[np.ndarray]:
-        """Like :meth:`logits`, but at the resized image's size (long side 448), before SPEC 2.6's resize."""
+        """Like :meth:`logits`, but at the working size (long side ``self.long_side``), before SPEC 2.6's resize."""
         param = self._param
         prepared = [torch.from_numpy(imaging.preprocess(image, self.long_side)) for image in images]
         canvases = [torch.zeros(len(text), *x.shape[1:]) for x in prepared]

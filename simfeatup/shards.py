@@ -16,7 +16,6 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from .imaging import IMAGE_SUFFIXES, decode_image, sniff_image
 
 log = logging.getLogger(__name__)

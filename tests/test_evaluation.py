@@ -41,6 +41,8 @@ def test_flags_override_the_presets_notes_one_by_one():
     assert LabelNotes.resolve(spacenet, binary_255=False) == LabelNotes(foreground_iou=True)
     assert LabelNotes.resolve(presets.load("loveda").labels) == LabelNotes(reduce_zero_label=True)
     assert LabelNotes.resolve(None, foreground_iou=True) == LabelNotes(foreground_iou=True)
+    with pytest.raises(TypeError, match="unknown label notes"):
+        LabelNotes.resolve(spacenet, binary255=True)
     single = [k for k in presets.available() if presets.load(k).labels.get("foreground_iou")]
     assert len(single) == 9  # SPEC 6: the 9 single-class datasets
 
