@@ -221,9 +221,14 @@ class LabelledImages:
         pairing = dict(suffix=suffix, image_suffix=image_suffix)
         label_dirs = [label_dirs] if isinstance(label_dirs, (str, Path)) else list(label_dirs)
         images = list(dict.fromkeys(Path(p).resolve() for p in images))
-        found = {label.resolve() for label in pair_labels(images, label_dirs, **pairing, strict=False) if label is not None}
-        self.images = [p for p in images if p not in found]
-        self.labels = pair_labels(self.images, label_dirs, **pairing)
+        paired = pair_labels(images, label_dirs, **pairing, strict=False)  # one listing of the label folders
+        found = {label.resolve() for label in paired if label is not None}
+        kept = [(image, label) for image, label in zip(images, paired) if image not in found]
+        unlabelled = [image for image, label in kept if label is None]
+        if unlabelled:
+            pair_labels(unlabelled, label_dirs, **pairing)  # raises the one-line message
+        self.images = [image for image, _ in kept]
+        self.labels = [label for _, label in kept]
         shared = [label for label, n in Counter(self.labels).items() if n > 1]
         if shared:
             raise LabelError(f"{shared[0]} is the label of several images (same stem in two folders?): evaluate them separately")
