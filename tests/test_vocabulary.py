@@ -50,3 +50,11 @@ def test_unknown_preset_suggests_close_names():
 
 def test_preset_vocabulary():
     assert Vocabulary.from_preset("udd5").names == ["vegetation", "building", "road", "vehicle", "background"]
+
+
+def test_configs_datasets_links_to_the_presets_folder():
+    from pathlib import Path
+
+    link = Path(__file__).resolve().parents[1] / "configs" / "datasets" / "presets"
+    assert link.is_symlink() and link.resolve() == Path(presets.__file__).resolve().parent
+    assert {p.stem for p in link.glob("*.yaml")} == {p.stem for p in Path(presets.__file__).parent.glob("*.yaml")}
