@@ -65,13 +65,14 @@ def build_torch(window_batch: int = 4, seed: int = 0):
     import open_clip
     import torch
 
+    from simfeatup.backbone import Backbone
     from simfeatup.encoder import DenseCLIP
     from simfeatup.segmenter import Segmenter
     from simfeatup.upsampler import SimFeatUp
 
     torch.manual_seed(seed)
     clip = open_clip.create_model("ViT-B-16", pretrained=None)
-    encoder = DenseCLIP(clip, model_name="ViT-B-16", pretrained=None)
+    encoder = DenseCLIP(clip, backbone=Backbone(model="ViT-B-16"))  # random weights
     upsampler = SimFeatUp(encoder.embed_dim, encoder.patch_size)
     return Segmenter(encoder, upsampler, window_batch=window_batch).eval()
 

@@ -2,6 +2,7 @@
 
     python export/to_onnx.py --upsampler upsampler.safetensors --out model_onnx
     python export/to_onnx.py --upsampler bilinear --model ViT-B-16 --pretrained openai --out model_onnx
+    python export/to_onnx.py --upsampler bilinear --model my_clip.json --pretrained my_clip.safetensors --out model_onnx
 """
 import argparse
 import logging
@@ -18,8 +19,8 @@ DTYPES = ("fp16", "fp32")  # simfeatup.export.DTYPES; not imported here so --hel
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--upsampler", required=True, help="SimFeatUp artefact (.safetensors or its .json), or 'bilinear'")
-    p.add_argument("--model", help="open_clip model name (default: the upsampler's backbone, else ViT-B-16)")
-    p.add_argument("--pretrained", help="open_clip weights tag or local weights file (default: the upsampler's, else openai)")
+    p.add_argument("--model", help="open_clip model name, or a model config .json in open_clip's model_configs format (default: the upsampler's backbone, else ViT-B-16)")
+    p.add_argument("--pretrained", help="open_clip weights tag or local weights file; a model config needs a file (default: the upsampler's, else openai)")
     p.add_argument("--attention", help="last-block attention: segearth, clearclip, sclip, maskclip, vanilla (default: the upsampler's, else segearth)")
     p.add_argument("--out", required=True, help="model folder to write (must not exist unless --overwrite)")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weight precision of the graphs (default fp32)")

@@ -35,8 +35,8 @@ def _add_vocabulary_flags(p: argparse.ArgumentParser) -> None:
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--upsampler", default=None, help="SimFeatUp artefact (.safetensors or its .json), or 'bilinear' (default)")
     p.add_argument("--onnx", type=Path, help="model folder from export/to_onnx.py: run with onnxruntime instead of torch")
-    p.add_argument("--model", help=f"open_clip model name (default: the upsampler's backbone, else {DEFAULT_MODEL})")
-    p.add_argument("--pretrained", help=f"open_clip weights tag or local weights file (default: {DEFAULT_PRETRAINED})")
+    p.add_argument("--model", help=f"open_clip model name, or a model config .json in open_clip's model_configs format (default: the upsampler's backbone, else {DEFAULT_MODEL})")
+    p.add_argument("--pretrained", help=f"open_clip weights tag or local weights file; a model config needs a file (default: the upsampler's, else {DEFAULT_PRETRAINED})")
     p.add_argument("--attention", help="last-block attention: segearth (default), clearclip, sclip, maskclip, vanilla")
     p.add_argument("--batch-size", type=int, default=2, help="images whose windows are batched together (default 2)")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1 ... (torch device, or with --onnx the onnxruntime provider)")
@@ -271,7 +271,7 @@ def _model_record(args, run) -> dict:
     if args.onnx:
         return {"onnx": str(args.onnx), **{k: run.manifest.get(k) for k in ("model", "upsampler", "dtype")}}
     segmenter = run.segmenter
-    return {"torch": {**segmenter.encoder.provenance, "upsampler": args.upsampler or "bilinear", "dtype": str(next(segmenter.parameters()).dtype)}}
+    return {"torch": {**segmenter.encoder.backbone.to_dict(), "upsampler": args.upsampler or "bilinear", "dtype": str(next(segmenter.parameters()).dtype)}}
 
 
 class _TorchRunner:

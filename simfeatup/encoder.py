@@ -6,31 +6,28 @@ transformer.resblocks, ln_post, proj); open_clip itself is used as installed, ne
 """
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import pickle
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTransformer
 from safetensors import SafetensorError
 from torch import nn
 
+# ATTENTION_MODES and WeightsUnavailableError are re-exported: their home is simfeatup.backbone.
+from simfeatup.backbone import ATTENTION_MODES, DEFAULT_ATTENTION, FEATURE_SOURCES, Backbone, WeightsUnavailableError, file_sha256, resolve  # noqa: F401
 from simfeatup.constants import CLIP_MEAN, CLIP_STD, DEFAULT_MODEL, DEFAULT_PRETRAINED, POS_EMBED_SCALE_EPS
 
 log = logging.getLogger(__name__)
 
-# How the replaced last block mixes tokens (SPEC 2.3; the others are the paper's ablations).
-# Every mode shares the same head: ln_1 -> attention -> out_proj, no residual, no MLP.
-ATTENTION_MODES = ("segearth", "clearclip", "sclip", "maskclip", "vanilla")
-
-
-class WeightsUnavailableError(ValueError):
-    """CLIP weights could not be fetched or read; the message says how to fix it."""
+# Every attention mode (simfeatup.backbone.ATTENTION_MODES, SPEC 2.3) shares the same head:
+# ln_1 -> attention -> out_proj, no residual, no MLP.
 
 
 class DenseCLIP(nn.Module):
@@ -38,38 +35,105 @@ class DenseCLIP(nn.Module):
 
     ``clip`` is an open_clip ``CLIP``/``CustomTextCLIP`` whose ``visual`` is a
     ``VisionTransformer`` with class-token pooling. It is frozen and kept in eval mode.
+    ``backbone`` (a :class:`~simfeatup.backbone.Backbone`) says which model and weights ``clip``
+    is; ``self.backbone`` is that record completed with what runs (attention, patch size,
+    activation). Build one with :meth:`from_backbone`.
     """
 
-    def __init__(self, clip, *, attention="segearth", tokenizer=None, model_name=None, pretrained=None):
+    def __init__(self, clip, *, attention=DEFAULT_ATTENTION, tokenizer=None, backbone: Backbone | None = None):
         super().__init__()
-        if attention not in ATTENTION_MODES:
-            raise ValueError(f"attention={attention!r} is not one of {ATTENTION_MODES}")
         visual = getattr(clip, "visual", None)
         _check_supported(visual)
-        self.clip = clip.eval().requires_grad_(False)
-        self.attention = attention
         ph, pw = visual.patch_size
         if ph != pw:
             raise ValueError(f"non-square patches {visual.patch_size} are not supported")
+        # The record of what runs; replace() validates the attention mode.
+        self.backbone = replace(backbone or Backbone(), attention=attention, patch_size=int(ph), quick_gelu=_runs_quick_gelu(clip))
+        self.clip = clip.eval().requires_grad_(False)
         self.patch_size = int(ph)
         self.embed_dim = int(visual.output_dim)
         self.grid_size = tuple(int(g) for g in visual.grid_size)  # native token grid, (14, 14) for ViT-B/16
         self.context_length = int(_text_module(clip).context_length)
         # open_clip's default BPE tokenizer ships inside the package, so this works offline.
         self.tokenizer = tokenizer or open_clip.SimpleTokenizer(context_length=self.context_length)
-        self.provenance = {"model": model_name, "pretrained": pretrained, "attention": attention}
         self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
         # The cache holds derived copies of weights: drop it whenever the weights may change.
         self.register_load_state_dict_post_hook(DenseCLIP._clear_pos_cache)
 
+    @property
+    def attention(self) -> str:
+        """Last-block mode (SPEC 2.3), kept in ``self.backbone``."""
+        return self.backbone.attention
+
+    @attention.setter
+    def attention(self, mode: str) -> None:
+        self.backbone = replace(self.backbone, attention=mode)
+
     # ----------------------------------------------------------------- constructors
     @classmethod
-    def from_config(cls, cfg: dict, *, attention="segearth", seed=0) -> "DenseCLIP":
-        """Randomly initialised ``open_clip.CLIP(**cfg)`` (tests, shape checks)."""
+    def from_backbone(
+        cls, backbone: Backbone, weights_path: str | os.PathLike | None = None, *, seed: int = 0,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> "DenseCLIP":
+        """Build what ``backbone`` describes (see :func:`simfeatup.backbone.resolve`).
+
+        The architecture is ``backbone.model`` (an open_clip name) or ``backbone.config``; the
+        weights are ``weights_path`` (a local open_clip state dict, strict keys and shapes,
+        torch.load(weights_only=True) or safetensors), else the tag or file
+        ``backbone.pretrained``, else random (drawn with ``seed``). ``quick_gelu`` None follows
+        the tag's registry entry; for a local file it assumes the model's OpenAI weights (the
+        SPEC backbone) -- set False for LAION/DataComp files. Raises
+        ``WeightsUnavailableError`` when the weights cannot be fetched or read.
+        """
+        config = backbone.architecture()  # unknown names end here, with close matches
+        label = backbone.model or "the model config"
+        checkpoint, tag_cfg = None, {}
+        if weights_path is not None:
+            checkpoint = Path(weights_path)
+        elif backbone.pretrained is not None and backbone.config is not None:
+            checkpoint = Path(backbone.pretrained).expanduser()
+            if not checkpoint.is_file():
+                raise WeightsUnavailableError(_weights_message(label, backbone.pretrained, "no such file", local=True))
+        elif backbone.pretrained is not None:
+            checkpoint, tag_cfg = _resolve_weights(backbone.model, backbone.pretrained, cache_dir)
+        quick_gelu = backbone.quick_gelu
+        if quick_gelu is None and backbone.config is None and checkpoint is not None:
+            # open_clip's create_model only warns when an OpenAI tag meets a GELU config: a
+            # plain "ViT-B-16" with nn.GELU would silently give slightly wrong features.
+            ref_cfg = tag_cfg or open_clip.get_pretrained_cfg(backbone.model, "openai")
+            quick_gelu = bool(ref_cfg.get("quick_gelu", False)) or None  # None: the config's own
+            if not tag_cfg:
+                log.info("local weights %s: assuming %s's OpenAI activation (quick_gelu=%s); set quick_gelu "
+                         "to override", checkpoint.name, backbone.model, bool(quick_gelu))
+        if tag_cfg and (tuple(tag_cfg.get("mean", CLIP_MEAN)) != CLIP_MEAN or tuple(tag_cfg.get("std", CLIP_STD)) != CLIP_STD):
+            log.warning("%s/%s was trained with mean/std %s/%s, but simfeatup normalises with CLIP's",
+                        backbone.model, backbone.pretrained, tag_cfg.get("mean"), tag_cfg.get("std"))
+        if checkpoint is not None and _is_torchscript(checkpoint):
+            why = "a TorchScript archive (OpenAI's original .pt), which we do not execute"
+            openai = open_clip.get_pretrained_cfg(backbone.model, "openai") if backbone.model else {}
+            raise WeightsUnavailableError(_weights_message(label, backbone.pretrained, why, openai))
+
+        config = dict(config)
+        if quick_gelu is not None:
+            config["quick_gelu"] = quick_gelu
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            clip = open_clip.CLIP(**cfg)
-        return cls(clip, attention=attention, model_name="config", pretrained=None)
+            clip = _clip_from_config(config)
+        if checkpoint is not None:
+            _load_weights(clip, checkpoint, label, backbone.pretrained, tag_cfg)
+        local = checkpoint is not None and not tag_cfg
+        record = replace(
+            backbone,
+            pretrained=checkpoint.name if local else backbone.pretrained,
+            weights_sha256=file_sha256(checkpoint) if local else None,
+        )
+        tokenizer = open_clip.get_tokenizer(backbone.model) if backbone.model else None
+        return cls(clip, attention=backbone.attention, tokenizer=tokenizer, backbone=record)
+
+    @classmethod
+    def from_config(cls, cfg: dict, *, attention=DEFAULT_ATTENTION, seed=0) -> "DenseCLIP":
+        """Randomly initialised ``open_clip.CLIP(**cfg)`` (tests, shape checks)."""
+        return cls.from_backbone(Backbone(config=cfg, attention=attention), seed=seed)
 
     @classmethod
     def from_pretrained(
@@ -77,55 +141,20 @@ class DenseCLIP(nn.Module):
         model: str = DEFAULT_MODEL,
         pretrained: str = DEFAULT_PRETRAINED,
         *,
-        attention="segearth",
+        attention=DEFAULT_ATTENTION,
         quick_gelu: bool | None = None,
         cache_dir: str | os.PathLike | None = None,
     ) -> "DenseCLIP":
-        """Build ``model`` (an open_clip name) with weights ``pretrained``.
+        """Build ``model`` (an open_clip name or a model-config .json) with weights ``pretrained``.
 
         ``pretrained`` is an open_clip tag ("openai") or a local weights file
-        (.bin/.pt/.pth/.safetensors, an open_clip state dict). ``quick_gelu`` None
-        follows the tag's registry entry; for a local file it assumes the model's OpenAI
-        weights (the SPEC backbone) -- pass False for LAION/DataComp files. Raises
-        ``WeightsUnavailableError`` when the weights cannot be fetched or read.
+        (.bin/.pt/.pth/.safetensors, an open_clip state dict). ``quick_gelu``: see
+        :meth:`from_backbone`.
         """
-        model = model.replace("/", "-")
-        known = open_clip.list_models()
-        if model not in known:
-            close = difflib.get_close_matches(model, known, n=5, cutoff=0.5)
-            raise ValueError(f"unknown open_clip model {model!r}; close matches: {close or known[:10]}")
-        checkpoint, tag_cfg = _resolve_weights(model, str(pretrained), cache_dir)
-        if quick_gelu is None:
-            # open_clip's create_model only warns when an OpenAI tag meets a GELU config: a
-            # plain "ViT-B-16" with nn.GELU would silently give slightly wrong features.
-            ref_cfg = tag_cfg or open_clip.get_pretrained_cfg(model, "openai")
-            quick_gelu = bool(ref_cfg.get("quick_gelu", False))
-            if not tag_cfg:
-                log.info("local weights %s: assuming %s's OpenAI activation (quick_gelu=%s); pass quick_gelu "
-                         "to override", checkpoint, model, quick_gelu)
-        if tag_cfg and (tuple(tag_cfg.get("mean", CLIP_MEAN)) != CLIP_MEAN or tuple(tag_cfg.get("std", CLIP_STD)) != CLIP_STD):
-            log.warning("%s/%s was trained with mean/std %s/%s, but simfeatup normalises with CLIP's",
-                        model, pretrained, tag_cfg.get("mean"), tag_cfg.get("std"))
-        if _is_torchscript(checkpoint):
-            why = "a TorchScript archive (OpenAI's original .pt), which we do not execute"
-            raise WeightsUnavailableError(_weights_message(model, pretrained, why, open_clip.get_pretrained_cfg(model, "openai")))
-        try:
-            # open_clip loads with torch.load(weights_only=True) or safetensors, strict keys and shapes.
-            clip = open_clip.create_model(model, pretrained=str(checkpoint), force_quick_gelu=quick_gelu)
-        except (RuntimeError, OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
-            # truncated/garbled files, pickles of objects, and key or shape mismatches (another model's file).
-            if isinstance(err, pickle.UnpicklingError):  # torch's advice (weights_only=False) is not ours to give
-                if "Unsupported global" in str(err):
-                    why = "the pickle holds more than tensors, torch.load(weights_only=True) refused it; re-save its state_dict"
-                else:
-                    why = f"{checkpoint.name} is not a readable PyTorch checkpoint (corrupt, truncated or another format)"
-            else:
-                why = f"cannot read {checkpoint.name}: {_short(err)}"
-            raise WeightsUnavailableError(_weights_message(model, pretrained, why, tag_cfg, local=not tag_cfg)) from err
-        tokenizer = open_clip.get_tokenizer(model)
-        enc = cls(clip, attention=attention, tokenizer=tokenizer, model_name=model, pretrained=str(pretrained))
-        enc.provenance["quick_gelu"] = quick_gelu
-        return enc
+        backbone, weights = resolve(model=model, pretrained=pretrained, attention=attention)
+        if quick_gelu is not None:
+            backbone = replace(backbone, quick_gelu=quick_gelu)
+        return cls.from_backbone(backbone, weights, cache_dir=cache_dir)
 
     # ----------------------------------------------------------------- modes
     def train(self, mode: bool = True):
@@ -184,8 +213,8 @@ class DenseCLIP(nn.Module):
         skipped, ln_post + proj on the output of block N-1 (what the authors trained on).
         Returns feats (B, D, H/p, W/p) and cls (B, D), NOT normalised, module dtype.
         """
-        if source not in ("final", "penultimate"):
-            raise ValueError(f"source={source!r} is not one of ('final', 'penultimate')")
+        if source not in FEATURE_SOURCES:
+            raise ValueError(f"source={source!r} is not one of {FEATURE_SOURCES}")
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected images (B, 3, H, W), got {tuple(x.shape)}")
         B, _, H, W = x.shape
@@ -273,6 +302,42 @@ def _check_supported(visual) -> None:
     blocks = visual.transformer.resblocks
     if not all(type(b) is ResidualAttentionBlock and b.attn.in_proj_weight is not None for b in blocks):
         raise ValueError("DenseCLIP needs standard open_clip ResidualAttentionBlocks (no qk_norm/custom blocks)")
+
+
+def _clip_from_config(config: dict):
+    """open_clip's CLIP (or CustomTextCLIP) for a model config, randomly initialised."""
+    config = dict(config)
+    if "multimodal_cfg" in config:
+        raise ValueError("CoCa models (multimodal_cfg) are not supported: DenseCLIP needs a CLIP ViT")
+    hf_text = "hf_model_name" in config.get("text_cfg", {})
+    if hf_text:  # random init here, then the whole checkpoint: no download of the text tower's own weights
+        config["text_cfg"] = {**config["text_cfg"], "hf_model_pretrained": False}
+    cls = open_clip.CustomTextCLIP if config.pop("custom_text", False) or hf_text else open_clip.CLIP  # as create_model
+    try:
+        return cls(**config)
+    except TypeError as err:  # a key open_clip does not know
+        raise ValueError(f"model config not understood by open_clip: {_short(err)}") from None
+
+
+def _load_weights(clip, checkpoint: Path, label: str, pretrained: str | None, tag_cfg: dict) -> None:
+    """open_clip's own loader (the one create_model uses): strict keys and shapes, weights_only=True."""
+    try:
+        open_clip.load_checkpoint(clip, str(checkpoint), strict=True, weights_only=True)
+    except (RuntimeError, OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
+        # truncated/garbled files, pickles of objects, and key or shape mismatches (another model's file).
+        if isinstance(err, pickle.UnpicklingError):  # torch's advice (weights_only=False) is not ours to give
+            if "Unsupported global" in str(err):
+                why = "the pickle holds more than tensors, torch.load(weights_only=True) refused it; re-save its state_dict"
+            else:
+                why = f"{checkpoint.name} is not a readable PyTorch checkpoint (corrupt, truncated or another format)"
+        else:
+            why = f"cannot read {checkpoint.name}: {_short(err)}"
+        raise WeightsUnavailableError(_weights_message(label, pretrained, why, tag_cfg, local=not tag_cfg)) from err
+
+
+def _runs_quick_gelu(clip) -> bool:
+    """Whether the model's MLPs use QuickGELU (OpenAI's activation): read off the built modules."""
+    return any(isinstance(m, QuickGELU) for m in clip.modules())
 
 
 def _resolve_weights(model: str, pretrained: str, cache_dir) -> tuple[Path, dict]:

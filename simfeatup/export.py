@@ -406,8 +406,6 @@ def export_onnx(
             _check_opset(tmp, opset)
         shutil.copyfile(_open_clip_merges(), tmp / MERGES)
         manifest = _manifest(reference, upsampler_info, dtype, tmp)
-        if clip_config is not None:
-            manifest["model"]["config"] = clip_config
         _write_manifest(tmp, manifest)
         logger.info("exported %s in %.0f s; verifying against torch", out_dir, time.perf_counter() - started)
         report = verify_onnx(tmp, reference, samples=samples)
@@ -594,7 +592,7 @@ def _check_tokenizer(encoder) -> None:
     tok = encoder.tokenizer
     if type(tok) is not oct.SimpleTokenizer or tok.clean_fn is not oct._clean_lower or tok.reduction_fn is not None:
         raise ValueError(
-            f"{encoder.provenance.get('model')} uses {type(tok).__name__} (clean/reduction options included); "
+            f"{encoder.backbone.describe()} uses {type(tok).__name__} (clean/reduction options included); "
             "the ONNX runtime only reproduces CLIP's default BPE tokenizer (OpenAI/LAION ViT CLIP models)"
         )
 
@@ -702,7 +700,7 @@ def _manifest(segmenter, upsampler_info: dict, dtype: str, folder: Path) -> dict
             "merges": MERGES, "context_length": encoder.context_length, "clean": "lower",
             "sot": int(tok.sot_token_id), "eot": int(tok.eot_token_id),
         },
-        "model": {**encoder.provenance, "embed_dim": encoder.embed_dim, "patch_size": encoder.patch_size},
+        "model": {**encoder.backbone.to_dict(), "embed_dim": encoder.embed_dim},  # simfeatup.backbone.Backbone
         "upsampler": upsampler_info,
         "exporter": {"tool": "torch.onnx.export(dynamo=True)", "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
         "files": {p.name: sha256(p) for p in sorted(folder.iterdir()) if p.name != MANIFEST},

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import imaging, scores
-from .constants import DEFAULT_BG_IDX, DEFAULT_LAMBDA, DEFAULT_MODEL, DEFAULT_PRETRAINED, DEFAULT_PROB_THD, LONG_SIDE, STRIDE, WINDOW
+from .constants import DEFAULT_BG_IDX, DEFAULT_LAMBDA, DEFAULT_PROB_THD, LONG_SIDE, STRIDE, WINDOW
 from .vocabulary import Vocabulary
 
 logger = logging.getLogger(__name__)
@@ -127,30 +127,22 @@ def build_segmenter(
     """A ready segmenter from user-facing choices.
 
     ``upsampler``: a SimFeatUp artefact (``.safetensors`` or its ``.json``) or None/"bilinear".
-    The backbone (model, weights, attention; or the random config of a test run) defaults to
-    the one the artefact was trained for, else ViT-B-16/openai with SegEarth-OV attention.
+    The backbone (model name or ``clip_config`` / model-config .json, weights, attention) defaults
+    to the one the artefact was trained for, else ViT-B-16/openai with SegEarth-OV attention;
+    see :func:`simfeatup.backbone.resolve`. ``segmenter.encoder.backbone`` records what runs.
     """
+    from .backbone import Backbone, resolve
     from .encoder import DenseCLIP
     from .upsampler import load_upsampler
 
-    module, backbone = None, {}
+    module, artefact, artefact_dir = None, None, None
     if upsampler is not None and str(upsampler) != "bilinear":
         module, info = load_upsampler(upsampler)
-        backbone = info.get("backbone") or {}
-    attention = attention or backbone.get("attention") or "segearth"
-    if clip_config is None and model is None and pretrained is None:
-        clip_config = backbone.get("clip_config")  # an upsampler trained on a random test backbone
-    if clip_config is not None:
-        encoder = DenseCLIP.from_config(clip_config, attention=attention)
-    else:
-        model = model or backbone.get("model") or DEFAULT_MODEL
-        pretrained = pretrained or backbone.get("pretrained") or DEFAULT_PRETRAINED
-        if backbone and (backbone.get("model"), backbone.get("pretrained")) != (model, pretrained):
-            logger.warning(
-                "the upsampler was trained for %s/%s but runs on %s/%s",
-                backbone.get("model"), backbone.get("pretrained"), model, pretrained,
-            )
-        encoder = DenseCLIP.from_pretrained(model, pretrained, attention=attention)
+        artefact = Backbone.from_dict(info["backbone"]) if info.get("backbone") else None
+        artefact_dir = Path(upsampler).parent
+    backbone, weights = resolve(artefact, model=model, pretrained=pretrained, config=clip_config, attention=attention,
+                                artefact_dir=artefact_dir)
+    encoder = DenseCLIP.from_backbone(backbone, weights)
     if module is not None:
         dim = module.config["dim"]
         if dim != encoder.embed_dim:

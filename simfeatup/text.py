@@ -1,8 +1,6 @@
 """Text queries -> unit-norm CLIP embeddings (SPEC 2, text side), cached on disk."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
@@ -10,28 +8,16 @@ from .cache import EmbeddingCache
 from .templates import prompts_for
 
 
-def encoder_identity(provenance: dict) -> str | None:
-    """A cache key for an encoder's text weights, or None when they are not reproducible."""
-    pretrained = provenance.get("pretrained")
-    if not pretrained:
-        return None  # randomly initialised: never share vectors across runs
-    path = Path(pretrained)
-    if path.is_file():
-        stat = path.stat()
-        pretrained = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    # the activation changes the text features too (QuickGELU for OpenAI weights)
-    return f"{provenance.get('model')}|{pretrained}|quick_gelu={provenance.get('quick_gelu')}"
-
-
 @torch.inference_mode()
 def encode_queries(encoder, words: list[str], *, cache: EmbeddingCache | bool = True) -> torch.Tensor:
     """Each word in the 80 templates, encoded, L2-normalised, averaged, L2-normalised again.
 
     ``encoder`` is a :class:`simfeatup.encoder.DenseCLIP`. Returns (Q, D) float32 on the
-    encoder's device. ``cache=True`` uses the on-disk cache when the weights are known.
+    encoder's device. ``cache=True`` uses the on-disk cache when the weights are known
+    (keyed by ``encoder.backbone.cache_identity()``).
     """
     if cache is True:
-        cache = EmbeddingCache(encoder_identity(encoder.provenance))
+        cache = EmbeddingCache(encoder.backbone.cache_identity())
     elif cache is False:
         cache = EmbeddingCache(None)
     vectors = []
@@ -51,4 +37,4 @@ def _device(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-__all__ = ["encode_queries", "encoder_identity"]
+__all__ = ["encode_queries"]

@@ -140,3 +140,37 @@ def test_verbose_flag_works_before_and_after_the_subcommand(capsys, monkeypatch)
         assert main(argv) == 0
         assert root.level == level, argv
     assert "loveda" in capsys.readouterr().out
+
+
+def test_segment_with_a_model_config_file_and_its_weights(images, tmp_path, tiny_clip_cfg, monkeypatch, capsys):
+    """--model cfg.json --pretrained w.safetensors: a CLIP open_clip has no name for, with those weights."""
+    from safetensors.torch import save_file
+
+    from simfeatup.encoder import DenseCLIP
+    from simfeatup.imaging import load_image
+    from simfeatup.segmenter import Segmenter
+    from simfeatup.text import encode_queries
+    from simfeatup.vocabulary import Vocabulary
+
+    monkeypatch.setenv("SIMFEATUP_CACHE", str(tmp_path / "cache"))
+    clip = DenseCLIP.from_config(tiny_clip_cfg, seed=3).clip  # not the seed-0 weights of a random build
+    (tmp_path / "cfg.json").write_text(json.dumps(tiny_clip_cfg))
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    out = tmp_path / "o"
+    argv = ["segment", str(images / "rgb.png"), "--classes", "road;tree;roof", "--out", str(out), "--save-probs",
+            "--model", str(tmp_path / "cfg.json"), "--pretrained", str(tmp_path / "w.safetensors")]
+    assert main(argv) == 0
+    # the same model built here from the same tensors gives the same probabilities
+    reference = Segmenter(DenseCLIP(clip)).eval()
+    vocabulary = Vocabulary.from_spec("road;tree;roof")
+    text = encode_queries(reference.encoder, vocabulary.queries, cache=False)
+    [expected] = reference.segment([load_image(images / "rgb.png")], vocabulary, text, return_probs=True)
+    np.testing.assert_allclose(np.load(out / "rgb_probs.npy").astype(np.float32), expected.probs, atol=2e-3)
+    random = Segmenter(DenseCLIP.from_config(tiny_clip_cfg)).eval()
+    [other] = random.segment([load_image(images / "rgb.png")], vocabulary, encode_queries(random.encoder, vocabulary.queries, cache=False), return_probs=True)
+    assert np.abs(other.probs - expected.probs).max() > 0.01  # the check above can tell the weights apart
+    capsys.readouterr()
+    assert main([*argv[:-1], str(tmp_path / "absent.safetensors")]) == 2
+    line = _one_line_error(capsys)
+    assert "absent.safetensors" in line and "--pretrained" in line
+

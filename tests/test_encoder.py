@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from simfeatup.backbone import Backbone, file_sha256
 from simfeatup.encoder import ATTENTION_MODES, DenseCLIP, WeightsUnavailableError
 
 
@@ -199,7 +200,7 @@ def test_other_patch_sizes(tiny_clip_cfg, patch, grid):
     pytest.param("ViT-L-14", 14, 768, marks=pytest.mark.slow),
 ])
 def test_real_architectures_random_weights(name, patch, dim):
-    enc = DenseCLIP(open_clip.create_model(name, pretrained=None), model_name=name)
+    enc = DenseCLIP(open_clip.create_model(name, pretrained=None), backbone=Backbone(model=name))
     assert (enc.patch_size, enc.embed_dim) == (patch, dim)
     with torch.inference_mode():
         feats, cls = enc(torch.randn(1, 3, 2 * patch, 3 * patch))
@@ -294,8 +295,9 @@ def test_from_pretrained_local_file(tmp_path, tiny_clip_cfg, tiny_model_name, su
         from safetensors.torch import save_file
         save_file(src.clip.state_dict(), str(path))
     enc = DenseCLIP.from_pretrained(tiny_model_name, str(path), attention="sclip")
-    assert enc.provenance == {"model": tiny_model_name, "pretrained": str(path), "attention": "sclip",
-                              "quick_gelu": False}
+    # the record names the file (never its path) with its checksum, and what runs
+    assert enc.backbone == Backbone(model=tiny_model_name, pretrained=path.name, weights_sha256=file_sha256(path),
+                                    attention="sclip", patch_size=16, quick_gelu=False)
     src.attention = "sclip"
     img = torch.randn(1, 3, 64, 64)
     for a, b in zip(enc(img), src(img)):
@@ -342,3 +344,41 @@ def test_from_pretrained_refuses_pickled_objects_and_torchscript(tmp_path, tiny_
     torch.jit.save(torch.jit.trace(torch.nn.Linear(2, 2), torch.randn(1, 2)), str(path))
     with pytest.raises(WeightsUnavailableError, match="TorchScript"):
         DenseCLIP.from_pretrained(tiny_model_name, str(path))
+
+
+def _save_clip(clip, path):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(path))
+    return path
+
+
+def test_config_with_weights_file_loads_them_strictly(tmp_path, tiny_clip_cfg):
+    src = DenseCLIP.from_config(tiny_clip_cfg, seed=3)
+    path = _save_clip(src.clip, tmp_path / "mine.safetensors")
+    enc = DenseCLIP.from_backbone(Backbone(config=tiny_clip_cfg, pretrained=path.name), path)
+    for (name, a), b in zip(enc.clip.state_dict().items(), src.clip.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert enc.backbone.pretrained == "mine.safetensors" and enc.backbone.weights_sha256 == file_sha256(path)
+    assert enc.backbone.cache_identity() is not None  # real weights: their text vectors may be cached
+    # a file for another architecture is refused in one line, never loaded partly
+    other = _save_clip(DenseCLIP.from_config({**tiny_clip_cfg, "embed_dim": 16}).clip, tmp_path / "other.safetensors")
+    with pytest.raises(WeightsUnavailableError, match="cannot read other.safetensors") as err:
+        DenseCLIP.from_backbone(Backbone(config=tiny_clip_cfg, pretrained=other.name), other)
+    assert "\n" not in str(err.value)
+
+
+def test_the_record_says_which_activation_runs(tmp_path, tiny_clip_cfg):
+    """A model whose config asks for QuickGELU, with a local file: recorded as what runs (was: False)."""
+    name = "SimFeatUp-Test-Tiny-QuickGELU"
+    (tmp_path / f"{name}.json").write_text(json.dumps({**tiny_clip_cfg, "quick_gelu": True}))
+    open_clip.add_model_config(tmp_path / f"{name}.json")
+    path = _save_clip(open_clip.create_model(name), tmp_path / "w.safetensors")
+    enc = DenseCLIP.from_pretrained(name, str(path))
+    gelus = {type(m).__name__ for m in enc.clip.modules() if "GELU" in type(m).__name__}
+    assert gelus == {"QuickGELU"} and enc.backbone.quick_gelu is True
+    assert enc.backbone.cache_identity().endswith("quick_gelu=True")
+    plain = DenseCLIP.from_pretrained(name, str(path), quick_gelu=False)  # an explicit choice wins
+    assert {type(m).__name__ for m in plain.clip.modules() if "GELU" in type(m).__name__} == {"GELU"}
+    assert plain.backbone.quick_gelu is False
+    assert DenseCLIP.from_config(tiny_clip_cfg).backbone.quick_gelu is False

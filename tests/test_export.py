@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from simfeatup import export
+from simfeatup.backbone import Backbone, file_sha256
 from simfeatup.encoder import DenseCLIP
 from simfeatup.export import OnnxExportError, export_onnx, verify_onnx
 from simfeatup.runtime import session_options
@@ -102,11 +103,32 @@ def test_bilinear_export_writes_a_complete_verified_folder(bilinear_dir, tiny_we
     pre = manifest["preprocessing"]
     assert (pre["long_side"], pre["window"], pre["stride"], pre["patch"]) == (448, 224, 112, 16)
     assert manifest["logit_scale"] == 50.0 and manifest["default_lambda"] == -0.3 and manifest["upsampler"] == {"kind": "bilinear"}
-    assert manifest["model"]["model"] == tiny_weights[0] and manifest["model"]["pretrained"] == str(tiny_weights[1])
+    assert manifest["model"] == {**Backbone(model=tiny_weights[0], pretrained=tiny_weights[1].name, patch_size=16,
+                                            weights_sha256=file_sha256(tiny_weights[1]), quick_gelu=False).to_dict(),
+                                 "embed_dim": 32}  # the weights by name and checksum, never this machine's path
     assert manifest["exporter"]["versions"]["torch"] and manifest["opset"] >= 18
     report = manifest["verification"]
     assert report["max_abs_logit_diff"] <= export.FP32_TOLERANCE and any(c.startswith("sample") for c in report["cases"])
     assert not list(bilinear_dir.parent.glob(".*tmp"))  # the temporary folder was renamed, not copied
+
+
+@pytest.mark.slow
+def test_model_config_with_weights_file_exports_those_weights(tmp_path, tiny_clip_cfg):
+    """clip_config + pretrained (the weights were ignored before): exported and recorded by name + sha256."""
+    from safetensors.torch import save_file
+
+    clip = DenseCLIP.from_config(tiny_clip_cfg, seed=3).clip
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(weights))
+    out = export_onnx(tmp_path / "onnx", clip_config=tiny_clip_cfg, pretrained=str(weights), samples=[])
+    model = json.loads((out / "manifest.json").read_text())["model"]
+    assert model == {**Backbone(config=tiny_clip_cfg, pretrained="w.safetensors", weights_sha256=file_sha256(weights),
+                                patch_size=16, quick_gelu=False).to_dict(), "embed_dim": 32}
+    # the text graph holds the file's token embedding, not the seed-0 one of a random build
+    text = onnx.load(str(out / "text.onnx"))
+    stored = [onnx.numpy_helper.to_array(t, base_dir=str(out)) for t in text.graph.initializer]
+    embedding = clip.token_embedding.weight.detach().numpy()
+    assert any(a.shape == embedding.shape and np.array_equal(a, embedding) for a in stored)
 
 
 def test_operator_path_graph_never_materialises_the_feature_map(upsampler_dir, tiny_segmenter):
@@ -209,7 +231,7 @@ def test_vit_b16_random_weights_export_with_simfeatup(tmp_path):
     import open_clip
 
     torch.manual_seed(0)
-    encoder = DenseCLIP(open_clip.create_model("ViT-B-16", pretrained=None), model_name="ViT-B-16")
+    encoder = DenseCLIP(open_clip.create_model("ViT-B-16", pretrained=None), backbone=Backbone(model="ViT-B-16"))
     segmenter = Segmenter(encoder, _perturbed(SimFeatUp(512, 16), 0.1)).eval()
     out = export_onnx(tmp_path / "vitb16", segmenter=segmenter)
     report = json.loads((out / "manifest.json").read_text())["verification"]

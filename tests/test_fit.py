@@ -76,6 +76,15 @@ def test_no_arguments_runs_the_quickstart_and_fails_clearly_offline(capsys):
     assert "Traceback" not in err
 
 
+def test_a_bad_model_config_file_fails_in_one_line(tmp_path, capsys):
+    (tmp_path / "cfg.json").write_text('{"embed_dim": 32}')
+    assert fit.main(["--model.model", str(tmp_path / "cfg.json"), "--trainer.default_root_dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    # returned, not raised: the error was caught and said in one line
+    assert len(errors) == 1 and "cfg.json: missing vision_cfg, text_cfg" in errors[0] and "--model.model" in err
+
+
 def test_tiny_recipe_trains_checkpoints_and_resumes(tmp_path):
     run = tmp_path / "run"
     assert fit.main(tiny_args(run, "--trainer.max_steps", "2")) == 0

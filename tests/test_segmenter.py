@@ -121,3 +121,50 @@ def test_segment_returns_labels_and_probabilities(encoder):
     np.testing.assert_array_equal(res.labels, res.probs.argmax(0))
     [everything_bg] = seg.segment([image], vocab, text, prob_thd=1.01, bg_idx=2)
     assert (everything_bg.labels == 2).all()
+
+
+# ----------------------------------------------------------------------------- build_segmenter's backbone
+@pytest.fixture
+def config_weights(tmp_path, tiny_clip_cfg):
+    """A tiny CLIP's config and its (seed 3, not the default seed 0) weights, as a user has them."""
+    from safetensors.torch import save_file
+
+    clip = DenseCLIP.from_config(tiny_clip_cfg, seed=3).clip
+    path = tmp_path / "clip" / "mine.safetensors"
+    path.parent.mkdir()
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(path))
+    return tiny_clip_cfg, path, clip.state_dict()
+
+
+def _same_weights(encoder, state):
+    return all(torch.equal(v, state[k]) for k, v in encoder.clip.state_dict().items())
+
+
+def test_config_and_weights_file_build_that_model(config_weights):
+    from simfeatup.segmenter import build_segmenter
+
+    cfg, path, state = config_weights
+    segmenter = build_segmenter(clip_config=cfg, pretrained=str(path))  # the weights were ignored before
+    assert _same_weights(segmenter.encoder, state)
+    assert not _same_weights(build_segmenter(clip_config=cfg).encoder, state)  # without: random, seed 0
+    assert segmenter.encoder.backbone.pretrained == "mine.safetensors" and segmenter.encoder.backbone.config == cfg
+
+
+def test_artefact_finds_its_weights_beside_it_or_says_which_file(config_weights, tmp_path, monkeypatch):
+    import shutil
+
+    from simfeatup.backbone import file_sha256
+    from simfeatup.segmenter import build_segmenter
+    from simfeatup.upsampler import SimFeatUp, save_upsampler
+
+    cfg, path, state = config_weights
+    run = tmp_path / "run"
+    record = {"model": None, "config": cfg, "pretrained": path.name, "weights_sha256": file_sha256(path)}
+    save_upsampler(SimFeatUp(32, 16), run / "upsampler.safetensors", backbone=record)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="mine.safetensors.*--pretrained /path/to/mine.safetensors"):
+        build_segmenter(run / "upsampler.json")
+    assert _same_weights(build_segmenter(run / "upsampler.json", pretrained=str(path)).encoder, state)
+    shutil.copy(path, run)
+    segmenter = build_segmenter(run / "upsampler.json")
+    assert _same_weights(segmenter.encoder, state) and segmenter.upsampler is not None

@@ -1,11 +1,14 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
+from simfeatup.backbone import Backbone
 from simfeatup.cache import EmbeddingCache
 from simfeatup.encoder import DenseCLIP
 from simfeatup.templates import IMAGENET_TEMPLATES, prompts_for
-from simfeatup.text import encode_queries, encoder_identity
+from simfeatup.text import encode_queries
 
 
 def test_templates_are_clips_80_imagenet_templates():
@@ -48,10 +51,20 @@ def test_cache_avoids_re_encoding(encoder, tmp_path, monkeypatch):
 
 
 def test_random_models_are_never_cached_on_disk(encoder):
-    assert encoder_identity(encoder.provenance) is None
-    openai = {"model": "ViT-B-16", "pretrained": "openai", "quick_gelu": True}
-    assert encoder_identity(openai).startswith("ViT-B-16|openai")
-    assert encoder_identity(openai) != encoder_identity({**openai, "quick_gelu": False})
+    assert encoder.backbone.cache_identity() is None
+    openai = Backbone(model="ViT-B-16", pretrained="openai", quick_gelu=True)
+    assert openai.cache_identity() == "ViT-B-16|openai|quick_gelu=True"  # the key earlier versions used
+    assert openai.cache_identity() != replace(openai, quick_gelu=False).cache_identity()
+    # the text tower does not depend on the last-block attention
+    assert openai.cache_identity() == replace(openai, attention="vanilla").cache_identity()
+
+
+def test_weights_files_are_cached_by_content_not_by_name(tiny_clip_cfg):
+    a = Backbone(config=tiny_clip_cfg, pretrained="w.safetensors", weights_sha256="a" * 64, quick_gelu=False)
+    assert a.cache_identity() != replace(a, weights_sha256="b" * 64).cache_identity()
+    assert a.cache_identity() == replace(a, pretrained="renamed.safetensors").cache_identity()
+    assert a.cache_identity() != replace(a, config={**tiny_clip_cfg, "embed_dim": 64}).cache_identity()
+    assert replace(a, weights_sha256=None).cache_identity() is None  # a file without checksum: never cached
 
 
 def test_damaged_cache_entry_is_recomputed(encoder, tmp_path):

@@ -238,7 +238,8 @@ def test_artefact_round_trip(module, tmp_path):
     upsampler, info = load_upsampler(path)
     for k, v in module.upsampler.state_dict().items():
         torch.testing.assert_close(upsampler.state_dict()[k], v)
-    assert info["backbone"]["feature_source"] == "final" and info["backbone"]["model"] == "config"
+    assert info["backbone"]["feature_source"] == "final" and info["backbone"]["model"] is None
+    assert info["backbone"]["config"] == module.hparams.clip_config and info["backbone"]["pretrained"] is None
     assert info["backbone"]["patch_size"] == 16 and info["training"]["steps"] == 0
     assert json.loads((tmp_path / "upsampler.json").read_text())["training"]["config"]["lr"] == 1e-3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["upsampler.json", "upsampler.safetensors"]
@@ -273,3 +274,24 @@ def test_feature_source_penultimate_trains_on_the_last_block_input(module, tiny_
     assert final.shape == penultimate.shape == (1, 32, 2, 2)
     assert not torch.allclose(final, penultimate)
     assert pen.artefact_info()[0]["feature_source"] == "penultimate"
+
+
+def test_custom_config_and_weights_file_are_the_backbone(tmp_path, tiny_clip_cfg):
+    """--model.model cfg.json --model.pretrained w.safetensors: trains on those weights, records them by name."""
+    from safetensors.torch import save_file
+
+    from simfeatup.backbone import file_sha256
+    from simfeatup.encoder import DenseCLIP
+
+    clip = DenseCLIP.from_config(tiny_clip_cfg, seed=3).clip
+    (tmp_path / "cfg.json").write_text(json.dumps(tiny_clip_cfg))
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(weights))
+    module = SimFeatUpModule(model=str(tmp_path / "cfg.json"), pretrained=str(weights))
+    assert all(torch.equal(v, clip.state_dict()[k]) for k, v in module.backbone.clip.state_dict().items())
+    backbone = module.artefact_info()[0]
+    assert backbone["config"] == tiny_clip_cfg and backbone["model"] is None
+    assert (backbone["pretrained"], backbone["weights_sha256"]) == ("w.safetensors", file_sha256(weights))
+    # clip_config + pretrained is the same backbone (the weights were ignored before)
+    same = SimFeatUpModule(clip_config=tiny_clip_cfg, pretrained=str(weights))
+    assert same.artefact_info()[0] == backbone

@@ -15,7 +15,7 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "train" / "quicks
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        from simfeatup.encoder import WeightsUnavailableError
+        from simfeatup.backbone import BackboneError
         from simfeatup.training.cli import SimFeatUpCLI
     except ModuleNotFoundError as err:
         message = missing_extra(err, "training")
@@ -25,8 +25,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         SimFeatUpCLI(args=argv, parser_kwargs={"default_config_files": [str(QUICKSTART)]}).fit()
-    except WeightsUnavailableError as err:
-        sys.stderr.write(f"error: {err}\nHere the weights are --model.pretrained (a tag or a local file).\n")
+    except BackboneError as err:  # unavailable weights, unreadable model config, ...
+        sys.stderr.write(f"error: {err}\nHere the backbone is --model.model (an open_clip name or a model config .json) "
+                         "and --model.pretrained (a tag or a local weights file).\n")
         return 1
     return 0
 

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from simfeatup.constants import CLIP_MEAN, CLIP_STD, DEFAULT_MODEL, DEFAULT_PRETRAINED
+from simfeatup.backbone import resolve
+from simfeatup.constants import CLIP_MEAN, CLIP_STD
 from simfeatup.encoder import DenseCLIP
 from simfeatup.training.downsampler import AttentionDownsampler
 from simfeatup.training.jitter import MAX_PAD, MAX_ZOOM, apply_jitter, sample_jitter
@@ -46,15 +47,17 @@ LR = 1e-3
 CLIP_STEPS = 10
 CLIP_NORM = 1e-4
 ARTEFACT_NAME = "upsampler.safetensors"
+BACKBONE_KEY = "simfeatup_backbone"  # the Backbone record, in every checkpoint
 
 
 class SimFeatUpModule(L.LightningModule):
     """Trains a :class:`~simfeatup.upsampler.SimFeatUp` for a frozen DenseCLIP backbone.
 
     Args:
-        model, pretrained: open_clip model name and weights tag or local file (the backbone).
-        clip_config: instead of ``model``/``pretrained``, an ``open_clip.CLIP(**clip_config)``
-            with random weights (tests and CI).
+        model, pretrained: the backbone: an open_clip model name or a model config .json, and a
+            weights tag or local file (default ViT-B-16 / openai; see simfeatup.backbone.resolve).
+        clip_config: instead of ``model`` (which it replaces), an open_clip model config dict;
+            random weights unless ``pretrained`` names a weights file (tests and CI: random).
         attention: DenseCLIP last-block mode (SPEC 2.3).
         feature_source: "final" learns the features used at inference (default, SPEC 8);
             "penultimate" the last block's input, as the authors trained their weights.
@@ -69,8 +72,8 @@ class SimFeatUpModule(L.LightningModule):
 
     def __init__(
         self,
-        model: str = DEFAULT_MODEL,
-        pretrained: str = DEFAULT_PRETRAINED,
+        model: str | None = None,
+        pretrained: str | None = None,
         clip_config: dict | None = None,
         attention: str = "segearth",
         feature_source: Literal["final", "penultimate"] = "final",
@@ -90,13 +93,11 @@ class SimFeatUpModule(L.LightningModule):
         artefact_dir: str | None = None,
     ):
         super().__init__()
-        if feature_source not in ("final", "penultimate"):
-            raise ValueError(f"feature_source={feature_source!r} must be 'final' or 'penultimate'")
         self.save_hyperparameters()
-        if clip_config is not None:
-            self.backbone = DenseCLIP.from_config(clip_config, attention=attention)
-        else:
-            self.backbone = DenseCLIP.from_pretrained(model, pretrained, attention=attention)
+        # clip_config replaces model: the default recipe (quickstart.yaml) under every config names one.
+        record, weights = resolve(model=None if clip_config is not None else model, pretrained=pretrained,
+                                  config=clip_config, attention=attention, feature_source=feature_source)
+        self.backbone = DenseCLIP.from_backbone(record, weights)  # .backbone.backbone: the record of what runs
         dim, patch = self.backbone.embed_dim, self.backbone.patch_size
         self.upsampler = SimFeatUp(dim, patch, radius=radius, key_dim=key_dim, shared=shared)
         self.downsampler = AttentionDownsampler(dim, patch)
@@ -236,16 +237,25 @@ class SimFeatUpModule(L.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("backbone.")]:
             del state[key]
+        checkpoint[BACKBONE_KEY] = self.backbone.backbone.to_dict()
         if self.trainer.is_global_zero:
             self.write_artefact()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = checkpoint.get("hyper_parameters", {})
-        for key in ("model", "pretrained", "clip_config", "attention", "feature_source"):
-            if key in saved and saved[key] != self.hparams[key]:
+        # The same backbone, wherever its weights file lies now: compared by record, not by path.
+        saved = checkpoint.get(BACKBONE_KEY) or _legacy_backbone(checkpoint.get("hyper_parameters", {}))
+        mine = self.backbone.backbone.to_dict()
+        for key in ("model", "config", "pretrained", "weights_sha256", "attention", "feature_source"):
+            theirs = saved.get(key)
+            if key == "pretrained" and theirs:
+                theirs = Path(theirs).name  # older checkpoints hold the path as typed
+            if key == "weights_sha256" and theirs is None:
+                continue  # not recorded by older checkpoints
+            if theirs != mine[key]:
+                flag = {"config": "clip_config", "weights_sha256": "pretrained"}.get(key, key)
                 raise ValueError(
-                    f"checkpoint was trained with {key}={saved[key]!r} but this run has {key}={self.hparams[key]!r}; "
-                    f"resume with the same --model.{key} (or start a new run directory)"
+                    f"checkpoint was trained with backbone {key}={theirs!r} but this run has {key}={mine[key]!r}; "
+                    f"resume with the same --model.{flag} (or start a new run directory)"
                 )
         # Put the (identical, frozen) backbone back so the state dict loads strictly.
         state = checkpoint["state_dict"]
@@ -259,16 +269,7 @@ class SimFeatUpModule(L.LightningModule):
     def artefact_info(self) -> tuple[dict, dict]:
         """(backbone, extra) dicts stored beside the upsampler weights."""
         hp = dict(self.hparams)
-        backbone = {
-            "model": hp["model"] if hp["clip_config"] is None else "config",
-            "pretrained": hp["pretrained"] if hp["clip_config"] is None else None,
-            "attention": hp["attention"],
-            "feature_source": hp["feature_source"],
-            "patch_size": self.backbone.patch_size,
-            "embed_dim": self.backbone.embed_dim,
-        }
-        if hp["clip_config"] is not None:
-            backbone["clip_config"] = hp["clip_config"]
+        backbone = self.backbone.backbone.to_dict()  # simfeatup.backbone.Backbone: weights by name + sha256
         trainer = self._trainer
         training = {"steps": int(self.global_step), "config": _jsonable(hp)}
         if trainer is not None:
@@ -295,6 +296,18 @@ class SimFeatUpModule(L.LightningModule):
                 os.replace(src, directory / src.name)
         log.info("wrote %s (step %d)", final, self.global_step)
         return final
+
+
+def _legacy_backbone(hp: dict) -> dict:
+    """The backbone of a checkpoint written before BACKBONE_KEY, from its hyperparameters."""
+    config = hp.get("clip_config")
+    return {
+        "model": None if config is not None else hp.get("model"),
+        "config": config,
+        "pretrained": None if config is not None else hp.get("pretrained"),
+        "attention": hp.get("attention"),
+        "feature_source": hp.get("feature_source"),
+    }
 
 
 def _jsonable(value):
