@@ -84,10 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("convert-weights", parents=[common], help="import the authors' released SimFeatUp checkpoint as safetensors")
-    p.add_argument("src", type=Path, help="Lightning checkpoint, e.g. xclip_jbu_one_million_aid.ckpt")
+    p.add_argument("src", type=Path, help="Lightning checkpoint (e.g. xclip_jbu_one_million_aid.ckpt), bare upsampler state dict, safetensors, or our artefact")
     p.add_argument("dst", type=Path, help="output .safetensors (a .json with its config is written beside it)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="backbone the weights were trained for (recorded in the .json)")
-    p.add_argument("--pretrained", default=DEFAULT_PRETRAINED, help="its weights tag (recorded in the .json)")
+    p.add_argument("--model", help=f"backbone the weights were trained for: open_clip name or model config .json, recorded with its patch size (default: the source artefact's, else {DEFAULT_MODEL})")
+    p.add_argument("--pretrained", help=f"its weights tag or file, recorded by name and sha256 (default: the source artefact's, else {DEFAULT_PRETRAINED})")
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("make-shards", parents=[common], help="pack folders of images into WebDataset shards for training")
@@ -327,10 +327,7 @@ def _onnx_runner(args, vocabulary):
 def _convert(args) -> int:
     from .convert import convert_checkpoint
 
-    # SPEC 8: the authors trained their upsampler on the last block's INPUT; recorded so a
-    # reader of the .json knows (inference still uses the modified block's output, as theirs does).
-    backbone = {"model": args.model, "pretrained": args.pretrained, "feature_source": "penultimate"}
-    convert_checkpoint(args.src, args.dst, backbone=backbone)
+    convert_checkpoint(args.src, args.dst, model=args.model, pretrained=args.pretrained)
     logger.info("wrote %s (+ %s)", args.dst, args.dst.with_suffix(".json"))
     return 0
 

@@ -1,23 +1,26 @@
-"""Import the authors' released Lightning checkpoint (SPEC 3.1) into our safetensors format.
+"""Import a SimFeatUp upsampler (SPEC 3.1) into our safetensors artefact format.
 
-The checkpoint's ``state_dict`` holds the upsampler under ``upsampler.``; our parameter names
-are the same below that prefix, so conversion is a prefix strip plus checks. Both the SimFeatUp
+The authors' released Lightning checkpoint holds the upsampler under ``upsampler.`` in its
+``state_dict``; our parameter names are the same below that prefix, so conversion is a prefix
+strip plus checks. Accepted too: a bare upsampler state dict (``up.range_temp``, ...), a plain
+safetensors file of either, and our own artefact (to re-record its backbone). Both the SimFeatUp
 layout (one shared ``up``) and FeatUp's JBUStack (``up1``..``up4``) are recognised.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import pickle
 import re
 import zipfile
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from simfeatup.upsampler import SimFeatUp, save_upsampler
+from simfeatup.backbone import Backbone, WeightsUnavailableError, file_sha256, looks_like_file, resolve
+from simfeatup.upsampler import SimFeatUp, load_upsampler, save_upsampler
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +31,30 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be converted: unreadable, unsafe, or not the expected layout."""
 
 
-def _load_state_dict(src: Path) -> dict[str, torch.Tensor]:
+def _read_source(src: Path) -> tuple[dict[str, torch.Tensor], str, dict | None]:
+    """-> (tensors, container, our artefact's description or None)."""
     if not src.is_file():
         raise CheckpointError(f"{src}: no such file")
+    if src.suffix == ".json":
+        module, info = load_upsampler(src)
+        return module.state_dict(), "simfeatup artefact", info
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(src), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except SafetensorError:
+        return _load_state_dict(src)
+    if "simfeatup" in meta:  # our own artefact: load_upsampler checks it against its config
+        module, info = load_upsampler(src)
+        return module.state_dict(), "simfeatup artefact", info
+    if not tensors:
+        raise CheckpointError(f"{src}: a safetensors file without tensors")
+    return tensors, "safetensors", None
+
+
+def _load_state_dict(src: Path) -> tuple[dict[str, torch.Tensor], str, None]:
     try:
         obj = torch.load(src, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -45,13 +69,28 @@ def _load_state_dict(src: Path) -> dict[str, torch.Tensor]:
     except (RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{src}: not a PyTorch checkpoint ({first})") from None
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    lightning = isinstance(obj, dict) and "state_dict" in obj
+    state = obj["state_dict"] if lightning else obj
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{src}: no state_dict of tensors found (expected a Lightning checkpoint)")
-    return state
+        raise CheckpointError(f"{src}: no state_dict of tensors found (expected a Lightning checkpoint or a state dict)")
+    return state, "lightning checkpoint" if lightning else "state dict", None
 
 
-def _infer_config(src: Path, ups: dict[str, torch.Tensor], patch_size: int) -> dict:
+def _upsampler_tensors(src: Path, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str, dict]:
+    """-> (tensors named as SimFeatUp names them, the prefix they had, {ignored prefix: count})."""
+    if any(k.startswith(PREFIX) for k in state):
+        ups = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
+        ignored = dict(Counter(k.split(".", 1)[0] for k in state if not k.startswith(PREFIX)))
+        return ups, PREFIX, ignored
+    if "up.range_temp" in state or "up1.range_temp" in state:  # a bare upsampler state dict
+        return dict(state), "", {}
+    raise CheckpointError(
+        f"{src}: no tensors under '{PREFIX}' in its state_dict, nor a bare upsampler state dict "
+        "(up.range_temp, fixup_proj.1.weight, ...)"
+    )
+
+
+def _infer_config(src: Path, ups: dict[str, torch.Tensor], patch_size: int, prefix: str = PREFIX) -> dict:
     """SimFeatUp config from the tensor shapes (prefix already stripped)."""
     if "up.range_temp" in ups:
         shared, first = True, "up."
@@ -59,11 +98,11 @@ def _infer_config(src: Path, ups: dict[str, torch.Tensor], patch_size: int) -> d
         shared, first = False, "up1."
     else:
         raise CheckpointError(
-            f"{src}: no '{PREFIX}up.range_temp' (SimFeatUp) or '{PREFIX}up1.range_temp' (JBUStack) tensor; "
+            f"{src}: no '{prefix}up.range_temp' (SimFeatUp) or '{prefix}up1.range_temp' (JBUStack) tensor; "
             "not a JBU upsampler checkpoint"
         )
     needed = [first + "fixup_proj.0.weight", first + "range_proj.0.weight", "fixup_proj.1.weight"]
-    absent = [PREFIX + k for k in needed if k not in ups]
+    absent = [prefix + k for k in needed if k not in ups]
     if absent:
         raise CheckpointError(f"{src}: missing tensors {absent}")
     n_offsets = ups[first + "fixup_proj.0.weight"].shape[0]
@@ -86,39 +125,73 @@ def _infer_config(src: Path, ups: dict[str, torch.Tensor], patch_size: int) -> d
     }
 
 
-def convert_checkpoint(src, dst, *, backbone: dict | None = None, patch_size: int = 16) -> dict:
-    """Convert a SimFeatUp/FeatUp Lightning checkpoint ``src`` to ``dst`` (.safetensors + .json).
+def converted_backbone(
+    model: str | None = None, pretrained: str | None = None, *, source: dict | None = None, source_dir: Path | None = None
+) -> Backbone:
+    """The backbone record convert-weights writes, with the model config's patch size.
 
-    backbone: recorded in the output (which features the weights expect). patch_size: the
-    backbone's, fixes the number of steps (not stored in the checkpoint). Returns the written
-    description plus "ignored": {top-level prefix: tensor count} of non-upsampler tensors.
+    model/pretrained: an open_clip name or model-config .json, and a tag or weights file (recorded
+    by name and sha256). What they leave open comes from the source artefact's record (``source``:
+    its description; its weights file is looked for beside it, in ``source_dir``), else ViT-B-16/openai. A foreign checkpoint is recorded with feature_source "penultimate":
+    the authors trained on the last block's INPUT (SPEC 8; inference still uses the modified
+    block's output, as theirs does).
+    """
+    own = Backbone.from_dict(source["backbone"]) if source and source.get("backbone") else None
+    if own is not None and model is None and pretrained is None:
+        patch = own.patch_size or source["upsampler"]["patch_size"]
+        return replace(own, patch_size=patch)
+    feature_source = own.feature_source if own is not None else "penultimate"
+    backbone, weights = resolve(own, model=model, pretrained=pretrained, feature_source=feature_source, artefact_dir=source_dir)
+    if weights is None and backbone.pretrained is not None and looks_like_file(backbone.pretrained):
+        raise WeightsUnavailableError(
+            f"CLIP weights file {backbone.pretrained}: no such file; convert-weights records its name and sha256, "
+            "so give the file itself with --pretrained (or an open_clip tag)"
+        )
+    return replace(backbone, patch_size=backbone.native_patch_size())
+
+
+def convert_checkpoint(src, dst, *, backbone: Backbone | dict | None = None, model=None, pretrained=None) -> dict:
+    """Convert a SimFeatUp/FeatUp upsampler ``src`` to our artefact ``dst`` (.safetensors + .json).
+
+    ``src``: a Lightning checkpoint (the upsampler under ``upsampler.``), a bare upsampler state
+    dict, a plain safetensors file of either, or one of our artefacts. backbone: the record to
+    store (which features the weights expect), else :func:`converted_backbone` of ``model`` and
+    ``pretrained``. Its patch size fixes the number of steps (not stored in the checkpoint).
+    Returns the written description plus "ignored": {top-level prefix: tensor count} of
+    non-upsampler tensors.
     """
     src, dst = Path(src), Path(dst)
-    state = _load_state_dict(src)
-    ups = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
-    if not ups:
-        raise CheckpointError(f"{src}: no tensors under '{PREFIX}' in its state_dict")
-    ignored = dict(Counter(k.split(".", 1)[0] for k in state if not k.startswith(PREFIX)))
+    state, container, info = _read_source(src)
+    ups, prefix, ignored = _upsampler_tensors(src, state)
+    if isinstance(backbone, dict):
+        backbone = Backbone.from_dict(backbone)
+    if backbone is None:
+        backbone = converted_backbone(model, pretrained, source=info, source_dir=src.parent)
+    elif backbone.patch_size is None:
+        backbone = replace(backbone, patch_size=backbone.native_patch_size())
 
-    config = _infer_config(src, ups, patch_size)
+    config = _infer_config(src, ups, backbone.patch_size, prefix)
     module = SimFeatUp(**config)
     expected = module.state_dict()
-    missing = sorted(PREFIX + k for k in set(expected) - set(ups))
-    unexpected = sorted(PREFIX + k for k in set(ups) - set(expected))
+    missing = sorted(prefix + k for k in set(expected) - set(ups))
+    unexpected = sorted(prefix + k for k in set(ups) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"{src}: layout {config} does not match: missing {missing}, unexpected {unexpected}")
     for k, v in expected.items():
         if ups[k].shape != v.shape:
             raise CheckpointError(
-                f"{src}: tensor '{PREFIX}{k}' has shape {tuple(ups[k].shape)}, layout {config} "
+                f"{src}: tensor '{prefix}{k}' has shape {tuple(ups[k].shape)}, layout {config} "
                 f"expects {tuple(v.shape)}"
             )
     module.load_state_dict({k: v.float() for k, v in ups.items()})
 
     if ignored:
         log.info("%s: ignored training-only tensors %s", src, ignored)
-    sha256 = hashlib.sha256(src.read_bytes()).hexdigest()
-    source = {"file": src.name, "sha256": sha256, "layout": "SimFeatUp" if config["shared"] else "JBUStack"}
-    save_upsampler(module, dst, backbone=backbone, extra={"converted_from": source})
-    log.info("%s -> %s (%s, dim %d, radius %d)", src, dst, source["layout"], config["dim"], config["radius"])
-    return {"weights": str(dst), "upsampler": config, "converted_from": source, "ignored": ignored}
+    weights_file = src.parent / info["weights"] if info is not None and src.suffix == ".json" else src
+    source = {"file": weights_file.name, "sha256": file_sha256(weights_file), "container": container,
+              "layout": "SimFeatUp" if config["shared"] else "JBUStack"}
+    save_upsampler(module, dst, backbone=backbone.to_dict(), extra={"converted_from": source})
+    log.info("%s -> %s (%s, dim %d, radius %d, for %s patch %d)", src, dst, source["layout"], config["dim"],
+             config["radius"], backbone.describe(), backbone.patch_size)
+    return {"weights": str(dst), "upsampler": config, "backbone": backbone.to_dict(), "converted_from": source,
+            "ignored": ignored}

@@ -1,5 +1,6 @@
 """The `simfeatup` command as a user runs it: real model path (tiny registered config + weights file)."""
 import json
+import shutil
 
 import cv2
 import numpy as np
@@ -108,8 +109,10 @@ def test_convert_weights_then_segment_with_them(tiny_weights, images, tmp_path, 
     assert main(["convert-weights", str(src), str(dst), "--model", tiny_weights[0], "--pretrained", str(tiny_weights[1])]) == 0
     info = json.loads(dst.with_suffix(".json").read_text())
     assert info["backbone"]["feature_source"] == "penultimate"
+    assert info["backbone"]["pretrained"] == tiny_weights[1].name  # a name, never this machine's path
     out = tmp_path / "o"
-    # the backbone comes from the artefact's .json: no --model/--pretrained needed
+    # the backbone comes from the artefact's .json, its weights file from beside it: no --model/--pretrained needed
+    shutil.copy(tiny_weights[1], tmp_path)
     assert main(["segment", str(images / "rgb.png"), "--classes", "road;tree", "--upsampler", str(dst.with_suffix(".json")), "--out", str(out)]) == 0
     assert (out / "rgb.png").is_file()
     assert main(["convert-weights", str(tmp_path / "missing.ckpt"), str(tmp_path / "x.safetensors")]) == 2
@@ -174,3 +177,15 @@ def test_segment_with_a_model_config_file_and_its_weights(images, tmp_path, tiny
     line = _one_line_error(capsys)
     assert "absent.safetensors" in line and "--pretrained" in line
 
+
+def test_convert_weights_records_the_models_patch_size(tmp_path, capsys):
+    from test_convert import lightning_ckpt
+
+    from simfeatup.upsampler import SimFeatUp
+
+    src = lightning_ckpt(tmp_path / "authors.ckpt", SimFeatUp(dim=32, patch_size=14).state_dict())
+    dst = tmp_path / "up.safetensors"
+    assert main(["convert-weights", str(src), str(dst), "--model", "ViT-L-14"]) == 0  # was recorded as patch 16
+    info = json.loads(dst.with_suffix(".json").read_text())
+    assert info["backbone"]["patch_size"] == 14 and info["upsampler"]["patch_size"] == 14
+    assert (info["backbone"]["model"], info["backbone"]["pretrained"]) == ("ViT-L-14", "openai")
