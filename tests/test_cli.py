@@ -140,3 +140,16 @@ def test_verbose_flag_works_before_and_after_the_subcommand(capsys, monkeypatch)
         assert main(argv) == 0
         assert root.level == level, argv
     assert "loveda" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--prob-thd", "2", "not a probability"), ("--prob-thd", "-0.5", "not a probability"), ("--prob-thd", "nan", "not a finite number"),
+    ("--lam", "inf", "not a finite number"), ("--bg-idx", "-1", "negative"),
+])
+def test_numeric_flags_are_checked_when_parsed(flag, value, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["segment", str(tmp_path / "x.png"), "--classes", "road;tree", f"{flag}={value}", "--out", str(tmp_path / "o")])
+    assert exit_.value.code == 2
+    last = _one_line_error(capsys)
+    assert flag in last and message in last
+    assert not (tmp_path / "o").exists()
