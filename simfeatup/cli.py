@@ -183,12 +183,13 @@ def _run_batches(args, run, images, bands, settings, *, desc, on_error=None, ret
 
 
 def _segment(args) -> int:
-    from . import visualize
+    from . import atomic, visualize
 
     images, vocabulary, settings, bands = _inputs(args)
     stems = _output_names(images)
     run = _onnx_runner(args, vocabulary) if args.onnx else _torch_runner(args, vocabulary)
     args.out.mkdir(parents=True, exist_ok=True)
+    atomic.remove_stale_temporaries(args.out)  # what a killed earlier run left half-written
     colours = visualize.palette(len(vocabulary))
     legend = [{"index": k, "class": line, "color": colours[k].tolist()} for k, line in enumerate(",".join(c) for c in vocabulary.classes)]
     (args.out / "classes.json").write_text(json.dumps(legend, indent=2) + "\n")
