@@ -9,12 +9,11 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 
 from .constants import DEFAULT_MODEL, DEFAULT_PRETRAINED
-from .extras import missing_extra
+from .entry import run_command, setup_logging
 
 logger = logging.getLogger("simfeatup")
 
@@ -211,12 +210,13 @@ def _run_batches(args, segmenter, images, vocabulary, scoring, bands, *, desc, o
 
 
 def _segment(args) -> int:
-    from . import visualize
+    from . import atomic, visualize
 
     images, vocabulary, scoring, bands = _inputs(args)
     stems = _output_names(images)
     segmenter = _segmenter(args)
     args.out.mkdir(parents=True, exist_ok=True)
+    atomic.remove_stale_temporaries(args.out)  # what a killed earlier run left half-written
     colours = visualize.palette(len(vocabulary))
     legend = [{"index": k, "class": line, "color": colours[k].tolist()} for k, line in enumerate(",".join(c) for c in vocabulary.classes)]
     (args.out / "classes.json").write_text(json.dumps(legend, indent=2) + "\n")
@@ -362,23 +362,8 @@ def _what_needs_it(args) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except BrokenPipeError:  # `simfeatup presets | head`: the reader left; say nothing more
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except ModuleNotFoundError as err:  # an optional part of simfeatup is not installed
-        message = missing_extra(err, _what_needs_it(args))
-        if message is None:
-            raise
-        sys.stderr.write(f"simfeatup {args.command}: error: {message}\n")
-        return 2
-    except (ValueError, OSError) as err:  # OSError: unwritable or missing paths, full disks
-        if args.verbose:
-            logger.exception("failed")
-        sys.stderr.write(f"simfeatup {args.command}: error: {err}\n")
-        return 2
+    setup_logging(args.verbose)
+    return run_command(f"simfeatup {args.command}", lambda: args.func(args), needs=_what_needs_it(args), verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -135,10 +135,14 @@ def test_verbose_flag_works_before_and_after_the_subcommand(capsys, monkeypatch)
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", [])  # an unconfigured root, as in a fresh process; restored after
     monkeypatch.setattr(root, "level", root.level)
-    for argv, level in ((["-v", "presets"], logging.DEBUG), (["presets", "-v"], logging.DEBUG), (["presets"], logging.INFO)):
+    ours, lightning = logging.getLogger("simfeatup"), logging.getLogger("lightning")
+    monkeypatch.setattr(ours, "level", ours.level)
+    monkeypatch.setattr(lightning, "propagate", lightning.propagate)
+    for argv, level, own in ((["-v", "presets"], logging.DEBUG, logging.DEBUG), (["presets", "-v"], logging.DEBUG, logging.DEBUG),
+                             (["presets"], logging.WARNING, logging.INFO)):  # INFO from simfeatup, not from the libraries
         root.handlers = []  # basicConfig only configures a root logger without handlers
         assert main(argv) == 0
-        assert root.level == level, argv
+        assert (root.level, ours.level) == (level, own), argv
     assert "loveda" in capsys.readouterr().out
 
 
