@@ -8,11 +8,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..constants import DEFAULT_LAMBDA
+from ..entry import Failure
 from ..model_folder import EMBEDDINGS, IMAGE_GRAPH, LAM, LOGITS, TEXT, TEXT_GRAPH, TOKENS, WINDOWS
 from .graph_form import graph_form
 
 
-class OnnxExportError(RuntimeError):
+class OnnxExportError(Failure):
     """The export failed or its graphs disagree with torch; nothing was left on disk."""
 
 

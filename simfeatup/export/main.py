@@ -8,10 +8,8 @@ Torch-free until the export itself runs, so ``--help`` works without the torch e
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 
-from ..extras import missing_extra
+from ..entry import run_command, setup_logging
 
 DTYPES = ("fp16", "fp32")  # simfeatup.export.DTYPES; not imported here so --help works without torch
 
@@ -28,30 +26,12 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = p.parse_args(argv)
-    # INFO from simfeatup only: open_clip and the exporter's internals chatter at INFO too
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("simfeatup").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    try:
-        from . import OnnxExportError, export_onnx
-    except ModuleNotFoundError as err:
-        return _missing(err)
-    try:
+    setup_logging(args.verbose)
+
+    def body():
+        from . import export_onnx  # inside: a missing torch extra is reported like a user error
+
         export_onnx(args.out, upsampler=args.upsampler, model=args.model, pretrained=args.pretrained,
                     attention=args.attention, dtype=args.dtype, opset=args.opset, overwrite=args.overwrite)
-    except ValueError as err:  # user mistakes: bad path, weights, flags (WeightsUnavailableError, UpsamplerFileError, ...)
-        sys.stderr.write(f"to_onnx: error: {err}\n")
-        return 2
-    except OnnxExportError as err:  # the graphs do not reproduce torch; nothing was written
-        sys.stderr.write(f"to_onnx: export failed: {err}\n")
-        return 1
-    except ModuleNotFoundError as err:  # onnxruntime, for the self-check; nothing was written
-        return _missing(err)
-    return 0
 
-
-def _missing(err: ModuleNotFoundError) -> int:
-    message = missing_extra(err, "export")
-    if message is None:
-        raise err
-    sys.stderr.write(f"to_onnx: error: {message}\n")
-    return 2
+    return run_command("to_onnx", body, needs="export", verbose=args.verbose)

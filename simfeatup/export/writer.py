@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import platform
 import shutil
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_dir, remove_stale_temporaries
 from ..constants import CLIP_MEAN, CLIP_STD, DEFAULT_LAMBDA, LOGIT_SCALE
 from ..model_folder import FORMAT, FORMAT_VERSION, IMAGE_GRAPH, MANIFEST, MERGES, TEXT_GRAPH, sha256, write_manifest
 from .graphs import check_opset, check_tokenizer, export_image, export_text, graph_opset
@@ -74,12 +73,8 @@ def export_onnx(
     check_tokenizer(reference.encoder)
     traced = copy.deepcopy(reference).half() if dtype == "fp16" else reference
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the model folder should not be
-    try:
+    remove_stale_temporaries(out_dir.parent)  # staging folders of killed exports
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:  # in place only once verified
         started = time.perf_counter()
         with torch.no_grad():
             export_image(traced, tmp / IMAGE_GRAPH, opset)
@@ -96,10 +91,6 @@ def export_onnx(
         report = verify_onnx(tmp, reference, samples=samples)
         manifest["verification"] = report
         write_manifest(tmp, manifest)  # the report is not covered by the file checksums
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("wrote %s", out_dir)
     return out_dir
 
@@ -165,14 +156,3 @@ def _manifest(segmenter, upsampler_info: dict, dtype: str, folder: Path) -> dict
         "exporter": {"tool": "torch.onnx.export(dynamo=True)", "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
         "files": {p.name: sha256(p) for p in sorted(folder.iterdir()) if p.name != MANIFEST},
     }
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the finished folder into place; an existing folder is swapped out, then removed."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
