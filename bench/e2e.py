@@ -36,14 +36,12 @@ vocabulary = Vocabulary.from_preset("openearthmap")
 if backend == "onnxruntime":
     from simfeatup.runtime import OnnxSegmenter
     segmenter = OnnxSegmenter(model_dir, window_batch=window_batch, cache=False)
-    run = lambda: segmenter.segment([image], vocabulary, prob_thd=0.1)
 else:
-    import torch
     from bench.e2e import build_torch
     segmenter = build_torch(window_batch)
-    from simfeatup.text import encode_queries
-    text = encode_queries(segmenter.encoder, vocabulary.queries, cache=False)
-    run = lambda: segmenter.segment([image], vocabulary, text, prob_thd=0.1)
+from simfeatup.scores import Scoring
+text = segmenter.encode_queries(vocabulary.queries)
+run = lambda: segmenter.segment([image], vocabulary, scoring=Scoring(prob_thd=0.1), text=text)
 def kib():
     # VmHWM is this process's own peak; ru_maxrss would include the parent's RSS at fork time
     for line in open("/proc/self/status"):
@@ -140,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from simfeatup.export import export_onnx
     from simfeatup.runtime import OnnxSegmenter
-    from simfeatup.text import encode_queries
+    from simfeatup.scores import Scoring
     from simfeatup.vocabulary import Vocabulary
 
     torch_seg = build_torch(args.torch_window_batch)
@@ -156,11 +154,12 @@ def main(argv: list[str] | None = None) -> dict:
 
         image = test_image(args.size)
         vocabulary = Vocabulary.from_preset("openearthmap")
-        text = encode_queries(torch_seg.encoder, vocabulary.queries, cache=False)
-        onnx_seg.encode_queries(vocabulary.queries)  # both backends start with their queries encoded
+        scoring = Scoring(prob_thd=0.1)
+        # both backends start with their queries encoded
+        texts = {seg: seg.encode_queries(vocabulary.queries) for seg in (torch_seg, onnx_seg)}
         runs = {
-            "torch eager": lambda: torch_seg.segment([image], vocabulary, text, prob_thd=0.1)[0],
-            "onnxruntime": lambda: onnx_seg.segment([image], vocabulary, prob_thd=0.1)[0],
+            "torch eager": lambda: torch_seg.segment([image], vocabulary, scoring=scoring, text=texts[torch_seg])[0],
+            "onnxruntime": lambda: onnx_seg.segment([image], vocabulary, scoring=scoring, text=texts[onnx_seg])[0],
         }
         results = {name: run() for name, run in runs.items()}  # warm-up; also the label maps compared below
         times = {name: [] for name in runs}

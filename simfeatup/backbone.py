@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .constants import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from .model_folder import sha256  # the one file checksum (torch-free)
 
 logger = logging.getLogger(__name__)
 
@@ -255,11 +256,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 @functools.lru_cache(maxsize=32)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256(Path(path))  # size and mtime only key the memo
 
 
 def _json_digest(value) -> str:

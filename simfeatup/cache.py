@@ -8,11 +8,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_write
 from .templates import IMAGENET_TEMPLATES
 
 logger = logging.getLogger(__name__)
@@ -60,11 +60,8 @@ class EmbeddingCache:
         if self.folder is None:
             return
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            # Write then rename so a killed run never leaves a half-written entry.
-            with tempfile.NamedTemporaryFile(dir=self.folder, suffix=".tmp", delete=False) as tmp:
-                np.save(tmp, vector, allow_pickle=False)
-            os.replace(tmp.name, self._file(word))
+            with atomic_write(self._file(word)) as tmp, open(tmp, "wb") as f:
+                np.save(f, vector, allow_pickle=False)
         except OSError as err:  # a read-only cache must not stop segmentation
             logger.warning("text-embedding cache %s is not writable (%s); continuing without it", self.folder, err)
             self.folder = None

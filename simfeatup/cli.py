@@ -8,12 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
+import math
 import sys
 from pathlib import Path
 
 from .constants import DEFAULT_MODEL, DEFAULT_PRETRAINED
-from .extras import missing_extra
+from .entry import run_command, setup_logging
 
 logger = logging.getLogger("simfeatup")
 
@@ -27,9 +27,36 @@ def _add_vocabulary_flags(p: argparse.ArgumentParser) -> None:
     group.add_argument("--preset", help="dataset preset (see `simfeatup presets`): classes and thresholds")
     group.add_argument("--classes", help='class lines, e.g. "building,roof;road;water" (; between classes, , between synonyms)')
     group.add_argument("--classes-file", type=Path, help="text file with one class line per line")
-    p.add_argument("--prob-thd", type=float, help="below this class probability a pixel becomes --bg-idx (preset value, else 0)")
-    p.add_argument("--bg-idx", type=int, help="class index used where no class is confident (preset value, else 0)")
-    p.add_argument("--lam", type=float, help="weight of the [CLS] similarity in the logits (preset value, else -0.3)")
+    p.add_argument("--prob-thd", type=_probability, help="below this class probability (0..1) a pixel becomes --bg-idx (preset value, else 0)")
+    p.add_argument("--bg-idx", type=_index, help="class index used where no class is confident (preset value, else 0)")
+    p.add_argument("--lam", type=_finite, help="weight of the [CLS] similarity in the logits (preset value, else -0.3)")
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = _finite(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a probability: give a value in [0, 1]")
+    return value
+
+
+def _index(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative: class indices start at 0")
+    return value
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -102,24 +129,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _vocabulary_and_settings(args):
+def _vocabulary_and_scoring(args):
     from . import presets
-    from .constants import DEFAULT_BG_IDX, DEFAULT_LAMBDA, DEFAULT_PROB_THD
+    from .scores import Scoring
     from .vocabulary import Vocabulary
 
-    if args.preset:
-        preset = presets.load(args.preset)
+    preset = presets.load(args.preset) if args.preset else None
+    if preset is not None:
         vocabulary = Vocabulary.from_lines(preset.classes)
-        defaults = preset.prob_thd, preset.bg_idx, preset.lam
+    elif args.classes is not None:
+        vocabulary = Vocabulary.from_spec(args.classes)
     else:
-        vocabulary = Vocabulary.from_spec(args.classes) if args.classes is not None else Vocabulary.from_file(args.classes_file)
-        defaults = DEFAULT_PROB_THD, DEFAULT_BG_IDX, DEFAULT_LAMBDA
-    prob_thd = defaults[0] if args.prob_thd is None else args.prob_thd
-    bg_idx = defaults[1] if args.bg_idx is None else args.bg_idx
-    lam = defaults[2] if args.lam is None else args.lam
-    if not 0 <= bg_idx < len(vocabulary):
-        raise UsageError(f"--bg-idx {bg_idx} is not a class index: there are {len(vocabulary)} classes (0..{len(vocabulary) - 1})")
-    return vocabulary, prob_thd, bg_idx, lam
+        vocabulary = Vocabulary.from_file(args.classes_file)
+    scoring = Scoring.resolve(preset, lam=args.lam, prob_thd=args.prob_thd, bg_idx=args.bg_idx)  # flags checked by argparse
+    if scoring.bg_idx >= len(vocabulary):
+        raise UsageError(f"--bg-idx {scoring.bg_idx} is not a class index: there are {len(vocabulary)} classes (0..{len(vocabulary) - 1})")
+    return vocabulary, scoring
 
 
 def _output_names(images: list[Path]) -> list[str]:
@@ -142,32 +167,34 @@ def _inputs(args):
     images = imaging.list_images(args.images)
     if not images:
         raise UsageError(f"no {'/'.join(imaging.IMAGE_SUFFIXES)} images in {', '.join(map(str, args.images))} (folders are not searched recursively)")
-    vocabulary, prob_thd, bg_idx, lam = _vocabulary_and_settings(args)
+    vocabulary, scoring = _vocabulary_and_scoring(args)
     try:
         bands = tuple(int(b) for b in args.bands.split(",")) if args.bands else (0, 1, 2)
     except ValueError:
         raise UsageError(f"--bands {args.bands!r}: give three 0-based band indices, e.g. 3,2,1") from None
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
-    return images, vocabulary, dict(prob_thd=prob_thd, bg_idx=bg_idx, lam=lam), bands
+    return images, vocabulary, scoring, bands
 
 
-def _run_batches(args, run, images, bands, settings, *, desc, on_error=None, return_probs=False):
+def _run_batches(args, segmenter, images, vocabulary, scoring, bands, *, desc, on_error=None, return_probs=False):
     """Yield (index, image array, Segmentation) per image, ``--batch-size`` images at a time.
 
-    An unreadable image goes to ``on_error(path, err)`` when given, else stops the run.
+    The queries are encoded once. An unreadable image goes to ``on_error(path, err)`` when
+    given, else stops the run.
     """
     from tqdm import tqdm
 
     from . import imaging
 
+    text = segmenter.encode_queries(vocabulary.queries)
     with tqdm(total=len(images), desc=desc, unit="img") as bar:
         for start in range(0, len(images), args.batch_size):
             loaded = []
             for i in range(start, min(start + args.batch_size, len(images))):
                 try:
                     image = imaging.load_image(images[i], bands=bands, stretch=args.stretch)
-                    imaging.check_size(image, run.patch_size, images[i])
+                    imaging.check_size(image, segmenter.patch_size, images[i])
                     loaded.append((i, image))
                 except imaging.ImageError as err:
                     if on_error is None:
@@ -176,19 +203,20 @@ def _run_batches(args, run, images, bands, settings, *, desc, on_error=None, ret
                     bar.update(1)
             if not loaded:
                 continue
-            results = run([image for _, image in loaded], **settings, return_probs=return_probs)
+            results = segmenter.segment([image for _, image in loaded], vocabulary, scoring=scoring, text=text, return_probs=return_probs)
             for (i, image), result in zip(loaded, results):
                 yield i, image, result
                 bar.update(1)
 
 
 def _segment(args) -> int:
-    from . import visualize
+    from . import atomic, visualize
 
-    images, vocabulary, settings, bands = _inputs(args)
+    images, vocabulary, scoring, bands = _inputs(args)
     stems = _output_names(images)
-    run = _onnx_runner(args, vocabulary) if args.onnx else _torch_runner(args, vocabulary)
+    segmenter = _segmenter(args)
     args.out.mkdir(parents=True, exist_ok=True)
+    atomic.remove_stale_temporaries(args.out)  # what a killed earlier run left half-written
     colours = visualize.palette(len(vocabulary))
     legend = [{"index": k, "class": line, "color": colours[k].tolist()} for k, line in enumerate(",".join(c) for c in vocabulary.classes)]
     (args.out / "classes.json").write_text(json.dumps(legend, indent=2) + "\n")
@@ -199,7 +227,8 @@ def _segment(args) -> int:
         logger.error("skipped: %s", err)
         failed.append(path)
 
-    for i, image, result in _run_batches(args, run, images, bands, settings, desc="segment", on_error=skip, return_probs=args.save_probs):
+    for i, image, result in _run_batches(args, segmenter, images, vocabulary, scoring, bands, desc="segment", on_error=skip,
+                                         return_probs=args.save_probs):
         name = stems[i]
         visualize.save_atomic(visualize.label_image(result.labels, colours), args.out / f"{name}.png")
         if args.overlay:
@@ -223,7 +252,7 @@ def _evaluate(args) -> int:
 
     from . import evaluation
 
-    images, vocabulary, settings, bands = _inputs(args)
+    images, vocabulary, scoring, bands = _inputs(args)
     preset_labels = None
     if args.preset:
         from . import presets
@@ -239,9 +268,9 @@ def _evaluate(args) -> int:
     for i in tqdm(range(len(dataset)), desc="check labels", unit="label", leave=False):
         dataset.check(i)
 
-    run = _onnx_runner(args, vocabulary) if args.onnx else _torch_runner(args, vocabulary)
+    segmenter = _segmenter(args)
     iou = evaluation.IoU(len(vocabulary))
-    for i, _, result in _run_batches(args, run, dataset.images, bands, settings, desc="evaluate"):
+    for i, _, result in _run_batches(args, segmenter, dataset.images, vocabulary, scoring, bands, desc="evaluate"):
         iou.update(result.labels, dataset.label(i))
     if iou.confusion.sum() == 0:
         raise UsageError("every label pixel is ignored (255, or 0 with --reduce-zero-label): nothing to score; check the label notes")
@@ -258,7 +287,7 @@ def _evaluate(args) -> int:
 
         record = {
             **report.as_dict(), "images": len(dataset), "preset": args.preset, "classes": [",".join(c) for c in vocabulary.classes],
-            "settings": settings, "label_notes": asdict(notes), "model": _model_record(args, run),
+            "settings": scoring.as_dict(), "label_notes": asdict(notes), "model": segmenter.describe(),
         }
         with atomic_write(args.report) as tmp:
             Path(tmp).write_text(json.dumps(record, indent=2) + "\n")
@@ -266,62 +295,33 @@ def _evaluate(args) -> int:
     return 0
 
 
-def _model_record(args, run) -> dict:
-    """What produced the predictions, as resolved (not as typed)."""
+def _segmenter(args):
+    """The one segmenter a run uses: onnxruntime over ``--onnx DIR``, else torch."""
     if args.onnx:
-        return {"onnx": str(args.onnx), **{k: run.manifest.get(k) for k in ("model", "upsampler", "dtype")}}
-    segmenter = run.segmenter
-    return {"torch": {**segmenter.encoder.backbone.to_dict(), "upsampler": args.upsampler or "bilinear", "dtype": str(next(segmenter.parameters()).dtype)}}
+        from .runtime import OnnxSegmenter, providers_for_device
 
+        for flag in ("upsampler", "model", "pretrained", "attention"):
+            if getattr(args, flag):
+                raise UsageError(f"--{flag} does not apply with --onnx: the model folder fixes it (re-export to change it)")
+        if args.dtype != "auto":
+            raise UsageError("--dtype does not apply with --onnx: the precision was fixed at export (export/to_onnx.py --dtype)")
+        return OnnxSegmenter(args.onnx, providers=providers_for_device(args.device))
 
-class _TorchRunner:
-    def __init__(self, args, vocabulary):
-        import torch
+    import torch
 
-        from .segmenter import build_segmenter
-        from .text import encode_queries
+    from .segmenter import build_segmenter
 
-        device = args.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype)
-        if dtype is None:
-            dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
-        self.segmenter = build_segmenter(
-            args.upsampler, model=args.model, pretrained=args.pretrained, attention=args.attention, device=device, dtype=dtype
-        )
-        if self.segmenter.upsampler is None:
-            logger.info("no SimFeatUp weights given (--upsampler): using the bilinear baseline")
-        self.vocabulary = vocabulary
-        self.text = encode_queries(self.segmenter.encoder, vocabulary.queries)
-        self.patch_size = self.segmenter.patch_size
-
-    def __call__(self, images, **kwargs):
-        return self.segmenter.segment(images, self.vocabulary, self.text, **kwargs)
-
-
-def _torch_runner(args, vocabulary):
-    return _TorchRunner(args, vocabulary)
-
-
-def _onnx_runner(args, vocabulary):
-    from .runtime import OnnxSegmenter, providers_for_device
-
-    for flag in ("upsampler", "model", "pretrained", "attention"):
-        if getattr(args, flag):
-            raise UsageError(f"--{flag} does not apply with --onnx: the model folder fixes it (re-export to change it)")
-    if args.dtype != "auto":
-        raise UsageError("--dtype does not apply with --onnx: the precision was fixed at export (export/to_onnx.py --dtype)")
-    segmenter = OnnxSegmenter(args.onnx, providers=providers_for_device(args.device))
-
-    class _Run:
-        patch_size = segmenter.patch_size
-        manifest = segmenter.manifest
-
-        def __call__(self, images, **kwargs):
-            return segmenter.segment(images, vocabulary, **kwargs)
-
-    return _Run()
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype)
+    if dtype is None:
+        dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+    segmenter = build_segmenter(args.upsampler, model=args.model, pretrained=args.pretrained, attention=args.attention,
+                                device=device, dtype=dtype)
+    if segmenter.upsampler is None:
+        logger.info("no SimFeatUp weights given (--upsampler): using the bilinear baseline")
+    return segmenter
 
 
 def _convert(args) -> int:
@@ -359,23 +359,8 @@ def _what_needs_it(args) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except BrokenPipeError:  # `simfeatup presets | head`: the reader left; say nothing more
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except ModuleNotFoundError as err:  # an optional part of simfeatup is not installed
-        message = missing_extra(err, _what_needs_it(args))
-        if message is None:
-            raise
-        sys.stderr.write(f"simfeatup {args.command}: error: {message}\n")
-        return 2
-    except (ValueError, OSError) as err:  # OSError: unwritable or missing paths, full disks
-        if args.verbose:
-            logger.exception("failed")
-        sys.stderr.write(f"simfeatup {args.command}: error: {err}\n")
-        return 2
+    setup_logging(args.verbose)
+    return run_command(f"simfeatup {args.command}", lambda: args.func(args), needs=_what_needs_it(args), verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Every number of the method that is not a dataset preset, in one place.
 
-Section numbers refer to SPEC.md (SegEarth-OV / SimFeatUp method specification).
+Section numbers ("SPEC n") refer to docs/method.md, the method as this repository implements it.
 Dataset presets (class lines, thresholds) live in ``simfeatup/presets/*.yaml``.
 """
 

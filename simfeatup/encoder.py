@@ -13,6 +13,7 @@ import zipfile
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
@@ -20,9 +21,10 @@ from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTrans
 from safetensors import SafetensorError
 from torch import nn
 
-# ATTENTION_MODES and WeightsUnavailableError are re-exported: their home is simfeatup.backbone.
-from simfeatup.backbone import ATTENTION_MODES, DEFAULT_ATTENTION, FEATURE_SOURCES, Backbone, WeightsUnavailableError, file_sha256, resolve  # noqa: F401
+# ATTENTION_MODES and the errors are re-exported: their home is simfeatup.backbone.
+from simfeatup.backbone import ATTENTION_MODES, DEFAULT_ATTENTION, FEATURE_SOURCES, Backbone, BackboneError, WeightsUnavailableError, file_sha256, resolve  # noqa: F401
 from simfeatup.constants import CLIP_MEAN, CLIP_STD, DEFAULT_MODEL, DEFAULT_PRETRAINED, POS_EMBED_SCALE_EPS
+from simfeatup.interp import bicubic_matrix
 
 log = logging.getLogger(__name__)
 
@@ -174,36 +176,40 @@ class DenseCLIP(nn.Module):
     def pos_embed(self, h: int, w: int) -> torch.Tensor:
         """Positional embedding for an h x w token grid -> (1 + h*w, width), [CLS] first.
 
-        Off the native grid the patch embeddings are resized bicubically with SCALE
-        FACTORS ((h + 0.1)/g, (w + 0.1)/g), as the reference does (SPEC 2.3): sample
-        position = (dst + 0.5) * g / (n + 0.1) - 0.5, so an axis that keeps its native
-        length is still resampled. The [CLS] position is never resized.
+        The native grid returns the weights themselves; other sizes are computed once per size
+        and cached (:meth:`resized_pos_embed`).
         """
-        visual = self.clip.visual
-        pos = visual.positional_embedding
-        gh, gw = self.grid_size
-        if (h, w) == (gh, gw):
-            return pos
+        if (h, w) == self.grid_size:
+            return self.clip.visual.positional_embedding
         cached = self._pos_cache.get((h, w))
-        if cached is not None:
-            return cached
+        if cached is None:
+            with torch.no_grad():
+                cached = self._pos_cache[(h, w)] = self.resized_pos_embed(h, w)
+        return cached
+
+    def resized_pos_embed(self, h, w) -> torch.Tensor:
+        """The patch positional embeddings resized bicubically to an h x w grid -> (1 + h*w, width).
+
+        SCALE FACTORS ((h + 0.1)/g, (w + 0.1)/g), as the reference does (SPEC 2.3): sample
+        position = (dst + 0.5) * g / (n + 0.1) - 0.5, so an axis that keeps its native length is
+        still resampled; the native grid itself is left untouched (by :meth:`pos_embed`, or in the
+        graph for symbolic sizes). The [CLS] position is never resized. ``h`` and ``w`` may be symbolic (the ONNX graph form calls this uncached).
+        """
+        pos = self.clip.visual.positional_embedding
+        gh, gw = self.grid_size
         work = torch.promote_types(pos.dtype, torch.float32)  # bf16/fp16 bicubic would lose precision
-        with torch.no_grad():
-            grid = pos[1:].to(work).reshape(1, gh, gw, -1).permute(0, 3, 1, 2)  # (1, C, gh, gw)
-            # recompute_scale_factor=False: the coordinates must use these scales, not h/gh.
-            grid = F.interpolate(
-                grid,
-                scale_factor=((h + POS_EMBED_SCALE_EPS) / gh, (w + POS_EMBED_SCALE_EPS) / gw),
-                mode="bicubic",
-                align_corners=False,
-                recompute_scale_factor=False,
-            )
-            if grid.shape[-2:] != (h, w):  # floor(g * (n + 0.1) / g) == n; guard float surprises
-                raise RuntimeError(f"positional embedding resized to {tuple(grid.shape[-2:])}, wanted {(h, w)}")
-            grid = grid.permute(0, 2, 3, 1).reshape(h * w, -1)  # (h*w, C)
-            out = torch.cat([pos[:1].to(work), grid]).to(pos.dtype)
-        self._pos_cache[(h, w)] = out
-        return out
+        grid = pos[1:].to(work).reshape(gh, gw, -1)  # (gh, gw, C)
+        one = grid.new_ones(())
+        hh, ww = one * h, one * w  # the sizes as tensors: the same arithmetic eager and traced
+        mh = bicubic_matrix(h, gh, gh / (hh + POS_EMBED_SCALE_EPS), grid)  # (h, gh)
+        mw = bicubic_matrix(w, gw, gw / (ww + POS_EMBED_SCALE_EPS), grid)  # (w, gw)
+        if not (isinstance(h, int) and isinstance(w, int)):
+            # one graph for every size: the native grid (windows of 224) keeps the weights untouched
+            native = (hh == gh) & (ww == gw)
+            mh = torch.where(native, torch.eye(gh, dtype=work, device=grid.device)[:h], mh)
+            mw = torch.where(native, torch.eye(gw, dtype=work, device=grid.device)[:w], mw)
+        resized = torch.einsum("ij,jkc,lk->ilc", mh, grid, mw).reshape(-1, grid.shape[-1])  # (h*w, C)
+        return torch.cat([pos[:1].to(work), resized]).to(pos.dtype)
 
     def forward(self, x: torch.Tensor, *, source: str = "final") -> tuple[torch.Tensor, torch.Tensor]:
         """Dense features of CLIP-normalised images.
@@ -286,6 +292,11 @@ class DenseCLIP(nn.Module):
         """Token ids (N, L) -> unit-norm text embeddings (N, D) in the module dtype."""
         device = self.clip.visual.conv1.weight.device
         return self.clip.encode_text(tokens.to(device), normalize=True)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """Texts -> unit-norm embeddings (N, D) float32 numpy (the segmenters' text interface)."""
+        return self.encode_text(self.tokenize(texts)).float().cpu().numpy()
 
 
 # --------------------------------------------------------------------- helpers

@@ -1,4 +1,4 @@
-"""Image I/O, preprocessing and window geometry (SPEC 2.1, 2.2, 2.6).
+"""Image I/O, preprocessing and the final resize (SPEC 2.1, 2.6); windows are in :mod:`simfeatup.windows`.
 
 numpy + OpenCV only -- no torch -- so the torch segmenter and the ONNX runtime share one
 implementation of every pixel rule and agree to the label.
@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .constants import CLIP_MEAN, CLIP_STD, LONG_SIDE, STRIDE, WINDOW
+from .constants import CLIP_MEAN, CLIP_STD, LONG_SIDE
 
 IMAGE_EXTS = ("jpg", "png", "tif")  # encoded kinds decode_image reads
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")  # file names of those, matched case-insensitively
@@ -228,49 +228,6 @@ def normalise(image: np.ndarray) -> np.ndarray:
 def preprocess(image: np.ndarray, long_side: int = LONG_SIDE) -> np.ndarray:
     """RGB uint8 (H, W, 3) -> resized, normalised float32 (3, h, w) (SPEC 2.1, in this order)."""
     return normalise(resize_long_side(image, long_side))
-
-
-def window_starts(length: int, window: int = WINDOW, stride: int = STRIDE) -> list[int]:
-    """SPEC 2.2: window starts along one axis; the last window is shifted back inside."""
-    count = max(length - window + stride - 1, 0) // stride + 1
-    starts = []
-    for i in range(count):
-        end = min(i * stride + window, length)
-        starts.append(max(end - window, 0))
-    return starts
-
-
-def window_boxes(height: int, width: int, window: int = WINDOW, stride: int = STRIDE) -> list[tuple[int, int, int, int]]:
-    """Every window as (y0, y1, x0, x1); windows are smaller than ``window`` on short sides."""
-    return [
-        (y0, min(y0 + window, height), x0, min(x0 + window, width))
-        for y0 in window_starts(height, window, stride)
-        for x0 in window_starts(width, window, stride)
-    ]
-
-
-def padding(size: int, multiple: int) -> tuple[int, int]:
-    """SPEC 2.2: (before, after) zero padding up to the next multiple; before gets total // 2."""
-    total = -size % multiple
-    return total // 2, total - total // 2
-
-
-def window_batches(sizes, window: int, stride: int, patch: int, batch: int):
-    """The windows of several images, in batches of one padded shape (SPEC 2.2).
-
-    ``sizes``: (H, W) of each resized image. Yields lists of ``(image index, (y0, y1, x0, x1),
-    ((top, bottom), (left, right)))``, at most ``batch`` long; windows of one padded shape
-    share a batch across images. Both segmenters walk the windows in this order.
-    """
-    groups: dict[tuple[int, int], list] = {}
-    for i, (height, width) in enumerate(sizes):
-        for y0, y1, x0, x1 in window_boxes(height, width, window, stride):
-            pads = padding(y1 - y0, patch), padding(x1 - x0, patch)
-            shape = (y1 - y0 + sum(pads[0]), x1 - x0 + sum(pads[1]))
-            groups.setdefault(shape, []).append((i, (y0, y1, x0, x1), pads))
-    for jobs in groups.values():
-        for start in range(0, len(jobs), batch):
-            yield jobs[start : start + batch]
 
 
 def resize_bilinear(x: np.ndarray, size: tuple[int, int], rows: tuple[int, int] | None = None) -> np.ndarray:

@@ -1,15 +1,55 @@
-"""Scores -> labels (SPEC 2.7). numpy only, shared by the torch and ONNX paths."""
+"""Scores -> labels (SPEC 2.5, 2.7) and the settings that steer them. numpy only, shared by the
+torch and ONNX paths."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from . import imaging
-from .constants import LOGIT_SCALE
+from .constants import DEFAULT_BG_IDX, DEFAULT_LAMBDA, DEFAULT_PROB_THD, LOGIT_SCALE
 
 # Bytes of float32 logits + probabilities per strip of output rows (see segmentation()).
 STRIP_BYTES = 32 << 20
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How logits become labels: ``lam`` weighs the [CLS] similarity (SPEC 2.5); pixels whose best
+    class probability is below ``prob_thd`` become class ``bg_idx`` (SPEC 2.7).
+
+    Resolved once where the user's choices arrive (:meth:`resolve`: preset, then flags) and
+    passed down whole.
+    """
+
+    lam: float = DEFAULT_LAMBDA
+    prob_thd: float = DEFAULT_PROB_THD
+    bg_idx: int = DEFAULT_BG_IDX
+
+    def __post_init__(self):
+        if not math.isfinite(self.lam):
+            raise ValueError(f"lam={self.lam}: the [CLS] weight must be a finite number (the paper uses -0.3)")
+        if not 0.0 <= self.prob_thd <= 1.0:  # also refuses NaN
+            raise ValueError(f"prob_thd={self.prob_thd}: a probability threshold must lie in [0, 1]")
+        if self.bg_idx < 0:
+            raise ValueError(f"bg_idx={self.bg_idx}: a class index cannot be negative")
+
+    @classmethod
+    def resolve(cls, preset=None, *, lam: float | None = None, prob_thd: float | None = None,
+                bg_idx: int | None = None) -> "Scoring":
+        """The preset's values (else the defaults), each overridden by a value that is not None."""
+        base = cls(preset.lam, preset.prob_thd, preset.bg_idx) if preset is not None else cls()
+        given = {"lam": lam, "prob_thd": prob_thd, "bg_idx": bg_idx}
+        return cls(**{**asdict(base), **{k: v for k, v in given.items() if v is not None}})
+
+    def check(self, n_classes: int) -> None:
+        """Refuse a ``bg_idx`` that is not one of the vocabulary's classes."""
+        if self.bg_idx >= n_classes:
+            raise ValueError(f"bg_idx {self.bg_idx} is not a class index: there are {n_classes} classes (0..{n_classes - 1})")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 def class_probabilities(logits: np.ndarray, query_class: np.ndarray, n_classes: int, *, logit_scale: float = LOGIT_SCALE) -> np.ndarray:
@@ -46,7 +86,7 @@ class Segmentation:
     probs: np.ndarray | None = None  # (K, H, W) class probabilities, when asked for
 
 
-def segmentation(logits: np.ndarray, vocabulary, *, prob_thd: float, bg_idx: int, return_probs: bool = False,
+def segmentation(logits: np.ndarray, vocabulary, scoring: Scoring, *, return_probs: bool = False,
                  size: tuple[int, int] | None = None) -> Segmentation:
     """(Q, h, w) averaged window logits of one image -> its :class:`Segmentation` (SPEC 2.6, 2.7).
 
@@ -65,7 +105,7 @@ def segmentation(logits: np.ndarray, vocabulary, *, prob_thd: float, bg_idx: int
         rows = (r0, min(r0 + step, H))
         strip = imaging.resize_bilinear(logits, (H, W), rows) if size is not None else logits[:, rows[0] : rows[1]]
         p = class_probabilities(strip, vocabulary.query_class, n_classes)
-        labels[rows[0] : rows[1]] = labels_from_probabilities(p, prob_thd=prob_thd, bg_idx=bg_idx)
+        labels[rows[0] : rows[1]] = labels_from_probabilities(p, prob_thd=scoring.prob_thd, bg_idx=scoring.bg_idx)
         if return_probs:
             probs[:, rows[0] : rows[1]] = p
         del strip, p  # not alive while the next strip is built

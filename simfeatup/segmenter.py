@@ -1,7 +1,7 @@
-"""Sliding-window open-vocabulary segmentation with the torch backend (SPEC 2).
+"""Open-vocabulary segmentation with the torch backend (SPEC 2).
 
-Pixel rules (resize, normalise, windows, padding, final resize) and scores -> labels come
-from :mod:`simfeatup.imaging` and :mod:`simfeatup.scores`, which the ONNX runtime shares.
+Everything but the model call (windows, averaging, queries, scores -> labels) is
+:class:`simfeatup.pipeline.WindowSegmenter`, which the ONNX runtime shares.
 """
 from __future__ import annotations
 
@@ -12,15 +12,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import imaging, scores
-from .constants import DEFAULT_BG_IDX, DEFAULT_LAMBDA, DEFAULT_PROB_THD, LONG_SIDE, STRIDE, WINDOW
-from .vocabulary import Vocabulary
+from .cache import EmbeddingCache
+from .constants import DEFAULT_LAMBDA, LONG_SIDE, STRIDE, WINDOW
+from .pipeline import WindowSegmenter
 
 logger = logging.getLogger(__name__)
 
 
-class Segmenter(torch.nn.Module):
-    """Frozen dense CLIP + optional SimFeatUp upsampler (``None`` = bilinear ablation)."""
+class Segmenter(torch.nn.Module, WindowSegmenter):
+    """Frozen dense CLIP + optional SimFeatUp upsampler (``None`` = bilinear ablation).
+
+    ``cache``: True for the on-disk text-embedding cache (when the weights are reproducible),
+    False for memory only, or an :class:`EmbeddingCache`.
+    """
 
     def __init__(
         self,
@@ -31,6 +35,7 @@ class Segmenter(torch.nn.Module):
         window: int = WINDOW,
         stride: int = STRIDE,
         window_batch: int = 4,
+        cache: EmbeddingCache | bool = True,
     ):
         super().__init__()
         self.encoder = encoder
@@ -38,6 +43,9 @@ class Segmenter(torch.nn.Module):
         self.long_side, self.window, self.stride = long_side, window, stride
         self.window_batch = window_batch
         self.patch_size = encoder.patch_size
+        if cache is True or cache is False:
+            cache = EmbeddingCache(encoder.backbone.cache_identity() if cache else None)
+        self.cache = cache
 
     @property
     def _param(self) -> torch.Tensor:
@@ -52,65 +60,28 @@ class Segmenter(torch.nn.Module):
         feature, both L2-normalised.
         """
         feats, cls = self.encoder(windows)  # (B, D, h/p, w/p), (B, D)
-        if self.upsampler is not None:
-            feats = self.upsampler(feats, windows)  # (B, D, h, w)
-        feats = F.normalize(feats.float(), dim=1)
-        cls = F.normalize(cls.float(), dim=1)
         text = text.float()
-        logits = torch.einsum("bdhw,qd->bqhw", feats, text) + lam * (cls @ text.T)[:, :, None, None]
-        if self.upsampler is None:  # SPEC 2.4: the bilinear ablation resizes the LOGITS
+        if self.upsampler is not None:
+            logits = self.upsampler.cosine_logits(feats, windows, text)  # (B, Q, h, w)
+        else:  # SPEC 2.4: the bilinear ablation scores the token grid and resizes the LOGITS
+            logits = torch.einsum("bdhw,qd->bqhw", F.normalize(feats.float(), dim=1), text)
             logits = F.interpolate(logits, size=windows.shape[-2:], mode="bilinear", align_corners=False)
-        return logits
+        cls = F.normalize(cls.float(), dim=1)
+        return logits + lam * (cls @ text.T)[:, :, None, None]
 
-    def logits(self, images: list[np.ndarray], text: torch.Tensor, *, lam: float = DEFAULT_LAMBDA) -> list[np.ndarray]:
-        """RGB uint8 images (H, W, 3) -> per-image (Q, H, W) averaged window logits at original size.
-
-        Windows of all images are batched together through the encoder (SPEC 2.2, 2.6).
-        """
-        averaged = self.averaged_logits(images, text, lam=lam)
-        return [imaging.resize_bilinear(logits, image.shape[:2]) for logits, image in zip(averaged, images)]
+    # ------------------------------------------------------------------ WindowSegmenter
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        return self.encoder.encode_texts(texts)
 
     @torch.inference_mode()
-    def averaged_logits(self, images: list[np.ndarray], text: torch.Tensor, *, lam: float = DEFAULT_LAMBDA) -> list[np.ndarray]:
-        """Like :meth:`logits`, but at the working size (long side ``self.long_side``), before SPEC 2.6's resize."""
+    def _window_logits(self, windows: np.ndarray, text: np.ndarray, lam: float) -> np.ndarray:
         param = self._param
-        prepared = [torch.from_numpy(imaging.preprocess(image, self.long_side)) for image in images]
-        canvases = [torch.zeros(len(text), *x.shape[1:]) for x in prepared]
-        counts = [torch.zeros(x.shape[1:]) for x in prepared]
+        out = self.window_logits(torch.from_numpy(windows).to(param.device, param.dtype), torch.from_numpy(text).to(param.device), lam)
+        return out.cpu().numpy()
 
-        sizes = [x.shape[1:] for x in prepared]
-        for batch in imaging.window_batches(sizes, self.window, self.stride, self.patch_size, self.window_batch):
-            windows = torch.stack([_crop_and_pad(prepared[i], box, pads) for i, box, pads in batch])
-            out = self.window_logits(windows.to(param.device, param.dtype), text.to(param.device), lam).cpu()
-            for (i, (y0, y1, x0, x1), ((top, _), (left, _))), window_out in zip(batch, out):
-                canvases[i][:, y0:y1, x0:x1] += window_out[:, top : top + y1 - y0, left : left + x1 - x0]
-                counts[i][y0:y1, x0:x1] += 1
-
-        return [(canvas / count).numpy() for canvas, count in zip(canvases, counts)]
-
-    def segment(
-        self,
-        images: list[np.ndarray],
-        vocabulary: Vocabulary,
-        text: torch.Tensor,
-        *,
-        lam: float = DEFAULT_LAMBDA,
-        prob_thd: float = DEFAULT_PROB_THD,
-        bg_idx: int = DEFAULT_BG_IDX,
-        return_probs: bool = False,
-    ) -> list[scores.Segmentation]:
-        """Label maps (SPEC 2.7) for RGB uint8 images; ``text`` from :func:`simfeatup.text.encode_queries`."""
-        return [
-            scores.segmentation(logits, vocabulary, prob_thd=prob_thd, bg_idx=bg_idx, return_probs=return_probs, size=image.shape[:2])
-            for logits, image in zip(self.averaged_logits(images, text, lam=lam), images)
-        ]
-
-
-def _crop_and_pad(x: torch.Tensor, box, pads) -> torch.Tensor:
-    """(3, H, W) -> window zero-padded AFTER normalisation, i.e. with the mean colour (SPEC 2.2)."""
-    y0, y1, x0, x1 = box
-    (top, bottom), (left, right) = pads
-    return F.pad(x[:, y0:y1, x0:x1], (left, right, top, bottom))
+    def describe(self) -> dict:
+        up = {"kind": "simfeatup", "config": self.upsampler.config} if self.upsampler is not None else {"kind": "bilinear"}
+        return {"torch": {**self.encoder.backbone.to_dict(), "upsampler": up, "dtype": str(self._param.dtype).removeprefix("torch.")}}
 
 
 def build_segmenter(

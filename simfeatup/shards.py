@@ -16,6 +16,7 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .atomic import AtomicFile, remove_stale_temporaries
 from .imaging import IMAGE_SUFFIXES, decode_image, sniff_image
 
 log = logging.getLogger(__name__)
@@ -130,12 +131,16 @@ def _read_file(path: Path, verify: bool) -> tuple[bytes | None, str]:
 
 
 class _ShardFile:
-    """One tar written to a hidden temporary name and renamed when closed, never half-written under its final name."""
+    """One tar streamed into an `AtomicFile`: renamed into place when closed, never half-written under its final name."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.tmp = path.with_name(f".{path.name}.partial")
-        self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
+        self.file = AtomicFile(path)
+        try:
+            self.tar = tarfile.open(self.file.tmp, "w", format=tarfile.USTAR_FORMAT)
+        except BaseException:
+            self.file.abort()
+            raise
         self.count = 0
 
     def add(self, name: str, data: bytes) -> None:
@@ -150,13 +155,13 @@ class _ShardFile:
 
     def close(self) -> int:
         self.tar.close()
-        size = self.tmp.stat().st_size
-        os.replace(self.tmp, self.path)
+        size = self.file.tmp.stat().st_size
+        self.file.commit()
         return size
 
     def abort(self) -> None:
         self.tar.close()
-        self.tmp.unlink(missing_ok=True)
+        self.file.abort()
 
 
 def make_shards(sources, pattern: str, *, maxcount: int = 1000, maxsize: int = 1_000_000_000,
@@ -180,6 +185,7 @@ def make_shards(sources, pattern: str, *, maxcount: int = 1000, maxsize: int = 1
     summary = ShardSummary(pattern=pattern)
     taken: set[str] = set()
     Path(pattern % 0).parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(Path(pattern % 0).parent)  # half-written shards of a killed run
     shard: _ShardFile | None = None
     bar = tqdm(files, unit="img", desc="make-shards", disable=not progress)
     try:

@@ -1,40 +1,45 @@
-"""Text queries -> unit-norm CLIP embeddings (SPEC 2, text side), cached on disk."""
+"""Class words -> unit-norm CLIP query embeddings (SPEC 2, text side), cached on disk.
+
+Torch-free: the averaging over prompt templates is written once and takes the backend's
+``encode_texts`` (texts -> (N, D) unit-norm embeddings), so the torch and ONNX segmenters
+build their queries with the same code.
+"""
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
-import torch
 
 from .cache import EmbeddingCache
 from .templates import prompts_for
 
+EncodeTexts = Callable[[list[str]], np.ndarray]
 
-@torch.inference_mode()
-def encode_queries(encoder, words: list[str], *, cache: EmbeddingCache | bool = True) -> torch.Tensor:
-    """Each word in the 80 templates, encoded, L2-normalised, averaged, L2-normalised again.
 
-    ``encoder`` is a :class:`simfeatup.encoder.DenseCLIP`. Returns (Q, D) float32 on the
-    encoder's device. ``cache=True`` uses the on-disk cache when the weights are known
-    (keyed by ``encoder.backbone.cache_identity()``).
-    """
-    if cache is True:
-        cache = EmbeddingCache(encoder.backbone.cache_identity())
-    elif cache is False:
-        cache = EmbeddingCache(None)
+def embed_queries(words: list[str], encode_texts: EncodeTexts, cache: EmbeddingCache | None = None) -> np.ndarray:
+    """Each word in the 80 templates, encoded (unit norm), averaged, L2-normalised again -> (Q, D) float32."""
+    cache = cache if cache is not None else EmbeddingCache(None)
     vectors = []
     for word in words:
         vector = cache.get(word)
         if vector is None:
-            tokens = encoder.tokenize(prompts_for(word))
-            prompts = encoder.encode_text(tokens).float()  # (80, D) unit-norm
-            mean = prompts.mean(dim=0)
-            vector = (mean / mean.norm()).cpu().numpy()
+            prompts = np.asarray(encode_texts(prompts_for(word)), np.float32)  # (80, D)
+            mean = prompts.mean(axis=0)
+            vector = mean / np.linalg.norm(mean)
             cache.put(word, vector)
         vectors.append(vector)
-    return torch.from_numpy(np.stack(vectors)).to(_device(encoder))
+    return np.stack(vectors).astype(np.float32)
 
 
-def _device(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
+def encode_queries(encoder, words: list[str], *, cache: EmbeddingCache | bool = True) -> np.ndarray:
+    """:func:`embed_queries` with a :class:`simfeatup.encoder.DenseCLIP`'s text tower -> (Q, D) float32.
+
+    ``cache=True`` uses the on-disk cache when the weights are known (keyed by
+    ``encoder.backbone.cache_identity()``), False memory only.
+    """
+    if cache is True or cache is False:
+        cache = EmbeddingCache(encoder.backbone.cache_identity() if cache else None)
+    return embed_queries(words, encoder.encode_texts, cache)
 
 
-__all__ = ["encode_queries"]
+__all__ = ["embed_queries", "encode_queries"]

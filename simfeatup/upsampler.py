@@ -3,10 +3,12 @@
 The reference computes each step with a CUDA extension, and its PyTorch fallback unfolds the
 features into C x 121 x H x W (~12 GB at C=512, 224x224). Here the same sums are exact but cheap:
 - each step's filter accumulates 121 shifted slices, a cache-sized channel chunk at a time
-  (under ONNX export: one small matmul per 8 x 8 tile, which onnxruntime runs far faster);
+  (the ONNX graph form in simfeatup.export does one small matmul per tile instead);
 - every step is linear in the features with one kernel for all channels, so the final 1x1 conv
   runs on the token grid, and with h*w < C the steps run on the h*w unit images (the columns of
-  the operator) and one matmul mixes them into the C channels.
+  the operator) and one matmul mixes them into the C channels;
+- scoring against text queries (:meth:`SimFeatUp.cosine_logits`) works on those h*w columns
+  too, never on a C-channel full-resolution map.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .atomic import atomic_write
+from .filters import adaptive_filter, pointwise, range_logits, reflect_pad
+from .interp import bicubic_resize
 
 RADIUS = 5  # SPEC 3: the shared step filters an 11 x 11 window
 STACK_RADIUS = 3  # SPEC 3.1: FeatUp's JBUStack (up1..up4) filters 7 x 7
@@ -30,12 +34,6 @@ FINAL_DROPOUT = 0.2  # SPEC 3: Dropout2d before the final 1x1 conv
 TEMP_MIN, TEMP_MAX = 1e-4, 1e4  # SPEC 3: clamp of the range temperature exp(t)
 NORM_EPS = 1e-7  # SPEC 3: floor of the kernel sum before renormalising
 
-# Channels per chunk of the adaptive filter are chosen so one chunk of the output is about this
-# many bytes: it then stays in cache across the 121 offsets. Measured on a 2-core EPYC
-# (2 MiB L2, 32 MiB L3), C=196..512 at 224x224 fp32: 4-10 MiB chunks are 2.5x faster than
-# one unchunked pass and 1.2x faster than 1 MiB chunks.
-CHUNK_BYTES = 8 << 20
-
 FORMAT = "simfeatup-upsampler"
 FORMAT_VERSION = 1
 
@@ -44,161 +42,24 @@ class UpsamplerFileError(ValueError):
     """An upsampler file that cannot be loaded: wrong format, missing tensor or wrong shape."""
 
 
-def _exporting() -> bool:
-    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+def factored_cosine(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Cosine logits <f / |f|, t> of features given as f(p) = x u(p) + bias, never building f.
 
-
-def reflect_pad(x: torch.Tensor, r: int) -> torch.Tensor:
-    """Mirror-pad the last two dims by ``r`` like ``F.pad(mode="reflect")``, also for sides <= r.
-
-    A side of n <= r pixels is mirrored repeatedly (period 2(n-1)); a 1-pixel side is repeated.
+    x (B, C, n): the mixed token features; u (B, P, n): each pixel's coordinates on them (the
+    upsampling operator's rows); bias (C,); text (Q, C). Then <f, t> = (x^T t) . u + t . b and
+    |f|^2 = u^T (x^T x) u + 2 (x^T b) . u + |b|^2: n-wide products per pixel instead of a C-wide
+    feature map to normalise and project. Returns (B, Q, P) float32, as F.normalize + einsum.
+    The eager upsampler and its ONNX graph form both score with this.
     """
-    h, w = x.shape[-2:]
-    if r < h and r < w:
-        return F.pad(x, [r] * 4, mode="reflect")
-
-    def mirror(n: int) -> torch.Tensor:
-        i = torch.arange(-r, n + r, device=x.device)
-        if n == 1:
-            return torch.zeros_like(i)
-        i = i.remainder(2 * (n - 1))
-        return torch.where(i < n, i, 2 * (n - 1) - i)
-
-    return x.index_select(-2, mirror(h)).index_select(-1, mirror(w))
-
-
-def adaptive_filter(src_pad: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """out[b, c, y, x] = sum_o kernel[b, o, y, x] * src_pad[b, c, y + dy(o), x + dx(o)].
-
-    src_pad (B, C, H + 2r, W + 2r); kernel (B, d*d, H, W) with offsets row-major (o = dy*d + dx).
-    Returns (B, C, H, W) in src_pad's dtype, never materialising (B, C, d*d, H, W).
-    """
-    kernel = kernel.to(src_pad.dtype)
-    if _exporting():
-        # 121 shifted multiply-adds become ~500 graph nodes per step that onnxruntime runs
-        # 4-6x slower than one batched matmul per tile; eager PyTorch is faster with the slices.
-        return _adaptive_filter_tiles(src_pad, kernel)
-    return _ShiftedSliceFilter.apply(src_pad, kernel)
-
-
-def _chunks(C: int, H: int, W: int, itemsize: int) -> range:
-    """Channel chunk starts; chunk size = range step."""
-    return range(0, C, max(1, min(C, CHUNK_BYTES // (H * W * itemsize))))
-
-
-class _ShiftedSliceFilter(torch.autograd.Function):
-    """adaptive_filter by 121 shifted multiply-adds per cache-sized channel chunk.
-
-    Own backward: autograd through the slices would zero-fill a full-size gradient of src_pad
-    per offset (121 per step), making backward ~10x the forward; here it is ~2x.
-    """
-
-    @staticmethod
-    def forward(ctx, src_pad: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(src_pad, kernel)
-        C = src_pad.shape[1]
-        H, W = kernel.shape[-2:]
-        d = math.isqrt(kernel.shape[1])
-        steps = _chunks(C, H, W, src_pad.element_size())
-        parts = []
-        for c0 in steps:
-            src = src_pad[:, c0:c0 + steps.step]
-            acc = src[..., :H, :W] * kernel[:, :1]
-            for o in range(1, d * d):
-                dy, dx = divmod(o, d)
-                acc.addcmul_(src[..., dy:dy + H, dx:dx + W], kernel[:, o:o + 1])
-            parts.append(acc)
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        src_pad, kernel = ctx.saved_tensors
-        C = src_pad.shape[1]
-        H, W = kernel.shape[-2:]
-        d = math.isqrt(kernel.shape[1])
-        grad_src = torch.zeros_like(src_pad) if ctx.needs_input_grad[0] else None
-        grad_kernel = torch.zeros_like(kernel) if ctx.needs_input_grad[1] else None
-        steps = _chunks(C, H, W, src_pad.element_size())
-        for c0 in steps:
-            g = grad[:, c0:c0 + steps.step]
-            for o in range(d * d):
-                dy, dx = divmod(o, d)
-                if grad_src is not None:
-                    grad_src[:, c0:c0 + steps.step, dy:dy + H, dx:dx + W].addcmul_(g, kernel[:, o:o + 1])
-                if grad_kernel is not None:
-                    grad_kernel[:, o] += (g * src_pad[:, c0:c0 + steps.step, dy:dy + H, dx:dx + W]).sum(1)
-        return grad_src, grad_kernel
-
-
-# Tiled form of the d x d window sums: the output is cut into T x T tiles; each tile reads one
-# (T + d - 1)^2 window of the padded input, so per-pixel window sums become one small dense
-# matmul per tile ((T*T) x (T+d-1)^2), with the d*d offsets scattered/gathered by a fixed index.
-TILE = 8  # largest tile side; the actual tile is the largest power of two <= TILE dividing H and W
-
-
-def _tile_size(H: int, W: int) -> int:
-    t = TILE
-    while H % t or W % t:
-        t //= 2
-    return t
-
-
-def _window_index(T: int, d: int, device) -> torch.Tensor:
-    """(T*T, d*d): where offset o of tile pixel (i, j) sits in the flattened (T+d-1)^2 window."""
-    S = T + d - 1
-    i = torch.arange(T, device=device).view(T, 1, 1, 1)
-    j = torch.arange(T, device=device).view(1, T, 1, 1)
-    dy = torch.arange(d, device=device).view(1, 1, d, 1)
-    dx = torch.arange(d, device=device).view(1, 1, 1, d)
-    return ((i + dy) * S + (j + dx)).reshape(T * T, d * d)
-
-
-def _to_tiles(x: torch.Tensor, T: int) -> torch.Tensor:
-    """(B, c, H, W) -> (B, H/T, W/T, T*T, c)."""
-    B, c, H, W = x.shape
-    x = x.reshape(B, c, H // T, T, W // T, T).permute(0, 2, 4, 3, 5, 1)
-    return x.reshape(B, H // T, W // T, T * T, c)
-
-
-def _from_tiles(x: torch.Tensor, T: int) -> torch.Tensor:
-    """(B, H/T, W/T, T*T, c) -> (B, c, H, W)."""
-    B, ty, tx, _, c = x.shape
-    return x.reshape(B, ty, tx, T, T, c).permute(0, 5, 1, 3, 2, 4).reshape(B, c, ty * T, tx * T)
-
-
-def _tile_windows(x_pad: torch.Tensor, T: int, S: int) -> torch.Tensor:
-    """(B, c, H + S - T, W + S - T) -> (B, H/T, W/T, S*S, c): each tile's input window."""
-    B, c = x_pad.shape[:2]
-    w = x_pad.unfold(2, S, T).unfold(3, S, T)  # (B, c, H/T, W/T, S, S)
-    return w.permute(0, 2, 3, 4, 5, 1).reshape(B, w.shape[2], w.shape[3], S * S, c)
-
-
-def _adaptive_filter_tiles(src_pad: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """adaptive_filter as one matmul per T x T tile (for ONNX): band (T*T, S*S) @ window (S*S, C)."""
-    H, W = kernel.shape[-2:]
-    d = math.isqrt(kernel.shape[1])
-    T = _tile_size(H, W)
-    S = T + d - 1
-    k = _to_tiles(kernel, T)  # (B, H/T, W/T, T*T, d*d)
-    index = _window_index(T, d, kernel.device).expand(k.shape)
-    band = k.new_zeros(*k.shape[:-1], S * S).scatter(-1, index, k)  # (B, H/T, W/T, T*T, S*S)
-    return _from_tiles(band @ _tile_windows(src_pad, T, S), T)
-
-
-def range_logits(key_pad: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """<key(p + o), key(p)> for every offset: key_pad (B, k, H+2r, W+2r), key (B, k, H, W) -> (B, d*d, H, W).
-
-    Tiled (all pairs in a tile's window, then the d*d wanted ones gathered): never builds the
-    (B, k, d*d, H, W) unfold, and exports as a few matmuls instead of 121 shifted products.
-    """
-    H, W = key.shape[-2:]
-    d = key_pad.shape[-1] - W + 1
-    T = _tile_size(H, W)
-    S = T + d - 1
-    pairs = _to_tiles(key, T) @ _tile_windows(key_pad, T, S).transpose(-1, -2)  # (B, H/T, W/T, T*T, S*S)
-    index = _window_index(T, d, key.device).expand(*pairs.shape[:-1], d * d)
-    return _from_tiles(pairs.gather(-1, index), T)
+    x, u, bias, text = x.float(), u.float(), bias.float(), text.float()
+    num = u @ (text @ x).transpose(1, 2) + text @ bias  # (B, P, Q)
+    gram = x.transpose(1, 2) @ x  # (B, n, n)
+    # (B, n); not x^T @ bias: onnxruntime 1.32's MatmulTransposeFusion computes a transposed
+    # batched matrix times a vector wrongly (relative error ~1)
+    cross = bias @ x
+    sq = ((u @ gram) * u).sum(-1) + 2 * (u @ cross[..., None]).squeeze(-1) + bias @ bias  # (B, P)
+    norm = sq.clamp(min=0).sqrt().clamp(min=1e-12)  # F.normalize's eps
+    return (num / norm[..., None]).transpose(1, 2)
 
 
 def pool_guidance(guidance: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -248,16 +109,26 @@ class JBUStep(nn.Module):
 
     def kernel(self, guide: torch.Tensor) -> torch.Tensor:
         """Per-pixel filter weights from the pooled guidance (B, 3, H, W) -> (B, d*d, H, W)."""
-        key = self.range_proj(guide)  # (B, key_dim, H, W)
-        logits = range_logits(reflect_pad(key, self.radius), key)  # (B, d*d, H, W)
+        key = pointwise(self.range_proj, guide)  # (B, key_dim, H, W)
+        return self.kernel_from_range(range_logits(reflect_pad(key, self.radius), key), guide)
+
+    def kernel_from_range(self, logits: torch.Tensor, guide: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Range logits <P(p + o), P(p)> and the guidance -> the step's kernel K (SPEC 3).
+
+        K = softmax over offsets of T * logits, times the spatial Gaussian, renormalised, plus
+        0.1 * fixup([K, guide]). ``dim``: the axis of the d*d offsets and of the 3 guidance
+        channels (1 eager; -1 in the channels-last graph form, whose logits come in tiles).
+        """
+        shape = [1] * logits.ndim
+        shape[dim] = -1
         temp = self.range_temp.exp().clamp(TEMP_MIN, TEMP_MAX)
-        k = torch.softmax(temp * logits, dim=1) * self.spatial_kernel().view(1, -1, 1, 1)
-        k = k / k.sum(1, keepdim=True).clamp(min=NORM_EPS)
-        return k + RESIDUAL * self.fixup_proj(torch.cat([k, guide], dim=1))
+        k = torch.softmax(temp * logits, dim=dim) * self.spatial_kernel().view(shape)
+        k = k / k.sum(dim, keepdim=True).clamp(min=NORM_EPS)
+        return k + RESIDUAL * pointwise(self.fixup_proj, torch.cat([k, guide], dim=dim), dim)
 
     def forward(self, source: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
         """source (B, C, h, w), guide (B, 3, H, W) already pooled -> (B, C, H, W)."""
-        src = F.interpolate(source, size=guide.shape[-2:], mode="bicubic", align_corners=False)
+        src = bicubic_resize(source, guide.shape[-2:])
         return adaptive_filter(reflect_pad(src, self.radius), self.kernel(guide))
 
 
@@ -324,18 +195,44 @@ class SimFeatUp(nn.Module):
         self._check(feats, guidance)
         B, C, h, w = feats.shape
         H, W = guidance.shape[-2:]
-        guidance = guidance.to(feats.dtype)
         x = self._mix_channels(feats)
-        n = h * w
-        if n < C:
-            # The steps are one image-dependent linear map, identical for every channel: apply it
-            # to the n unit images (its columns) and mix them into the C channels with one matmul.
-            basis = torch.eye(n, dtype=feats.dtype, device=feats.device).view(1, n, h, w).expand(B, n, h, w)
-            op = self._upsample(basis, guidance)  # (B, n, H, W)
+        if h * w < C:
+            op = self._operator(x, guidance)  # (B, n, H, W)
             out = torch.bmm(x.flatten(2), op.flatten(2)).view(B, C, H, W)
         else:
-            out = self._upsample(x, guidance)
-        return out + RESIDUAL * self.fixup_proj[1].bias.to(out.dtype).view(1, C, 1, 1)
+            out = self._upsample(x, guidance.to(x.dtype))
+        return out + self.bias().to(out.dtype).view(1, C, 1, 1)
+
+    def cosine_logits(self, feats: torch.Tensor, guidance: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """<f / |f|, t> of the upsampled features f = forward(feats, guidance) for text (Q, C).
+
+        Returns (B, Q, H, W) float32. With fewer tokens than channels (ViT-B/16: 196 < 512) f is
+        never built: :func:`factored_cosine` scores the operator's h*w columns instead.
+        """
+        self._check(feats, guidance)
+        B, C, h, w = feats.shape
+        H, W = guidance.shape[-2:]
+        if h * w >= C:
+            return torch.einsum("bchw,qc->bqhw", F.normalize(self(feats, guidance).float(), dim=1), text.float())
+        x = self._mix_channels(feats)
+        op = self._operator(x, guidance)  # (B, n, H, W)
+        u = op.flatten(2).transpose(1, 2)  # (B, H*W, n)
+        return factored_cosine(x.flatten(2), u, self.bias(), text).reshape(B, -1, H, W)
+
+    def _operator(self, x: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+        """The steps applied to the h*w unit images: (B, n, H, W), the columns of the linear map.
+
+        Every step is one image-dependent linear map, identical for every channel (SPEC 3), so
+        with n < C running it on the n unit images and mixing them into C channels is cheaper.
+        """
+        B, _, h, w = x.shape
+        n = h * w
+        basis = torch.eye(n, dtype=x.dtype, device=x.device).view(1, n, h, w).expand(B, n, h, w)
+        return self._upsample(basis, guidance.to(x.dtype))
+
+    def bias(self) -> torch.Tensor:
+        """(C,) what the final fixup adds to every pixel: 0.1 * its conv's bias (SPEC 3)."""
+        return RESIDUAL * self.fixup_proj[1].bias
 
     def _check(self, feats: torch.Tensor, guidance: torch.Tensor) -> None:
         B, C, h, w = feats.shape
@@ -354,27 +251,6 @@ class SimFeatUp(nn.Module):
         """
         drop, conv = self.fixup_proj
         return feats + RESIDUAL * F.conv2d(drop(feats), conv.weight)
-
-    def forward_factored(self, feats: torch.Tensor, guidance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """forward() as basis (B, C, r) with orthonormal columns and coords (B, r, H, W), r <= h*w+1.
-
-        forward(feats, guidance) == einsum("bcr,brhw->bchw", basis, coords), and per-pixel norms and
-        dot products are those of coords (with basis^T t for a query t), so a caller scoring
-        against a few text queries never builds the (B, C, H, W) tensor. Not exportable to ONNX
-        (QR); export forward().
-        """
-        self._check(feats, guidance)
-        B, C, h, w = feats.shape
-        x = self._mix_channels(feats).flatten(2)  # (B, C, n)
-        bias = RESIDUAL * self.fixup_proj[1].bias.to(x.dtype).view(1, C, 1).expand(B, C, 1)
-        # The output's columns lie in span([x, bias]); QR gives an orthonormal basis of it and the
-        # coordinates R, so the spatial steps run on R's rows (r <= n + 1 channels) instead of C.
-        # QR has no half-precision kernels: run it in at least float32.
-        span = torch.cat([x, bias], dim=2).to(torch.promote_types(x.dtype, torch.float32))
-        basis, coef = torch.linalg.qr(span)  # (B, C, r), (B, r, n + 1)
-        basis, coef = basis.to(x.dtype), coef.to(x.dtype)
-        coords = self._upsample(coef[:, :, :-1].reshape(B, -1, h, w), guidance.to(x.dtype))
-        return basis, coords + coef[:, :, -1:, None]
 
 
 def save_upsampler(module: SimFeatUp, path, *, backbone: dict | None = None, extra: dict | None = None) -> None:

@@ -138,11 +138,28 @@ def test_verbose_flag_works_before_and_after_the_subcommand(capsys, monkeypatch)
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", [])  # an unconfigured root, as in a fresh process; restored after
     monkeypatch.setattr(root, "level", root.level)
-    for argv, level in ((["-v", "presets"], logging.DEBUG), (["presets", "-v"], logging.DEBUG), (["presets"], logging.INFO)):
+    ours, lightning = logging.getLogger("simfeatup"), logging.getLogger("lightning")
+    monkeypatch.setattr(ours, "level", ours.level)
+    monkeypatch.setattr(lightning, "propagate", lightning.propagate)
+    for argv, level, own in ((["-v", "presets"], logging.DEBUG, logging.DEBUG), (["presets", "-v"], logging.DEBUG, logging.DEBUG),
+                             (["presets"], logging.WARNING, logging.INFO)):  # INFO from simfeatup, not from the libraries
         root.handlers = []  # basicConfig only configures a root logger without handlers
         assert main(argv) == 0
-        assert root.level == level, argv
+        assert (root.level, ours.level) == (level, own), argv
     assert "loveda" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--prob-thd", "2", "not a probability"), ("--prob-thd", "-0.5", "not a probability"), ("--prob-thd", "nan", "not a finite number"),
+    ("--lam", "inf", "not a finite number"), ("--bg-idx", "-1", "negative"),
+])
+def test_numeric_flags_are_checked_when_parsed(flag, value, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["segment", str(tmp_path / "x.png"), "--classes", "road;tree", f"{flag}={value}", "--out", str(tmp_path / "o")])
+    assert exit_.value.code == 2
+    last = _one_line_error(capsys)
+    assert flag in last and message in last
+    assert not (tmp_path / "o").exists()
 
 
 def test_segment_with_a_model_config_file_and_its_weights(images, tmp_path, tiny_clip_cfg, monkeypatch, capsys):
@@ -152,7 +169,6 @@ def test_segment_with_a_model_config_file_and_its_weights(images, tmp_path, tiny
     from simfeatup.encoder import DenseCLIP
     from simfeatup.imaging import load_image
     from simfeatup.segmenter import Segmenter
-    from simfeatup.text import encode_queries
     from simfeatup.vocabulary import Vocabulary
 
     monkeypatch.setenv("SIMFEATUP_CACHE", str(tmp_path / "cache"))
@@ -164,13 +180,11 @@ def test_segment_with_a_model_config_file_and_its_weights(images, tmp_path, tiny
             "--model", str(tmp_path / "cfg.json"), "--pretrained", str(tmp_path / "w.safetensors")]
     assert main(argv) == 0
     # the same model built here from the same tensors gives the same probabilities
-    reference = Segmenter(DenseCLIP(clip)).eval()
-    vocabulary = Vocabulary.from_spec("road;tree;roof")
-    text = encode_queries(reference.encoder, vocabulary.queries, cache=False)
-    [expected] = reference.segment([load_image(images / "rgb.png")], vocabulary, text, return_probs=True)
+    vocabulary, image = Vocabulary.from_spec("road;tree;roof"), load_image(images / "rgb.png")
+    [expected] = Segmenter(DenseCLIP(clip), cache=False).eval().segment([image], vocabulary, return_probs=True)
     np.testing.assert_allclose(np.load(out / "rgb_probs.npy").astype(np.float32), expected.probs, atol=2e-3)
-    random = Segmenter(DenseCLIP.from_config(tiny_clip_cfg)).eval()
-    [other] = random.segment([load_image(images / "rgb.png")], vocabulary, encode_queries(random.encoder, vocabulary.queries, cache=False), return_probs=True)
+    random = Segmenter(DenseCLIP.from_config(tiny_clip_cfg), cache=False).eval()
+    [other] = random.segment([image], vocabulary, return_probs=True)
     assert np.abs(other.probs - expected.probs).max() > 0.01  # the check above can tell the weights apart
     capsys.readouterr()
     assert main([*argv[:-1], str(tmp_path / "absent.safetensors")]) == 2

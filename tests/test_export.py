@@ -10,10 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from simfeatup import export
 from simfeatup.backbone import Backbone, file_sha256
 from simfeatup.encoder import DenseCLIP
 from simfeatup.export import OnnxExportError, export_onnx, verify_onnx
+from simfeatup.export import writer
+from simfeatup.export.graph_form import GraphUpsampler
+from simfeatup.export.verify import FP16_TOLERANCE, FP32_TOLERANCE
+from simfeatup.interp import bicubic_matrix, bicubic_resize
+from simfeatup.model_folder import MERGES, sha256
 from simfeatup.runtime import session_options
 from simfeatup.segmenter import Segmenter
 from simfeatup.upsampler import SimFeatUp
@@ -68,8 +72,17 @@ def bilinear_dir(tiny_weights, tmp_path_factory):
 def test_bicubic_matrix_is_torch_bicubic_with_scale_factor(n):
     grid = torch.randn(1, 4, 14, 14)
     ref = F.interpolate(grid, scale_factor=((n + 0.1) / 14, 1.0), mode="bicubic", align_corners=False, recompute_scale_factor=False)
-    m = export.bicubic_matrix(n, 14, torch.tensor(14 / (n + 0.1)), grid)
+    m = bicubic_matrix(n, 14, torch.tensor(14 / (n + 0.1)), grid)
     torch.testing.assert_close(torch.einsum("ij,bcjk->bcik", m, grid), ref, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(28, 28), (7, 5), (224, 96)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bicubic_resize_is_torch_bicubic(size, channels_last):
+    x = torch.randn(2, 5, 14, 12)
+    ref = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+    got = bicubic_resize(x.permute(0, 2, 3, 1) if channels_last else x, size, channels_last=channels_last)
+    torch.testing.assert_close(got.permute(0, 3, 1, 2) if channels_last else got, ref, atol=2e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("hw", [(14, 14), (14, 6), (1, 14), (3, 2)])
@@ -77,7 +90,9 @@ def test_pos_embed_export_form_matches_dense_clip(hw):
     from conftest import TINY_CLIP
 
     encoder = DenseCLIP.from_config(TINY_CLIP)
-    torch.testing.assert_close(export._pos_embed(encoder, *hw), encoder.pos_embed(*hw), atol=2e-6, rtol=1e-5)
+    # 0-d tensors take the branch that symbolic sizes take in the traced graph (native grid chosen in the graph)
+    graph_form = encoder.resized_pos_embed(torch.tensor(hw[0]), torch.tensor(hw[1]))
+    torch.testing.assert_close(graph_form, encoder.pos_embed(*hw), atol=2e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dim", [32, 300])  # direct path (32 < 196 tokens) and operator path
@@ -85,12 +100,14 @@ def test_pos_embed_export_form_matches_dense_clip(hw):
 def test_graph_upsampler_matches_simfeatup(dim, hw):
     torch.manual_seed(0)
     up = _perturbed(SimFeatUp(dim, 16)).eval()
-    graph = export._GraphUpsampler(up, max_tokens=196)
+    graph = GraphUpsampler(up, max_tokens=196)
     assert graph.operator == (dim > 196)
     feats, guidance = torch.randn(2, dim, *hw), torch.randn(2, 3, 16 * hw[0], 16 * hw[1])
+    text = F.normalize(torch.randn(4, dim), dim=1)
     with torch.no_grad():
         ref = up(feats, guidance)
         torch.testing.assert_close(graph(feats, guidance), ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
+        torch.testing.assert_close(graph.cosine_logits(feats, guidance, text), up.cosine_logits(feats, guidance, text), atol=5e-5, rtol=0)
 
 
 # ------------------------------------------------------------------ whole exports
@@ -98,8 +115,8 @@ def test_bilinear_export_writes_a_complete_verified_folder(bilinear_dir, tiny_we
     manifest = json.loads((bilinear_dir / "manifest.json").read_text())
     assert sorted(manifest["files"]) == sorted(p.name for p in bilinear_dir.iterdir() if p.name != "manifest.json")
     for name, digest in manifest["files"].items():
-        assert export.sha256(bilinear_dir / name) == digest
-    assert {"image.onnx.data", "text.onnx.data", export.MERGES} <= set(manifest["files"])  # external-data layout
+        assert sha256(bilinear_dir / name) == digest
+    assert {"image.onnx.data", "text.onnx.data", MERGES} <= set(manifest["files"])  # external-data layout
     pre = manifest["preprocessing"]
     assert (pre["long_side"], pre["window"], pre["stride"], pre["patch"]) == (448, 224, 112, 16)
     assert manifest["logit_scale"] == 50.0 and manifest["default_lambda"] == -0.3 and manifest["upsampler"] == {"kind": "bilinear"}
@@ -108,7 +125,7 @@ def test_bilinear_export_writes_a_complete_verified_folder(bilinear_dir, tiny_we
                                  "embed_dim": 32}  # the weights by name and checksum, never this machine's path
     assert manifest["exporter"]["versions"]["torch"] and manifest["opset"] >= 18
     report = manifest["verification"]
-    assert report["max_abs_logit_diff"] <= export.FP32_TOLERANCE and any(c.startswith("sample") for c in report["cases"])
+    assert report["max_abs_logit_diff"] <= FP32_TOLERANCE and any(c.startswith("sample") for c in report["cases"])
     assert not list(bilinear_dir.parent.glob(".*tmp"))  # the temporary folder was renamed, not copied
 
 
@@ -160,7 +177,7 @@ def test_upsampler_graph_matches_torch_at_several_sizes(upsampler_dir, tiny_segm
         with torch.no_grad():
             ref = tiny_segmenter.window_logits(torch.from_numpy(windows), torch.from_numpy(text), lam).numpy()
         assert got.shape == (B, 4, H, W)
-        assert np.abs(got - ref).max() <= export.FP32_TOLERANCE
+        assert np.abs(got - ref).max() <= FP32_TOLERANCE
 
 
 def test_text_graph_matches_encoder(bilinear_dir, tiny_weights):
@@ -178,7 +195,7 @@ def test_fp16_export_reports_and_bounds_its_error(tiny_segmenter, tmp_path, capl
     with caplog.at_level("INFO", logger="simfeatup.export"):
         out = export_onnx(tmp_path / "half", segmenter=bilinear, dtype="fp16", samples=[])
     report = json.loads((out / "manifest.json").read_text())["verification"]
-    assert 0 < report["max_abs_logit_diff"] <= export.FP16_TOLERANCE
+    assert 0 < report["max_abs_logit_diff"] <= FP16_TOLERANCE
     assert "fp16 image graph: max |logit diff|" in caplog.text
     assert next(tiny_segmenter.parameters()).dtype == torch.float32  # the caller's model is untouched
 
@@ -189,7 +206,7 @@ def test_failed_export_removes_everything(tiny_segmenter, tmp_path, monkeypatch)
         path.write_bytes(b"half a graph")
         raise OnnxExportError("simulated exporter failure")
 
-    monkeypatch.setattr(export, "_export_image", broken)
+    monkeypatch.setattr(writer, "export_image", broken)
     with pytest.raises(OnnxExportError, match="simulated"):
         export_onnx(tmp_path / "out", segmenter=tiny_segmenter)
     assert list(tmp_path.iterdir()) == []
@@ -235,7 +252,7 @@ def test_vit_b16_random_weights_export_with_simfeatup(tmp_path):
     segmenter = Segmenter(encoder, _perturbed(SimFeatUp(512, 16), 0.1)).eval()
     out = export_onnx(tmp_path / "vitb16", segmenter=segmenter)
     report = json.loads((out / "manifest.json").read_text())["verification"]
-    assert report["max_abs_logit_diff"] <= export.FP32_TOLERANCE
+    assert report["max_abs_logit_diff"] <= FP32_TOLERANCE
 
 
 def test_script_leaves_the_attention_to_the_artefact(tmp_path, monkeypatch, capsys):

@@ -5,7 +5,7 @@ import tifffile
 import torch
 import torch.nn.functional as F
 
-from simfeatup import imaging
+from simfeatup import imaging, windows
 from simfeatup.constants import CLIP_MEAN, CLIP_STD
 
 
@@ -29,13 +29,13 @@ def test_preprocess_resizes_uint8_with_opencv_before_normalising():
 
 @pytest.mark.parametrize("length, starts", [(448, [0, 112, 224]), (269, [0, 45]), (224, [0]), (100, [0]), (300, [0, 76]), (449, [0, 112, 224, 225])])
 def test_window_starts_shift_the_last_window_inside(length, starts):
-    assert imaging.window_starts(length) == starts
+    assert windows.window_starts(length) == starts
 
 
 @pytest.mark.parametrize("h, w", [(448, 448), (269, 448), (448, 149), (100, 448), (37, 23), (224, 225)])
 def test_windows_cover_every_pixel_and_stay_inside(h, w):
     cover = np.zeros((h, w), int)
-    for y0, y1, x0, x1 in imaging.window_boxes(h, w):
+    for y0, y1, x0, x1 in windows.window_boxes(h, w):
         assert 0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w
         assert y1 - y0 == min(224, h) and x1 - x0 == min(224, w)
         cover[y0:y1, x0:x1] += 1
@@ -43,12 +43,12 @@ def test_windows_cover_every_pixel_and_stay_inside(h, w):
 
 
 def test_square_448_gives_nine_windows():
-    assert len(imaging.window_boxes(448, 448)) == 9
+    assert len(windows.window_boxes(448, 448)) == 9
 
 
 @pytest.mark.parametrize("size, pads", [(224, (0, 0)), (149, (5, 6)), (100, (6, 6)), (17, (7, 8))])
 def test_padding_to_patch_multiple_puts_half_first(size, pads):
-    assert imaging.padding(size, 16) == pads
+    assert windows.padding(size, 16) == pads
     assert (size + sum(pads)) % 16 == 0
 
 
@@ -104,9 +104,9 @@ def test_check_size_refuses_images_below_one_patch():
 
 def test_window_batches_cover_every_window_once_in_same_shape_batches():
     sizes = [(448, 448), (269, 448), (100, 130)]
-    batches = list(imaging.window_batches(sizes, 224, 112, 16, 4))
+    batches = list(windows.window_batches(sizes, 224, 112, 16, 4))
     seen = [(i, box) for batch in batches for i, box, _ in batch]
-    assert sorted(seen) == sorted((i, box) for i, size in enumerate(sizes) for box in imaging.window_boxes(*size, 224, 112))
+    assert sorted(seen) == sorted((i, box) for i, size in enumerate(sizes) for box in windows.window_boxes(*size, 224, 112))
     for batch in batches:
         assert 1 <= len(batch) <= 4
         shapes = {(y1 - y0 + sum(pads[0]), x1 - x0 + sum(pads[1])) for _, (y0, y1, x0, x1), pads in batch}

@@ -2,13 +2,10 @@
 and every third-party import in simfeatup is declared where simfeatup/extras.py says it is."""
 import ast
 import re
-import subprocess
 import sys
 import tomllib
 from importlib import metadata
 from pathlib import Path
-
-import pytest
 
 from simfeatup.extras import ADVICE, TORCH_MODULES
 
@@ -66,25 +63,4 @@ def test_every_import_in_the_library_is_declared():
             undeclared[str(path.relative_to(REPO))] = sorted(missing)
     assert not undeclared, f"imported but not in pyproject.toml (or not mapped in extras.ADVICE): {undeclared}"
 
-
-@pytest.mark.parametrize(
-    "script, argv, code, pattern",
-    [
-        ("train/fit.py", [], 1, r'error: training needs \w+, which is not installed: pip install "simfeatup\[torch\]"'),
-        ("export/to_onnx.py", ["--upsampler", "bilinear", "--out", "OUT"], 2, r'to_onnx: error: export needs \w+, which is not installed: pip install "simfeatup\[torch\]"'),
-    ],
-)
-def test_scripts_name_the_missing_extra_in_one_line(tmp_path, script, argv, code, pattern):
-    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
-    runner = (
-        f"import runpy, sys\n"
-        f"for name in {list(TORCH_MODULES)!r}:\n"
-        f"    sys.modules[name] = None  # as if the torch extra were not installed\n"
-        f"sys.argv = [{script!r}, *{argv!r}]\n"
-        f"runpy.run_path({script!r}, run_name='__main__')\n"
-    )
-    done = subprocess.run([sys.executable, "-c", runner], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == code, done.stderr
-    [got] = done.stderr.strip().splitlines()
-    assert re.match(pattern, got), got
-    assert not (tmp_path / "out").exists()
+# Every entry point naming a missing extra in one line: tests/test_entry.py.

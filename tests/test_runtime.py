@@ -13,6 +13,7 @@ from PIL import Image
 from simfeatup import imaging
 from simfeatup.extras import TORCH_MODULES
 from simfeatup.runtime import ModelFolderError, OnnxSegmenter, choose_providers
+from simfeatup.scores import Scoring
 from simfeatup.tokenizer import Tokenizer
 from simfeatup.vocabulary import Vocabulary
 
@@ -70,14 +71,15 @@ def test_same_label_maps_as_torch_on_the_sample_images(artefacts, tiny_weights):
     onnx_segmenter = OnnxSegmenter(onnx_dir, cache=False)
     vocabulary = Vocabulary.from_preset("openearthmap")
     text = encode_queries(torch_segmenter.encoder, vocabulary.queries, cache=False)
-    np.testing.assert_allclose(onnx_segmenter.encode_queries(vocabulary.queries), text.numpy(), atol=1e-5)
+    np.testing.assert_allclose(onnx_segmenter.encode_queries(vocabulary.queries), text, atol=1e-5)
     images = [imaging.load_image(p) for p in SAMPLES]
     assert len(images) >= 2
-    kwargs = dict(prob_thd=0.1, bg_idx=0, lam=-0.3, return_probs=True)
-    for ref, got, image in zip(torch_segmenter.segment(images, vocabulary, text, **kwargs), onnx_segmenter.segment(images, vocabulary, **kwargs), images):
+    scoring = Scoring(lam=-0.3, prob_thd=0.1, bg_idx=0)
+    refs = torch_segmenter.segment(images, vocabulary, scoring=scoring, text=text, return_probs=True)
+    for ref, got, image in zip(refs, onnx_segmenter.segment(images, vocabulary, scoring=scoring, return_probs=True), images):
         assert got.labels.shape == image.shape[:2] and got.labels.dtype == ref.labels.dtype
         assert np.abs(got.probs - ref.probs).max() < 1e-3
-        _labels_agree(ref.labels, got.labels, ref.probs, kwargs["prob_thd"])
+        _labels_agree(ref.labels, got.labels, ref.probs, scoring.prob_thd)
 
 
 def test_cli_segment_with_onnx_matches_the_torch_cli(artefacts, tiny_weights, tmp_path):
@@ -98,7 +100,7 @@ def test_cli_segment_with_onnx_matches_the_torch_cli(artefacts, tiny_weights, tm
 def test_manifest_records_the_upsampler_artefact(artefacts, tiny_weights):
     import json
 
-    from simfeatup.export import sha256
+    from simfeatup.model_folder import sha256
 
     path, onnx_dir = artefacts
     up = json.loads((onnx_dir / "manifest.json").read_text())["upsampler"]

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from simfeatup import scores
 
@@ -52,14 +53,28 @@ def test_segmentation_at_original_size_matches_resize_then_score_in_bounded_memo
     size = (301, 428)
     reference = scores.class_probabilities(imaging.resize_bilinear(small, size), vocabulary.query_class, 4)
     monkeypatch.setattr(scores, "STRIP_BYTES", (4 * (2 * 5 + 4) + 8) * 428 * 10)  # 10 rows per strip: many strips
-    got = scores.segmentation(small, vocabulary, prob_thd=0.3, bg_idx=3, return_probs=True, size=size)
+    got = scores.segmentation(small, vocabulary, scores.Scoring(prob_thd=0.3, bg_idx=3), return_probs=True, size=size)
     np.testing.assert_array_equal(got.probs, reference)
     np.testing.assert_array_equal(got.labels, scores.labels_from_probabilities(reference, prob_thd=0.3, bg_idx=3))
 
     # A 6000 x 8000 tile: the full-size logits alone would be 5 x 48e6 float32 = 960 MB.
     monkeypatch.setattr(scores, "STRIP_BYTES", 32 << 20)
     tracemalloc.start()
-    labels = scores.segmentation(small, vocabulary, prob_thd=0.3, bg_idx=3, size=(6000, 8000)).labels
+    labels = scores.segmentation(small, vocabulary, scores.Scoring(prob_thd=0.3, bg_idx=3), size=(6000, 8000)).labels
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert labels.shape == (6000, 8000) and peak < 48e6 + 1.3 * (32 << 20)  # the uint8 map + about one strip
+
+
+def test_scoring_is_resolved_from_preset_then_flags_and_validated():
+    from simfeatup import presets
+
+    udd5 = presets.load("udd5")
+    assert scores.Scoring.resolve(udd5) == scores.Scoring(lam=udd5.lam, prob_thd=0.4, bg_idx=4)
+    assert scores.Scoring.resolve(udd5, prob_thd=0.0, lam=0.0) == scores.Scoring(lam=0.0, prob_thd=0.0, bg_idx=4)
+    assert scores.Scoring.resolve() == scores.Scoring(lam=-0.3, prob_thd=0.0, bg_idx=0)
+    for bad in ({"prob_thd": 1.5}, {"prob_thd": float("nan")}, {"lam": float("inf")}, {"bg_idx": -1}):
+        with pytest.raises(ValueError):
+            scores.Scoring(**bad)
+    with pytest.raises(ValueError, match="bg_idx 5 is not a class index"):
+        scores.Scoring(bg_idx=5).check(3)

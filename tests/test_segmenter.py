@@ -3,8 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from simfeatup import imaging
+from simfeatup import imaging, windows
 from simfeatup.encoder import DenseCLIP
+from simfeatup.scores import Scoring
 from simfeatup.segmenter import Segmenter
 from simfeatup.vocabulary import Vocabulary
 
@@ -53,6 +54,12 @@ def test_window_logits_is_cosine_plus_lambda_cls(encoder, upsampler, use_upsampl
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def _logits(seg, images, text, lam=None):
+    """Per-image (Q, H, W) averaged window logits brought back to the original size (SPEC 2.6)."""
+    averaged = seg.averaged_logits(images, text.numpy(), lam=lam)
+    return [imaging.resize_bilinear(a, image.shape[:2]) for a, image in zip(averaged, images)]
+
+
 # The upsampler's kernels cost the same whatever the feature size, so tests that run it on
 # many windows use a scaled-down geometry (windows 48/24 on a long side of 96); the SPEC
 # geometry itself (448, 224/112) is exercised with the bilinear path.
@@ -65,8 +72,8 @@ def _direct_canvas(seg, image, text, lam):
     _, h, w = x.shape
     total = torch.zeros(len(text), h, w)
     count = torch.zeros(h, w)
-    for y0, y1, x0, x1 in imaging.window_boxes(h, w, seg.window, seg.stride):
-        (t, b), (l, r) = imaging.padding(y1 - y0, 16), imaging.padding(x1 - x0, 16)
+    for y0, y1, x0, x1 in windows.window_boxes(h, w, seg.window, seg.stride):
+        (t, b), (l, r) = windows.padding(y1 - y0, 16), windows.padding(x1 - x0, 16)
         window = F.pad(x[:, y0:y1, x0:x1], (l, r, t, b))  # zeros after normalising = mean colour
         out = seg.window_logits(window[None], text, lam)[0]
         total[:, y0:y1, x0:x1] += out[:, t : t + y1 - y0, l : l + x1 - x0]
@@ -92,7 +99,7 @@ def test_logits_average_windows_and_return_original_size(encoder, upsampler, hw,
     image = _image(*hw)
     text = _text(encoder)
     with torch.inference_mode():
-        got = seg.logits([image], text, lam=-0.3)[0]
+        got = _logits(seg, [image], text, lam=-0.3)[0]
         expected = _direct_canvas(seg, image, text, -0.3)
     assert got.shape == (3, *hw)
     np.testing.assert_allclose(got, expected, atol=2e-5)
@@ -104,8 +111,8 @@ def test_batched_equals_one_by_one(encoder, upsampler, use_upsampler, geometry):
     images = [_image(448, 448, 1), _image(200, 333, 2), _image(90, 700, 3)]
     text = _text(encoder, 4)
     with torch.inference_mode():
-        together = seg.logits(images, text)
-        alone = [seg.logits([image], text)[0] for image in images]
+        together = _logits(seg, images, text)
+        alone = [_logits(seg, [image], text)[0] for image in images]
     for a, b in zip(together, alone):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
@@ -115,12 +122,14 @@ def test_segment_returns_labels_and_probabilities(encoder):
     vocab = Vocabulary.from_spec("building,roof;road;water")
     text = _text(encoder, len(vocab.queries))
     image = _image(120, 160)
-    [res] = seg.segment([image], vocab, text, return_probs=True)
+    [res] = seg.segment([image], vocab, text=text, return_probs=True)
     assert res.labels.shape == (120, 160) and res.labels.max() < 3
     assert res.probs.shape == (3, 120, 160)
     np.testing.assert_array_equal(res.labels, res.probs.argmax(0))
-    [everything_bg] = seg.segment([image], vocab, text, prob_thd=1.01, bg_idx=2)
-    assert (everything_bg.labels == 2).all()
+    [thresholded] = seg.segment([image], vocab, scoring=Scoring(prob_thd=0.99, bg_idx=2), text=text)
+    unsure = res.probs.max(0) < 0.99
+    assert unsure.any() and (thresholded.labels[unsure] == 2).all()
+    np.testing.assert_array_equal(thresholded.labels[~unsure], res.labels[~unsure])
 
 
 # ----------------------------------------------------------------------------- build_segmenter's backbone

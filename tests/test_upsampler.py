@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from simfeatup.filters import adaptive_filter, range_logits, reflect_pad
 from simfeatup.upsampler import (
     STACK_RADIUS,
     SimFeatUp,
     UpsamplerFileError,
     load_upsampler,
-    reflect_pad,
     save_upsampler,
 )
 
@@ -215,31 +215,50 @@ def test_load_rejects_missing_tensor_and_foreign_files(tmp_path):
         load_upsampler(tmp_path / "junk.safetensors")
 
 
-@pytest.mark.parametrize("dim,h,w", [(40, 3, 4), (6, 2, 3)])  # r = h*w + 1 < C, and r capped at C
-def test_factored_output_is_forward_in_an_orthonormal_basis(dim, h, w):
+@pytest.mark.parametrize("dim,h,w", [(40, 3, 4), (6, 2, 3)])  # h*w < C: the factored scoring; else the full map
+def test_cosine_logits_are_normalised_forward_against_text(dim, h, w):
     m = perturbed(SimFeatUp(dim, 16)).double().eval()
     feats = torch.randn(2, dim, h, w, dtype=torch.float64)
     guidance = torch.randn(2, 3, h * 16, w * 16, dtype=torch.float64)
+    text = F.normalize(torch.randn(5, dim, dtype=torch.float64), dim=1)
     with torch.no_grad():
-        basis, coords = m.forward_factored(feats, guidance)
-        out = m(feats, guidance)
-    r = basis.shape[2]
-    assert r == min(dim, h * w + 1) and coords.shape == (2, r, h * 16, w * 16)
-    assert torch.allclose(basis.transpose(1, 2) @ basis, torch.eye(r, dtype=torch.float64).expand(2, r, r))
-    assert torch.allclose(torch.einsum("bcr,brhw->bchw", basis, coords), out, rtol=0, atol=1e-10 * out.abs().max())
-    assert torch.allclose(coords.norm(dim=1), out.norm(dim=1))
+        got = m.cosine_logits(feats, guidance, text)
+        want = torch.einsum("bchw,qc->bqhw", F.normalize(m(feats, guidance), dim=1), text)
+    assert got.dtype == torch.float32 and got.shape == (2, 5, h * 16, w * 16)
+    torch.testing.assert_close(got, want.float(), atol=2e-6, rtol=1e-5)
+
+
+def _naive_filter(src_pad, kernel):
+    """SPEC 3's sum written plainly (autograd differentiates it): sum_o K(p, o) src(p + o)."""
+    H, W = kernel.shape[-2:]
+    return sum(src_pad[..., o // 11:o // 11 + H, o % 11:o % 11 + W] * kernel[:, o:o + 1] for o in range(121))
 
 
 @pytest.mark.parametrize("H,W", [(24, 40), (6, 10), (7, 5)])  # tiles of 8, 2 and 1 pixels
-def test_tiled_filter_and_logits_match_shifted_slices(H, W):
-    from simfeatup.upsampler import _adaptive_filter_tiles, adaptive_filter, range_logits
-
-    src, kernel = torch.randn(2, 5, H + 10, W + 10), torch.randn(2, 121, H, W)
-    assert torch.allclose(_adaptive_filter_tiles(src, kernel), adaptive_filter(src, kernel), atol=1e-5)
+def test_range_logits_match_shifted_slices(H, W):
     key = torch.randn(2, 4, H, W)
     pad = reflect_pad(key, 5)
     slices = torch.stack([(pad[..., dy:dy + H, dx:dx + W] * key).sum(1) for dy in range(11) for dx in range(11)], 1)
     assert torch.allclose(range_logits(pad, key), slices, atol=1e-5)
+    src, kernel = torch.randn(2, 5, H + 10, W + 10), torch.randn(2, 121, H, W)
+    assert torch.allclose(adaptive_filter(src, kernel), _naive_filter(src, kernel), atol=1e-5)
+
+
+@pytest.mark.parametrize("T,tokens", [(2, (3, 2)), (8, (1, 2)), (16, (2, 1))])
+def test_graph_form_tiles_compute_the_eager_sums(T, tokens):
+    """The ONNX graph form's tiled matmuls (channels-last) give the eager filter and range logits."""
+    from simfeatup.export.graph_form import _Tiles
+
+    tiles = _Tiles(T, 11)
+    H, W = T * tokens[0], T * tokens[1]
+    src, kernel = torch.randn(2, 5, H + 10, W + 10), torch.randn(2, 121, H, W)
+    k = tiles.split(kernel.permute(0, 2, 3, 1))  # (B, h, w, T*T, 121)
+    got = tiles.filter(src.permute(0, 2, 3, 1), k).permute(0, 3, 1, 2)
+    assert torch.allclose(got, adaptive_filter(src, kernel), atol=1e-5)
+    key = torch.randn(2, 4, H, W)
+    pad = reflect_pad(key, 5)
+    logits = tiles.join(tiles.range_logits(key.permute(0, 2, 3, 1), pad.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+    assert torch.allclose(logits, range_logits(pad, key), atol=1e-5)
 
 
 @pytest.mark.slow  # ~15-30 s: the dynamo export traces four steps at 224 x 224
@@ -258,13 +277,11 @@ def test_onnx_export_runs_in_onnxruntime_at_224(tmp_path):
             assert (torch.from_numpy(out) - m(feats[:b], guidance[:b])).abs().max() <= 1e-4
 
 
-def test_filter_backward_matches_autograd_through_tiles():
-    from simfeatup.upsampler import _adaptive_filter_tiles, adaptive_filter
-
+def test_filter_backward_matches_autograd_through_the_plain_sum():
     src = torch.randn(2, 3, 16, 14, dtype=torch.float64, requires_grad=True)
     kernel = torch.randn(2, 121, 6, 4, dtype=torch.float64, requires_grad=True)
     torch.autograd.gradcheck(adaptive_filter, (src, kernel))
     weights = torch.randn(2, 3, 6, 4, dtype=torch.float64)
     ours = torch.autograd.grad((adaptive_filter(src, kernel) * weights).sum(), (src, kernel))
-    tiles = torch.autograd.grad((_adaptive_filter_tiles(src, kernel) * weights).sum(), (src, kernel))
-    assert all(torch.allclose(a, b) for a, b in zip(ours, tiles))
+    plain = torch.autograd.grad((_naive_filter(src, kernel) * weights).sum(), (src, kernel))
+    assert all(torch.allclose(a, b) for a, b in zip(ours, plain))

@@ -8,29 +8,9 @@
 import sys
 from pathlib import Path
 
-from simfeatup.extras import missing_extra
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "train" / "quickstart.yaml"
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        from simfeatup.backbone import BackboneError
-        from simfeatup.training.cli import SimFeatUpCLI
-    except ModuleNotFoundError as err:
-        message = missing_extra(err, "training")
-        if message is None:
-            raise
-        sys.stderr.write(f"error: {message}\n")
-        return 1
-    try:
-        SimFeatUpCLI(args=argv, parser_kwargs={"default_config_files": [str(QUICKSTART)]}).fit()
-    except BackboneError as err:  # unavailable weights, unreadable model config, ...
-        sys.stderr.write(f"error: {err}\nHere the backbone is --model.model (an open_clip name or a model config .json) "
-                         "and --model.pretrained (a tag or a local weights file).\n")
-        return 1
-    return 0
-
+from simfeatup.training.main import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

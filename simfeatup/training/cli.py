@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager
+from typing import Iterator
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -19,11 +21,20 @@ from simfeatup.training.module import SimFeatUpModule
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
-# With manual optimisation ModelCheckpoint warns that a step checkpoint holds the weights AFTER
-# that step's update: exactly what resuming needs (global_step counts the updates applied).
-warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
-# The frozen backbone is in eval mode on purpose (SimFeatUpModule.train keeps it there).
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
+
+@contextmanager
+def expected_warnings() -> Iterator[None]:
+    """Silence, while a run lasts, the two warnings every SimFeatUp run triggers by design.
+
+    Only inside the block: importing simfeatup never changes the process's warning filters.
+    """
+    with warnings.catch_warnings():
+        # With manual optimisation ModelCheckpoint warns that a step checkpoint holds the weights
+        # AFTER that step's update: exactly what resuming needs (global_step counts the updates).
+        warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
+        # The frozen backbone is in eval mode on purpose (SimFeatUpModule.train keeps it there).
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
+        yield
 
 
 def checkpoint_dir(default_root_dir: str | None) -> str:
@@ -55,4 +66,5 @@ class SimFeatUpCLI(LightningCLI):
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
 
     def fit(self) -> None:
-        self.trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=self.config.ckpt_path)
+        with expected_warnings():
+            self.trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=self.config.ckpt_path)

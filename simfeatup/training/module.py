@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from simfeatup.atomic import remove_stale_temporaries
 from simfeatup.backbone import resolve
 from simfeatup.constants import CLIP_MEAN, CLIP_STD
 from simfeatup.encoder import DenseCLIP
@@ -107,6 +107,7 @@ class SimFeatUpModule(L.LightningModule):
         self.register_buffer("std", torch.tensor(CLIP_STD).reshape(1, 3, 1, 1) * 255, persistent=False)
         # Jitters are back-propagated one by one (memory), so the optimizer step is ours.
         self.automatic_optimization = False
+        self._swept: set[Path] = set()  # artefact folders already cleared of stale temporaries
 
     # ------------------------------------------------------------------ pieces
     def train(self, mode: bool = True):
@@ -284,16 +285,14 @@ class SimFeatUpModule(L.LightningModule):
         if directory is None:
             directory = self.hparams.artefact_dir or (self._trainer.default_root_dir if self._trainer else ".")
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        if directory not in self._swept:  # once per folder: what a killed earlier run left half-written
+            remove_stale_temporaries(directory)
+            self._swept.add(directory)
         backbone, extra = self.artefact_info()
         final = directory / ARTEFACT_NAME
-        # Written in a scratch folder on the same filesystem, then renamed into place: a run
+        # save_upsampler writes each file atomically (weights first, then the .json): a run
         # killed mid-write never leaves a truncated artefact under the final name.
-        with tempfile.TemporaryDirectory(dir=directory, prefix=".artefact-") as tmp:
-            staged = Path(tmp) / ARTEFACT_NAME
-            save_upsampler(self.upsampler, staged, backbone=backbone, extra=extra)
-            for src in sorted(Path(tmp).iterdir(), key=lambda p: p.suffix != ".safetensors"):
-                os.replace(src, directory / src.name)
+        save_upsampler(self.upsampler, final, backbone=backbone, extra=extra)
         log.info("wrote %s (step %d)", final, self.global_step)
         return final
 

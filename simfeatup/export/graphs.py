@@ -1,0 +1,134 @@
+"""Tracing the segmenter's two graphs to ONNX and the checks on what the exporter wrote (SPEC 7)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..constants import DEFAULT_LAMBDA
+from ..entry import Failure
+from ..model_folder import EMBEDDINGS, IMAGE_GRAPH, LAM, LOGITS, TEXT, TEXT_GRAPH, TOKENS, WINDOWS
+from .graph_form import graph_form
+
+
+class OnnxExportError(Failure):
+    """The export failed or its graphs disagree with torch; nothing was left on disk."""
+
+
+class ImageGraph(nn.Module):
+    """Export-only wrapper: (windows, text, lam) -> Segmenter.window_logits of a graph-form segmenter."""
+
+    def __init__(self, segmenter):
+        super().__init__()
+        self.segmenter = segmenter
+
+    def forward(self, windows, text, lam):
+        """windows (B, 3, H, W) normalised, text (Q, D) unit-norm, lam () -> logits (B, Q, H, W) float32."""
+        return self.segmenter.window_logits(windows, text, lam)
+
+
+class TextGraph(nn.Module):
+    """Export-only wrapper: token ids (N, L) int64 -> unit-norm embeddings (N, D) float32."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, tokens):
+        return self.encoder.encode_text(tokens).float()
+
+
+def export_image(segmenter, path: Path, opset):
+    from torch.export import Dim
+
+    patch = segmenter.patch_size
+    D = segmenter.encoder.embed_dim
+    with graph_form(segmenter) as graph_segmenter:
+        wrapper = ImageGraph(graph_segmenter).eval()
+        # Batch 2 (not 1) in the example: a size-1 example dim gets specialised (SPEC 7).
+        windows = torch.randn(2, 3, segmenter.window, segmenter.window)
+        text = F.normalize(torch.randn(3, D), dim=1)
+        lam = torch.tensor(DEFAULT_LAMBDA)
+        h, w = Dim("h", min=1), Dim("w", min=1)
+        dynamic = {
+            WINDOWS: {0: Dim("batch", min=1), 2: patch * h, 3: patch * w},
+            TEXT: {0: Dim("queries", min=1)},
+            LAM: None,
+        }
+        program = torch.onnx.export(
+            wrapper,
+            (windows, text, lam),
+            None,
+            dynamo=True,
+            input_names=[WINDOWS, TEXT, LAM],
+            output_names=[LOGITS],
+            dynamic_shapes=dynamic,
+            opset_version=opset,
+            optimize=True,  # folds the shape arithmetic: ~3x fewer nodes, no CastLike left for onnxruntime
+            verbose=False,
+        )
+    program.save(str(path), external_data=True)
+
+
+def export_text(encoder, path: Path, opset):
+    from torch.export import Dim
+
+    tokens = encoder.tokenize(["a photo of a road.", "a bad photo of the building."])  # batch 2, see above
+    program = torch.onnx.export(
+        TextGraph(encoder).eval(),
+        (tokens,),
+        None,
+        dynamo=True,
+        input_names=[TOKENS],
+        output_names=[EMBEDDINGS],
+        dynamic_shapes={TOKENS: {0: Dim("texts", min=1)}},
+        opset_version=opset,
+        optimize=True,
+        verbose=False,
+    )
+    program.save(str(path), external_data=True)
+
+
+def graph_opset(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def check_opset(folder: Path, opset: int) -> None:
+    """torch.onnx keeps its own opset when it cannot convert a graph: say so instead of shipping it."""
+    for name in (IMAGE_GRAPH, TEXT_GRAPH):
+        got = graph_opset(folder / name)
+        if got != opset:
+            raise ValueError(f"--opset {opset}: the exporter could only write opset {got} for {name}; use --opset {got} or higher")
+
+
+def check_dims(model, name: str, symbolic: dict) -> None:
+    """Dynamic dims must be symbolic in the saved graph, never a number baked in by tracing."""
+    inputs = {i.name: i.type.tensor_type.shape.dim for i in model.graph.input}
+    for input_name, rank in symbolic.items():
+        dims = inputs.get(input_name)
+        if dims is None or len(dims) != rank:
+            raise OnnxExportError(f"{name}: input {input_name!r} missing or not of rank {rank}")
+        want = {WINDOWS: (0, 2, 3), TEXT: (0,), TOKENS: (0,)}[input_name]
+        fixed = [i for i in want if not dims[i].dim_param]
+        if fixed:
+            raise OnnxExportError(
+                f"{name}: input {input_name!r} has fixed dims {[dims[i].dim_value for i in fixed]} at axes {fixed}; "
+                "they must be dynamic (the exporter specialised them)"
+            )
+
+
+def check_tokenizer(encoder) -> None:
+    """The runtime re-implements open_clip's default CLIP BPE only: refuse other tokenizers."""
+    import open_clip.tokenizer as oct
+
+    tok = encoder.tokenizer
+    if type(tok) is not oct.SimpleTokenizer or tok.clean_fn is not oct._clean_lower or tok.reduction_fn is not None:
+        raise ValueError(
+            f"{encoder.backbone.describe()} uses {type(tok).__name__} (clean/reduction options included); "
+            "the ONNX runtime only reproduces CLIP's default BPE tokenizer (OpenAI/LAION ViT CLIP models)"
+        )

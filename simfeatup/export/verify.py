@@ -1,0 +1,153 @@
+"""Proof that an exported model folder computes what the float32 torch segmenter computes."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import imaging
+from ..windows import crop_and_pad, padding, window_boxes
+from ..constants import DEFAULT_LAMBDA, STRIDE
+from ..model_folder import IMAGE_GRAPH, LAM, MANIFEST, MERGES, TEXT, TEXT_GRAPH, TOKENS, WINDOWS
+from .graphs import OnnxExportError, check_dims
+
+logger = logging.getLogger(__name__)
+
+FP32_TOLERANCE = 1e-4  # max abs logit difference ORT vs torch, fp32
+# fp16 graphs vs fp32 torch: observed max |logit diff| ~1e-4 (random ViT-B/16 + SimFeatUp) and
+# ~2e-4 (tiny test model); cosine logits of real CLIP reach ~0.35, so 1e-2 leaves ample headroom.
+FP16_TOLERANCE = 1e-2
+FP16_MIN_AGREEMENT = 0.99  # share of window pixels whose argmax survives fp16 (random ViT-B/16: 99.90%)
+
+
+def verify_onnx(model_dir, segmenter, *, samples=None, sizes=None, seed: int = 0) -> dict:
+    """Check a model folder against the float32 torch ``segmenter`` it was exported from.
+
+    onnx.checker on both graphs, the dynamic input dims, then onnxruntime vs torch on random
+    windows at several sizes (batch 2), on windows cut from real sample images, and on the
+    text graph. fp32: max abs logit difference <= 1e-4 and the same label (argmax over
+    queries) at every pixel; fp16: the error is logged and must stay below a bound. Returns
+    the observed figures; raises OnnxExportError otherwise.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    model_dir = Path(model_dir)
+    manifest = json.loads((model_dir / MANIFEST).read_text())
+    fp16 = manifest["dtype"] == "fp16"
+    for name, dims in ((IMAGE_GRAPH, {WINDOWS: 4, TEXT: 2}), (TEXT_GRAPH, {TOKENS: 2})):
+        path = model_dir / name
+        try:
+            onnx.checker.check_model(str(path), full_check=True)
+        except onnx.checker.ValidationError as err:
+            raise OnnxExportError(f"{name} fails onnx.checker: {err}") from None
+        check_dims(onnx.load(str(path), load_external_data=False), name, dims)
+
+    from ..runtime import session_options
+
+    sessions = {n: ort.InferenceSession(str(model_dir / n), session_options(), providers=["CPUExecutionProvider"]) for n in (IMAGE_GRAPH, TEXT_GRAPH)}
+    reference = segmenter  # fp16 graphs are judged against fp32 torch too: that is the error users see
+    patch = segmenter.patch_size
+    window = segmenter.window
+    rng = np.random.default_rng(seed)
+    D = segmenter.encoder.embed_dim
+    text = rng.standard_normal((5, D)).astype(np.float32)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    lam = np.float32(DEFAULT_LAMBDA)
+    cases = []
+    for H, W in sizes or [(window, window), (window, 6 * patch), (3 * patch, window), (patch, window), (5 * patch, 7 * patch)]:
+        cases.append((f"random {H}x{W}", rng.standard_normal((2, 3, H, W)).astype(np.float32)))
+    cases += _sample_windows(samples, window, patch)
+    worst, flips, agreement = 0.0, 0, 1.0
+    for label, windows in cases:
+        with torch.no_grad():
+            ref = reference.window_logits(torch.from_numpy(windows), torch.from_numpy(text), float(lam)).numpy()
+        got = sessions[IMAGE_GRAPH].run(None, {WINDOWS: windows, TEXT: text, LAM: np.asarray(lam)})[0]
+        if got.shape != ref.shape:
+            raise OnnxExportError(f"image graph gave {got.shape} for {label}, torch {ref.shape}")
+        diff = float(np.abs(got - ref).max())
+        same = got.argmax(1) == ref.argmax(1)
+        worst = max(worst, diff)
+        agreement = min(agreement, float(same.mean()))
+        logger.info("parity %-28s max |logit diff| %.2e, labels %.4f%% equal", label, diff, 100 * same.mean())
+        if not fp16:
+            # A flip is only acceptable where torch itself has a tie below the tolerance.
+            top2 = np.sort(ref, axis=1)[:, -2:]
+            margin = top2[:, 1] - top2[:, 0]
+            bad = ~same & (margin > 2 * FP32_TOLERANCE)
+            flips += int((~same).sum())
+            if diff > FP32_TOLERANCE or bad.any():
+                raise OnnxExportError(
+                    f"image graph disagrees with torch on {label}: max |logit diff| {diff:.2e} "
+                    f"(limit {FP32_TOLERANCE:g}), {int(bad.sum())} pixel(s) with a different label"
+                )
+    if fp16:
+        logger.info("fp16 image graph: max |logit diff| %.3g vs fp32 torch (bound %g), labels >= %.2f%% equal",
+                    worst, FP16_TOLERANCE, 100 * agreement)
+        if worst > FP16_TOLERANCE or agreement < FP16_MIN_AGREEMENT:
+            raise OnnxExportError(
+                f"fp16 image graph too far from torch: max |logit diff| {worst:.3g} (bound {FP16_TOLERANCE}), "
+                f"{100 * agreement:.2f}% labels equal (bound {100 * FP16_MIN_AGREEMENT:.0f}%)"
+            )
+    _verify_tokenizer(model_dir, reference.encoder)
+    text_diff = _verify_text(sessions[TEXT_GRAPH], reference.encoder)
+    bound = FP16_TOLERANCE if fp16 else FP32_TOLERANCE
+    if text_diff > bound:
+        raise OnnxExportError(f"text graph disagrees with torch: max |embedding diff| {text_diff:.2e} (limit {bound:g})")
+    return {
+        "max_abs_logit_diff": worst,
+        "min_label_agreement": agreement,
+        "tie_flips": flips,
+        "max_abs_text_diff": text_diff,
+        "cases": [label for label, _ in cases],
+    }
+
+
+def _verify_tokenizer(model_dir: Path, encoder) -> None:
+    from ..tokenizer import Tokenizer
+
+    texts = ["a photo of a building.", "forêt, rivière", "道路", "🏠", "x " * 100]
+    mine = Tokenizer(model_dir / MERGES, context_length=encoder.context_length)(texts)
+    if not np.array_equal(mine, encoder.tokenize(texts).numpy()):
+        raise OnnxExportError("simfeatup.tokenizer disagrees with the model's open_clip tokenizer")
+
+
+def _verify_text(session, encoder) -> float:
+    words = ["building", "road", "bâtiment", "道路"]
+    tokens = encoder.tokenize([f"a photo of a {w}." for w in words])
+    with torch.no_grad():
+        ref = encoder.encode_text(tokens).float().numpy()
+    got = session.run(None, {TOKENS: tokens.numpy()})[0]
+    diff = float(np.abs(got - ref).max())
+    logger.info("parity text graph: max |embedding diff| %.2e", diff)
+    return diff
+
+
+def default_samples() -> list[Path]:
+    """The repository's bundled sample images, if this is a source checkout."""
+    folder = Path(__file__).resolve().parents[2] / "samples"
+    return sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+
+
+def _sample_windows(samples, window: int, patch: int) -> list[tuple[str, np.ndarray]]:
+    """Two windows per sample image, cut and padded exactly as the segmenters do."""
+    paths = [Path(p) for p in samples] if samples is not None else default_samples()
+    if not paths:
+        logger.warning("no sample images: the parity check uses random windows only")
+    cases = []
+    for path in paths:
+        x = imaging.preprocess(imaging.load_image(path))
+        boxes = window_boxes(*x.shape[1:], window, STRIDE)
+        picked = [boxes[0], boxes[-1]]
+        shapes = {(b[1] - b[0], b[3] - b[2]) for b in picked}
+        if len(shapes) != 1:  # windows of different sizes cannot share a batch
+            picked = picked[:1]
+        batch = []
+        for y0, y1, x0, x1 in picked:
+            pads = padding(y1 - y0, patch), padding(x1 - x0, patch)
+            batch.append(crop_and_pad(x, (y0, y1, x0, x1), pads))
+        cases.append((f"sample {path.name}", np.stack(batch)))
+    return cases

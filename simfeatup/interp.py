@@ -1,0 +1,53 @@
+"""PyTorch's bicubic resize (align_corners False) as weight matrices: one formula for the eager
+models and their ONNX graphs.
+
+As matrices the resize is two matmuls (onnxruntime's cubic Resize took 37% of a window on CPU,
+the matmuls ~2%), and its sizes and scales may be symbolic, so one exported graph serves every
+window size (SPEC 2.3's positional embedding, SPEC 3's x2 feature upsampling).
+"""
+from __future__ import annotations
+
+import torch
+
+BICUBIC_A = -0.75  # PyTorch's (and ONNX Resize's) cubic convolution coefficient (SPEC 7)
+
+
+def bicubic_matrix(n_out, n_in: int, scale, like: torch.Tensor) -> torch.Tensor:
+    """(n_out, n_in) weights of PyTorch's bicubic resize along one axis (align_corners False).
+
+    Output i samples input position (i + 0.5) * scale - 0.5 with the cubic convolution
+    (a = -0.75) over 4 taps clamped to the border: ``M @ x`` equals ``F.interpolate(...,
+    mode="bicubic", align_corners=False)`` along that axis, where torch's scale is n_in / n_out
+    for a target size and 1 / scale_factor for a scale factor. ``n_out`` and ``scale`` may be
+    symbolic (a tensor scale keeps the arithmetic in the graph). Dtype and device of ``like``.
+    """
+    dst = torch.arange(n_out, dtype=like.dtype, device=like.device)
+    src = (dst + 0.5) * scale - 0.5
+    base = torch.floor(src)
+    t = src - base
+    x = torch.stack([t + 1, t, 1 - t, 2 - t], dim=1)  # distance to each of the 4 taps, (n_out, 4)
+    a = BICUBIC_A
+    near = ((a + 2) * x - (a + 3)) * x * x + 1  # |x| <= 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # 1 < |x| < 2
+    coef = torch.cat([far[:, :1], near[:, 1:3], far[:, 3:]], dim=1)
+    taps = (base[:, None] + torch.arange(-1, 3, dtype=like.dtype, device=like.device)).clamp(0, n_in - 1)
+    onehot = (taps[..., None] == torch.arange(n_in, dtype=like.dtype, device=like.device)).to(like.dtype)  # (n_out, 4, n_in)
+    return (coef[..., None] * onehot).sum(1)
+
+
+def bicubic_resize(x: torch.Tensor, size, *, channels_last: bool = False) -> torch.Tensor:
+    """``F.interpolate(x, size, mode="bicubic", align_corners=False)`` as two matmuls.
+
+    x (B, C, h, w), or (B, h, w, C) with ``channels_last``; returns the same layout at ``size``.
+    The weights are computed in float32 (at least) and cast to x's dtype.
+    """
+    H, W = size
+    h, w = (x.shape[1], x.shape[2]) if channels_last else (x.shape[-2], x.shape[-1])
+    one = x.new_ones((), dtype=torch.promote_types(x.dtype, torch.float32))
+    mh = bicubic_matrix(H, h, (one * h) / (one * H), one).to(x.dtype)  # (H, h)
+    mw = bicubic_matrix(W, w, (one * w) / (one * W), one).to(x.dtype)  # (W, w)
+    if not channels_last:
+        return mh @ x @ mw.T  # (B, C, H, W)
+    B, _, _, C = x.shape
+    x = mw @ x  # (B, h, W, C)
+    return (mh @ x.reshape(B, h, W * C)).reshape(B, H, W, C)

@@ -1,0 +1,31 @@
+"""``python train/fit.py``: train a SimFeatUp upsampler from the command line (`main`).
+
+Torch-free at import, so a missing ``simfeatup[torch]`` install is reported in one line by
+`simfeatup.entry.run_command`, as in every entry point. With no ``--config`` the quick-start
+recipe ``configs/train/quickstart.yaml`` of the checkout this package lives in is the default
+(train/fit.py puts its checkout first on ``sys.path``, so that is the checkout it belongs to).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from simfeatup.entry import run_command, setup_logging
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "train" / "quickstart.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``) with `SimFeatUpCLI`, train; returns the exit code."""
+    setup_logging()
+    return run_command("fit", lambda: _fit(argv), needs="training")
+
+
+def _fit(argv: list[str] | None) -> None:
+    from simfeatup.encoder import BackboneError  # torch and open_clip first: a missing extra is named by them
+    from simfeatup.training.cli import SimFeatUpCLI
+
+    try:
+        SimFeatUpCLI(args=argv, parser_kwargs={"default_config_files": [str(QUICKSTART)]}).fit()
+    except BackboneError as err:  # unavailable weights, unreadable model config: its advice names segment's flags
+        raise BackboneError(f"{err} Here the backbone is --model.model (an open_clip name or a model config .json) "
+                            "and --model.pretrained (a tag or a local weights file).") from None
