@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
         profile = None
         if args.profile:
             windows = np.random.default_rng(0).standard_normal((args.onnx_window_batch, 3, 224, 224)).astype(np.float32)
-            profile = op_profile(model_dir, windows, text.numpy())
+            profile = op_profile(model_dir, windows, texts[onnx_seg])
             print("  onnxruntime time per op type: " + ", ".join(f"{op} {100 * share:.0f}%" for op, share in profile))
     return {"seconds": med, "speedup": ratio, "label_agreement": agree, "rss_kib": curves, "profile": profile}
 

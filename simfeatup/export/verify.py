@@ -9,9 +9,9 @@ import numpy as np
 import torch
 
 from .. import imaging
-from ..windows import crop_and_pad, padding, window_boxes
 from ..constants import DEFAULT_LAMBDA, STRIDE
 from ..model_folder import IMAGE_GRAPH, LAM, MANIFEST, MERGES, TEXT, TEXT_GRAPH, TOKENS, WINDOWS
+from ..windows import crop_and_pad, padding, window_boxes
 from .graphs import OnnxExportError, check_dims
 
 logger = logging.getLogger(__name__)
