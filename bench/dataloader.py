@@ -64,7 +64,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'workers':>7}  {'images/s':>9}  {'vs ' + str(args.workers[0]) + ' workers':>13}  {'start-up s':>10}")
     for r in results:
-        print(f"{r['num_workers']:>7}  {r['images_per_s']:>9.1f}  {r['images_per_s'] / base:>12.2f}x  {r['startup_s']:>10.2f}")
+        print(
+            f"{r['num_workers']:>7}  {r['images_per_s']:>9.1f}  "
+            f"{r['images_per_s'] / base:>12.2f}x  {r['startup_s']:>10.2f}"
+        )
     return results
 
 

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 # Temporaries of another host (a shared filesystem) cannot be checked for a live writer; they
 # count as stale once nothing has touched them for this long. Far longer than any one write.
@@ -187,16 +187,16 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
             if not _stale(match, entry, now):
                 continue
             if match["kind"] == "old" and not (folder / match["target"]).exists():
-                log.warning("%s is missing but %s holds its previous version (a run was killed while replacing it): "
+                logger.warning("%s is missing but %s holds its previous version (a run was killed while replacing it): "
                             "rename it back, or delete it", folder / match["target"], entry.path)
                 continue
             _remove(Path(entry.path))
         except OSError as err:
-            log.debug("left %s alone: %s", entry.path, err)
+            logger.debug("left %s alone: %s", entry.path, err)
             continue
         removed.append(Path(entry.path))
     if removed:
-        log.info("removed %d temporary file(s) left in %s by a stopped run", len(removed), folder)
+        logger.info("removed %d temporary file(s) left in %s by a stopped run", len(removed), folder)
     return removed
 
 

@@ -190,7 +190,10 @@ def resolve(
         if path is None and from_artefact and (looks_like_file(pretrained) or base.weights_sha256):
             raise WeightsUnavailableError(_missing_artefact_weights(pretrained, base.weights_sha256, artefact_dir))
         if path is None and config is not None:
-            why = "no such file" if looks_like_file(pretrained) else "open_clip tags belong to model names, a config takes a file"
+            why = (
+                "no such file" if looks_like_file(pretrained)
+                else "open_clip tags belong to model names, a config takes a file"
+            )
             raise WeightsUnavailableError(
                 f"CLIP weights {pretrained!r} for a model config: {why}. Fix: pass the config's weights file "
                 "(an open_clip state dict, .bin/.pt/.safetensors) as --pretrained."
@@ -208,7 +211,9 @@ def resolve(
     if artefact is not None:
         _warn_if_other(artefact, chosen)
     elif config is not None and pretrained is None:
-        logger.warning("a model config without weights: the CLIP is randomly initialised (pass --pretrained FILE for real weights)")
+        logger.warning(
+            "a model config without weights: the CLIP is randomly initialised (pass --pretrained FILE for real weights)"
+        )
     return chosen, path
 
 
@@ -224,7 +229,9 @@ def read_config(path: str | os.PathLike) -> dict:
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise BackboneError(f"model config {path}: no such file (--model takes an open_clip model name or a model config .json)")
+        raise BackboneError(
+            f"model config {path}: no such file (--model takes an open_clip model name or a model config .json)"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -287,11 +294,22 @@ def _missing_artefact_weights(pretrained: str, sha256: str | None, artefact_dir)
 def _warn_if_other(artefact: Backbone, chosen: Backbone) -> None:
     other_arch = (artefact.model, artefact.config) != (chosen.model, chosen.config)
     other_name = Path(artefact.pretrained or "").name != Path(chosen.pretrained or "").name
-    other_weights = bool(artefact.weights_sha256 and chosen.weights_sha256 and artefact.weights_sha256 != chosen.weights_sha256)
+    other_weights = bool(
+        artefact.weights_sha256 and chosen.weights_sha256 and artefact.weights_sha256 != chosen.weights_sha256
+    )
     if other_arch or other_name or other_weights:
         trained = artefact.describe() + (f" (sha256 {artefact.weights_sha256[:12]}...)" if other_weights else "")
         runs = chosen.describe() + (f" (sha256 {chosen.weights_sha256[:12]}...)" if other_weights else "")
         logger.warning("the upsampler was trained for %s but runs on %s", trained, runs)
 
 
-__all__ = ["ATTENTION_MODES", "FEATURE_SOURCES", "Backbone", "BackboneError", "WeightsUnavailableError", "file_sha256", "read_config", "resolve"]
+__all__ = [
+    "ATTENTION_MODES",
+    "FEATURE_SOURCES",
+    "Backbone",
+    "BackboneError",
+    "WeightsUnavailableError",
+    "file_sha256",
+    "read_config",
+    "resolve",
+]

@@ -22,7 +22,7 @@ import torch
 from simfeatup.backbone import Backbone, WeightsUnavailableError, file_sha256, looks_like_file, resolve
 from simfeatup.upsampler import SimFeatUp, load_upsampler, save_upsampler
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 PREFIX = "upsampler."  # SPEC 3.1
 
@@ -72,14 +72,16 @@ def _load_state_dict(src: Path) -> tuple[dict[str, torch.Tensor], str, None]:
     lightning = isinstance(obj, dict) and "state_dict" in obj
     state = obj["state_dict"] if lightning else obj
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{src}: no state_dict of tensors found (expected a Lightning checkpoint or a state dict)")
+        raise CheckpointError(
+            f"{src}: no state_dict of tensors found (expected a Lightning checkpoint or a state dict)"
+        )
     return state, "lightning checkpoint" if lightning else "state dict", None
 
 
 def _upsampler_tensors(src: Path, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str, dict]:
     """-> (tensors named as SimFeatUp names them, the prefix they had, {ignored prefix: count})."""
     if any(k.startswith(PREFIX) for k in state):
-        ups = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
+        ups = {k[len(PREFIX) :]: v for k, v in state.items() if k.startswith(PREFIX)}
         ignored = dict(Counter(k.split(".", 1)[0] for k in state if not k.startswith(PREFIX)))
         return ups, PREFIX, ignored
     if "up.range_temp" in state or "up1.range_temp" in state:  # a bare upsampler state dict
@@ -126,13 +128,18 @@ def _infer_config(src: Path, ups: dict[str, torch.Tensor], patch_size: int, pref
 
 
 def converted_backbone(
-    model: str | None = None, pretrained: str | None = None, *, source: dict | None = None, source_dir: Path | None = None
+    model: str | None = None,
+    pretrained: str | None = None,
+    *,
+    source: dict | None = None,
+    source_dir: Path | None = None,
 ) -> Backbone:
     """The backbone record convert-weights writes, with the model config's patch size.
 
     model/pretrained: an open_clip name or model-config .json, and a tag or weights file (recorded
     by name and sha256). What they leave open comes from the source artefact's record (``source``:
-    its description; its weights file is looked for beside it, in ``source_dir``), else ViT-B-16/openai. A foreign checkpoint is recorded with feature_source "penultimate":
+    its description; its weights file is looked for beside it, in ``source_dir``), else ViT-B-16/openai.
+    A foreign checkpoint is recorded with feature_source "penultimate":
     the authors trained on the last block's INPUT (SPEC 8; inference still uses the modified
     block's output, as theirs does).
     """
@@ -141,7 +148,9 @@ def converted_backbone(
         patch = own.patch_size or source["upsampler"]["patch_size"]
         return replace(own, patch_size=patch)
     feature_source = own.feature_source if own is not None else "penultimate"
-    backbone, weights = resolve(own, model=model, pretrained=pretrained, feature_source=feature_source, artefact_dir=source_dir)
+    backbone, weights = resolve(
+        own, model=model, pretrained=pretrained, feature_source=feature_source, artefact_dir=source_dir
+    )
     if weights is None and backbone.pretrained is not None and looks_like_file(backbone.pretrained):
         raise WeightsUnavailableError(
             f"CLIP weights file {backbone.pretrained}: no such file; convert-weights records its name and sha256, "
@@ -180,18 +189,34 @@ def convert_checkpoint(src, dst, *, backbone: Backbone | dict | None = None, mod
     for k, v in expected.items():
         if ups[k].shape != v.shape:
             raise CheckpointError(
-                f"{src}: tensor '{prefix}{k}' has shape {tuple(ups[k].shape)}, layout {config} "
-                f"expects {tuple(v.shape)}"
+                f"{src}: tensor '{prefix}{k}' has shape {tuple(ups[k].shape)}, layout {config} expects {tuple(v.shape)}"
             )
     module.load_state_dict({k: v.float() for k, v in ups.items()})
 
     if ignored:
-        log.info("%s: ignored training-only tensors %s", src, ignored)
+        logger.info("%s: ignored training-only tensors %s", src, ignored)
     weights_file = src.parent / info["weights"] if info is not None and src.suffix == ".json" else src
-    source = {"file": weights_file.name, "sha256": file_sha256(weights_file), "container": container,
-              "layout": "SimFeatUp" if config["shared"] else "JBUStack"}
+    source = {
+        "file": weights_file.name,
+        "sha256": file_sha256(weights_file),
+        "container": container,
+        "layout": "SimFeatUp" if config["shared"] else "JBUStack",
+    }
     save_upsampler(module, dst, backbone=backbone.to_dict(), extra={"converted_from": source})
-    log.info("%s -> %s (%s, dim %d, radius %d, for %s patch %d)", src, dst, source["layout"], config["dim"],
-             config["radius"], backbone.describe(), backbone.patch_size)
-    return {"weights": str(dst), "upsampler": config, "backbone": backbone.to_dict(), "converted_from": source,
-            "ignored": ignored}
+    logger.info(
+        "%s -> %s (%s, dim %d, radius %d, for %s patch %d)",
+        src,
+        dst,
+        source["layout"],
+        config["dim"],
+        config["radius"],
+        backbone.describe(),
+        backbone.patch_size,
+    )
+    return {
+        "weights": str(dst),
+        "upsampler": config,
+        "backbone": backbone.to_dict(),
+        "converted_from": source,
+        "ignored": ignored,
+    }

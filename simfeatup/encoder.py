@@ -21,12 +21,18 @@ from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTrans
 from safetensors import SafetensorError
 from torch import nn
 
-# ATTENTION_MODES and the errors are re-exported: their home is simfeatup.backbone.
-from simfeatup.backbone import ATTENTION_MODES, DEFAULT_ATTENTION, FEATURE_SOURCES, Backbone, BackboneError, WeightsUnavailableError, file_sha256, resolve  # noqa: F401
+from simfeatup.backbone import (
+    DEFAULT_ATTENTION,
+    FEATURE_SOURCES,
+    Backbone,
+    WeightsUnavailableError,
+    file_sha256,
+    resolve,
+)  # noqa: F401
 from simfeatup.constants import CLIP_MEAN, CLIP_STD, DEFAULT_MODEL, DEFAULT_PRETRAINED, POS_EMBED_SCALE_EPS
 from simfeatup.interp import bicubic_matrix
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 # Every attention mode (simfeatup.backbone.ATTENTION_MODES, SPEC 2.3) shares the same head:
 # ln_1 -> attention -> out_proj, no residual, no MLP.
@@ -50,7 +56,9 @@ class DenseCLIP(nn.Module):
         if ph != pw:
             raise ValueError(f"non-square patches {visual.patch_size} are not supported")
         # The record of what runs; replace() validates the attention mode.
-        self.backbone = replace(backbone or Backbone(), attention=attention, patch_size=int(ph), quick_gelu=_runs_quick_gelu(clip))
+        self.backbone = replace(
+            backbone or Backbone(), attention=attention, patch_size=int(ph), quick_gelu=_runs_quick_gelu(clip)
+        )
         self.clip = clip.eval().requires_grad_(False)
         self.patch_size = int(ph)
         self.embed_dim = int(visual.output_dim)
@@ -74,7 +82,11 @@ class DenseCLIP(nn.Module):
     # ----------------------------------------------------------------- constructors
     @classmethod
     def from_backbone(
-        cls, backbone: Backbone, weights_path: str | os.PathLike | None = None, *, seed: int = 0,
+        cls,
+        backbone: Backbone,
+        weights_path: str | os.PathLike | None = None,
+        *,
+        seed: int = 0,
         cache_dir: str | os.PathLike | None = None,
     ) -> "DenseCLIP":
         """Build what ``backbone`` describes (see :func:`simfeatup.backbone.resolve`).
@@ -105,11 +117,22 @@ class DenseCLIP(nn.Module):
             ref_cfg = tag_cfg or open_clip.get_pretrained_cfg(backbone.model, "openai")
             quick_gelu = bool(ref_cfg.get("quick_gelu", False)) or None  # None: the config's own
             if not tag_cfg:
-                log.info("local weights %s: assuming %s's OpenAI activation (quick_gelu=%s); set quick_gelu "
-                         "to override", checkpoint.name, backbone.model, bool(quick_gelu))
-        if tag_cfg and (tuple(tag_cfg.get("mean", CLIP_MEAN)) != CLIP_MEAN or tuple(tag_cfg.get("std", CLIP_STD)) != CLIP_STD):
-            log.warning("%s/%s was trained with mean/std %s/%s, but simfeatup normalises with CLIP's",
-                        backbone.model, backbone.pretrained, tag_cfg.get("mean"), tag_cfg.get("std"))
+                logger.info(
+                    "local weights %s: assuming %s's OpenAI activation (quick_gelu=%s); set quick_gelu to override",
+                    checkpoint.name,
+                    backbone.model,
+                    bool(quick_gelu),
+                )
+        if tag_cfg and (
+            tuple(tag_cfg.get("mean", CLIP_MEAN)) != CLIP_MEAN or tuple(tag_cfg.get("std", CLIP_STD)) != CLIP_STD
+        ):
+            logger.warning(
+                "%s/%s was trained with mean/std %s/%s, but simfeatup normalises with CLIP's",
+                backbone.model,
+                backbone.pretrained,
+                tag_cfg.get("mean"),
+                tag_cfg.get("std"),
+            )
         if checkpoint is not None and _is_torchscript(checkpoint):
             why = "a TorchScript archive (OpenAI's original .pt), which we do not execute"
             openai = open_clip.get_pretrained_cfg(backbone.model, "openai") if backbone.model else {}
@@ -193,7 +216,8 @@ class DenseCLIP(nn.Module):
         SCALE FACTORS ((h + 0.1)/g, (w + 0.1)/g), as the reference does (SPEC 2.3): sample
         position = (dst + 0.5) * g / (n + 0.1) - 0.5, so an axis that keeps its native length is
         still resampled; the native grid itself is left untouched (by :meth:`pos_embed`, or in the
-        graph for symbolic sizes). The [CLS] position is never resized. ``h`` and ``w`` may be symbolic (the ONNX graph form calls this uncached).
+        graph for symbolic sizes). The [CLS] position is never resized. ``h`` and ``w`` may be
+        symbolic (the ONNX graph form calls this uncached).
         """
         pos = self.clip.visual.positional_embedding
         gh, gw = self.grid_size
@@ -338,7 +362,10 @@ def _load_weights(clip, checkpoint: Path, label: str, pretrained: str | None, ta
         # truncated/garbled files, pickles of objects, and key or shape mismatches (another model's file).
         if isinstance(err, pickle.UnpicklingError):  # torch's advice (weights_only=False) is not ours to give
             if "Unsupported global" in str(err):
-                why = "the pickle holds more than tensors, torch.load(weights_only=True) refused it; re-save its state_dict"
+                why = (
+                    "the pickle holds more than tensors, torch.load(weights_only=True) refused it; "
+                    "re-save its state_dict"
+                )
             else:
                 why = f"{checkpoint.name} is not a readable PyTorch checkpoint (corrupt, truncated or another format)"
         else:
@@ -360,14 +387,18 @@ def _resolve_weights(model: str, pretrained: str, cache_dir) -> tuple[Path, dict
         except (OSError, RuntimeError, ValueError) as err:  # offline, HTTP, missing hub file
             raise WeightsUnavailableError(_weights_message(model, pretrained, _fetch_reason(err), tag_cfg)) from err
         if not path:
-            raise WeightsUnavailableError(_weights_message(model, pretrained, "open_clip gave no download location", tag_cfg))
+            raise WeightsUnavailableError(
+                _weights_message(model, pretrained, "open_clip gave no download location", tag_cfg)
+            )
         return Path(path), tag_cfg
     path = Path(pretrained).expanduser()
     if path.is_file():
         return path, {}
     tags = open_clip.list_pretrained_tags_by_model(model)
     why = f"no such file, and not an open_clip tag for {model} (tags: {', '.join(tags) or 'none'})"
-    raise WeightsUnavailableError(_weights_message(model, pretrained, why, open_clip.get_pretrained_cfg(model, "openai")))
+    raise WeightsUnavailableError(
+        _weights_message(model, pretrained, why, open_clip.get_pretrained_cfg(model, "openai"))
+    )
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -399,7 +430,8 @@ def _weights_message(model: str, pretrained: str, why: str, tag_cfg: dict | None
         where = f" (open_clip fetches {filename} from https://huggingface.co/{repo} into the Hugging Face cache)"
     elif (tag_cfg or {}).get("url"):
         where = f" (open_clip downloads {tag_cfg['url']} into ~/.cache/clip)"
-    return f"{head} Fix: pass a local file, e.g. --pretrained /path/to/{model}.bin{where}, or run once with network access."
+    fix = f"pass a local file, e.g. --pretrained /path/to/{model}.bin{where}, or run once with network access"
+    return f"{head} Fix: {fix}."
 
 
 def _short(err: Exception, limit: int = 160) -> str:

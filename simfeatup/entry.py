@@ -41,7 +41,9 @@ def setup_logging(verbose: bool = False) -> None:
     import; it is kept from passing its records on to ours too, which would print each twice.
     """
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+        )
         logging.getLogger("lightning").propagate = False
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
 

@@ -53,7 +53,9 @@ def read_label(path: Path) -> np.ndarray:
     return raw
 
 
-def prepare_labels(raw: np.ndarray, n_classes: int, *, reduce_zero_label: bool = False, binary_255: bool = False) -> np.ndarray:
+def prepare_labels(
+    raw: np.ndarray, n_classes: int, *, reduce_zero_label: bool = False, binary_255: bool = False
+) -> np.ndarray:
     """(H, W) stored label values -> int32 class indices, :data:`IGNORE_INDEX` where ignored (SPEC 5).
 
     Raises LabelError for a value that is neither a class index nor ignored (wrong preset or label
@@ -68,10 +70,15 @@ def prepare_labels(raw: np.ndarray, n_classes: int, *, reduce_zero_label: bool =
         label = np.where((label == 0) | (label == IGNORE_INDEX), IGNORE_INDEX, label - 1).astype(np.int32)
     bad = np.unique(label[((label < 0) | (label >= n_classes)) & (label != IGNORE_INDEX)])
     if bad.size:
-        notes = ", ".join(n for n, on in (("reduce_zero_label", reduce_zero_label), ("binary_255", binary_255)) if on) or "none"
+        notes = (
+            ", ".join(n for n, on in (("reduce_zero_label", reduce_zero_label), ("binary_255", binary_255)) if on)
+            or "none"
+        )
         hint = ""
         if not reduce_zero_label and bad.max() == n_classes and bad.min() > 0:
-            hint = " (labels 1..K with 0 for no-data, as mmsegmentation writes Potsdam/Vaihingen? try --reduce-zero-label)"
+            hint = (
+                " (labels 1..K with 0 for no-data, as mmsegmentation writes Potsdam/Vaihingen? try --reduce-zero-label)"
+            )
         raise LabelError(
             f"label values {bad[:5].tolist()} are not class indices 0..{n_classes - 1} or {IGNORE_INDEX} (ignored) "
             f"after the label notes ({notes}){hint}: wrong preset, label notes or folder, or colour-coded labels"
@@ -94,8 +101,11 @@ class IoU:
     def update(self, prediction: np.ndarray, label: np.ndarray) -> None:
         """(H, W) predicted class indices and (H, W) prepared labels of the same size."""
         if prediction.shape != label.shape:
-            raise LabelError(f"label is {label.shape[1]}x{label.shape[0]} but its image {prediction.shape[1]}x{prediction.shape[0]}: "
-                             "labels are scored at the image's size (SPEC 6), give the label that matches it")
+            raise LabelError(
+                f"label is {label.shape[1]}x{label.shape[0]} but its image "
+                f"{prediction.shape[1]}x{prediction.shape[0]}: "
+                "labels are scored at the image's size (SPEC 6), give the label that matches it"
+            )
         keep = label != IGNORE_INDEX
         k = self.n_classes
         pairs = label[keep].astype(np.int64) * k + prediction[keep]
@@ -116,12 +126,16 @@ class IoU:
         accuracy = float(np.diag(self.confusion).sum() / total) if total else float("nan")
         if foreground_only:
             if self.n_classes != 2:
-                raise LabelError(f"the foreground IoU needs exactly 2 classes (background, foreground), got {self.n_classes}")
+                raise LabelError(
+                    f"the foreground IoU needs exactly 2 classes (background, foreground), got {self.n_classes}"
+                )
             score, metric = float(per_class[1]), f"IoU({names[1]})"
         else:
             score = float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")
             metric = "mIoU"
-        return Report(metric, score, dict(zip(_unique(names), map(float, per_class))), accuracy, total, self.confusion.tolist())
+        return Report(
+            metric, score, dict(zip(_unique(names), map(float, per_class))), accuracy, total, self.confusion.tolist()
+        )
 
 
 def _unique(names) -> list[str]:
@@ -144,20 +158,33 @@ class Report:
             return None if np.isnan(v) else 100 * v
 
         return {
-            "metric": self.metric, "score": percent(self.score), "pixel_accuracy": percent(self.pixel_accuracy),
-            "per_class_iou": {k: percent(v) for k, v in self.per_class.items()}, "unit": "percent",
-            "pixels": self.pixels, "confusion": self.confusion, "confusion_axes": ["label", "prediction"],
+            "metric": self.metric,
+            "score": percent(self.score),
+            "pixel_accuracy": percent(self.pixel_accuracy),
+            "per_class_iou": {k: percent(v) for k, v in self.per_class.items()},
+            "unit": "percent",
+            "pixels": self.pixels,
+            "confusion": self.confusion,
+            "confusion_axes": ["label", "prediction"],
         }
 
     def table(self) -> str:
         width = max(len("class"), *(len(n) for n in self.per_class)) + 2
         lines = [f"{'class':<{width}}IoU %"]
-        lines += [f"{name:<{width}}{100 * v:6.2f}" if np.isfinite(v) else f"{name:<{width}}     -" for name, v in self.per_class.items()]
-        lines += [f"{self.metric} {100 * self.score:.2f} %, pixel accuracy {100 * self.pixel_accuracy:.2f} % over {self.pixels} pixels"]
+        lines += [
+            f"{name:<{width}}{100 * v:6.2f}" if np.isfinite(v) else f"{name:<{width}}     -"
+            for name, v in self.per_class.items()
+        ]
+        lines += [
+            f"{self.metric} {100 * self.score:.2f} %, "
+            f"pixel accuracy {100 * self.pixel_accuracy:.2f} % over {self.pixels} pixels"
+        ]
         return "\n".join(lines)
 
 
-def pair_labels(images, label_dirs, *, suffix: str = "", image_suffix: str = "", strict: bool = True) -> list[Path | None]:
+def pair_labels(
+    images, label_dirs, *, suffix: str = "", image_suffix: str = "", strict: bool = True
+) -> list[Path | None]:
     """The label file of every image, found in ``label_dirs`` (searched in order).
 
     Label name = image stem, minus ``image_suffix`` at its end, plus ``suffix``, with one of
@@ -168,7 +195,9 @@ def pair_labels(images, label_dirs, *, suffix: str = "", image_suffix: str = "",
     for folder in map(Path, label_dirs):
         if not folder.is_dir():
             raise LabelError(f"label folder not found: {folder}")
-        tables.append({p.name.lower(): p for p in folder.iterdir() if p.suffix.lower() in LABEL_SUFFIXES and p.is_file()})
+        tables.append(
+            {p.name.lower(): p for p in folder.iterdir() if p.suffix.lower() in LABEL_SUFFIXES and p.is_file()}
+        )
     found, missing = [], []
     for image in map(Path, images):
         stem = image.stem
@@ -181,8 +210,11 @@ def pair_labels(images, label_dirs, *, suffix: str = "", image_suffix: str = "",
         found.append(match)
     if missing and strict:
         (image, name), more = missing[0], len(missing) - 1
-        raise LabelError(f"no label for {image} (looked for {name} or .tif/.tiff/.bmp in {', '.join(map(str, label_dirs))})"
-                         + (f" and {more} more image(s)" if more else "") + "; check --labels, --label-suffix and --image-suffix")
+        raise LabelError(
+            f"no label for {image} (looked for {name} or .tif/.tiff/.bmp in {', '.join(map(str, label_dirs))})"
+            + (f" and {more} more image(s)" if more else "")
+            + "; check --labels, --label-suffix and --image-suffix"
+        )
     return found
 
 
@@ -201,8 +233,12 @@ class LabelNotes:
         if unknown:
             raise TypeError(f"unknown label notes {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
         preset_labels = preset_labels or {}
-        return cls(**{name: bool(preset_labels.get(name)) if given.get(name) is None else bool(given[name])
-                      for name in cls.__dataclass_fields__})
+        return cls(
+            **{
+                name: bool(preset_labels.get(name)) if given.get(name) is None else bool(given[name])
+                for name in cls.__dataclass_fields__
+            }
+        )
 
 
 class LabelledImages:
@@ -212,12 +248,18 @@ class LabelledImages:
     images (labels kept beside their images), and one label serving two images is refused.
     """
 
-    def __init__(self, images, label_dirs, n_classes: int, notes: LabelNotes, *, suffix: str = "", image_suffix: str = ""):
+    def __init__(
+        self, images, label_dirs, n_classes: int, notes: LabelNotes, *, suffix: str = "", image_suffix: str = ""
+    ):
         if notes.reduce_zero_label and notes.binary_255:
-            raise LabelError("reduce_zero_label and binary_255 exclude each other (the foreground would become class 0)")
+            raise LabelError(
+                "reduce_zero_label and binary_255 exclude each other (the foreground would become class 0)"
+            )
         if (notes.binary_255 or notes.foreground_iou) and n_classes != 2:
-            raise LabelError(f"binary_255 / foreground_iou (--binary-255 / --foreground-iou) need exactly 2 classes "
-                             f"(background, foreground), got {n_classes}")
+            raise LabelError(
+                f"binary_255 / foreground_iou (--binary-255 / --foreground-iou) need exactly 2 classes "
+                f"(background, foreground), got {n_classes}"
+            )
         pairing = dict(suffix=suffix, image_suffix=image_suffix)
         label_dirs = [label_dirs] if isinstance(label_dirs, (str, Path)) else list(label_dirs)
         images = list(dict.fromkeys(Path(p).resolve() for p in images))
@@ -231,7 +273,9 @@ class LabelledImages:
         self.labels = [label for _, label in kept]
         shared = [label for label, n in Counter(self.labels).items() if n > 1]
         if shared:
-            raise LabelError(f"{shared[0]} is the label of several images (same stem in two folders?): evaluate them separately")
+            raise LabelError(
+                f"{shared[0]} is the label of several images (same stem in two folders?): evaluate them separately"
+            )
         self.n_classes, self.notes = n_classes, notes
 
     def __len__(self) -> int:
@@ -241,7 +285,9 @@ class LabelledImages:
         """(H, W) int32 class indices of image ``i``, IGNORE_INDEX where ignored."""
         raw = read_label(self.labels[i])
         try:
-            return prepare_labels(raw, self.n_classes, reduce_zero_label=self.notes.reduce_zero_label, binary_255=self.notes.binary_255)
+            return prepare_labels(
+                raw, self.n_classes, reduce_zero_label=self.notes.reduce_zero_label, binary_255=self.notes.binary_255
+            )
         except LabelError as err:
             raise LabelError(f"{self.labels[i]}: {err}") from None
 
@@ -250,5 +296,7 @@ class LabelledImages:
         height, width = self.label(i).shape
         h, w = imaging.image_size(self.images[i])
         if (height, width) != (h, w):
-            raise LabelError(f"{self.labels[i]} is {width}x{height} but {self.images[i]} is {w}x{h}: "
-                             "labels are scored at the image's size (SPEC 6), give the label that matches it")
+            raise LabelError(
+                f"{self.labels[i]} is {width}x{height} but {self.images[i]} is {w}x{h}: "
+                "labels are scored at the image's size (SPEC 6), give the label that matches it"
+            )

@@ -13,8 +13,9 @@ TORCH_MODULES = (
     "torch", "torchvision", "open_clip", "lightning", "jsonargparse", "kornia", "webdataset",
     "onnx", "onnxscript", "safetensors", "tensorboard",
 )
+TORCH_ADVICE = 'pip install "simfeatup[torch]" (in a checkout: pip install -c constraints.txt -e ".[torch]")'
 ADVICE = {
-    **{module: 'pip install "simfeatup[torch]" (in a checkout: pip install -c constraints.txt -e ".[torch]")' for module in TORCH_MODULES},
+    **{module: TORCH_ADVICE for module in TORCH_MODULES},
     "onnxruntime": 'pip install "simfeatup[onnxruntime]" (CPU) or "simfeatup[gpu]" (onnxruntime-gpu), not both',
 }
 

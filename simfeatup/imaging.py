@@ -187,7 +187,9 @@ def _to_uint8(arr: np.ndarray, stretch) -> np.ndarray:
         try:
             top = float(stretch)
         except (TypeError, ValueError):
-            raise ImageError(f"stretch={stretch!r}: use one of {STRETCHES} or a number (the value that maps to 255)") from None
+            raise ImageError(
+                f"stretch={stretch!r}: use one of {STRETCHES} or a number (the value that maps to 255)"
+            ) from None
         if top <= 0:
             raise ImageError(f"stretch={stretch!r}: a fixed stretch must be > 0")
         lo, hi = np.zeros(3, np.float32), np.full(3, top, np.float32)
@@ -195,12 +197,14 @@ def _to_uint8(arr: np.ndarray, stretch) -> np.ndarray:
     return np.clip((x - lo) * scale + 0.5, 0, 255).astype(np.uint8)
 
 
-
 def check_size(image: np.ndarray, patch_size: int, name: str | Path = "image") -> None:
     """Refuse images with a side shorter than one patch: there is nothing to look at."""
     h, w = image.shape[:2]
     if min(h, w) < patch_size:
-        raise ImageError(f"{name} is {w}x{h} pixels, smaller than one {patch_size}-pixel patch: use an image of at least {patch_size}x{patch_size}")
+        raise ImageError(
+            f"{name} is {w}x{h} pixels, smaller than one {patch_size}-pixel patch: "
+            f"use an image of at least {patch_size}x{patch_size}"
+        )
 
 
 def resized_shape(height: int, width: int, long_side: int = LONG_SIDE) -> tuple[int, int]:

@@ -31,7 +31,9 @@ def bicubic_matrix(n_out, n_in: int, scale, like: torch.Tensor) -> torch.Tensor:
     far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # 1 < |x| < 2
     coef = torch.cat([far[:, :1], near[:, 1:3], far[:, 3:]], dim=1)
     taps = (base[:, None] + torch.arange(-1, 3, dtype=like.dtype, device=like.device)).clamp(0, n_in - 1)
-    onehot = (taps[..., None] == torch.arange(n_in, dtype=like.dtype, device=like.device)).to(like.dtype)  # (n_out, 4, n_in)
+    onehot = (taps[..., None] == torch.arange(n_in, dtype=like.dtype, device=like.device)).to(
+        like.dtype
+    )  # (n_out, 4, n_in)
     return (coef[..., None] * onehot).sum(1)
 
 

@@ -45,7 +45,9 @@ def read_manifest(model_dir: Path, *, check_files: bool = True) -> dict:
     model_dir = Path(model_dir)
     path = model_dir / MANIFEST
     if not model_dir.is_dir():
-        raise ModelFolderError(f"ONNX model folder not found: {model_dir} (create one with `python export/to_onnx.py --out DIR`)")
+        raise ModelFolderError(
+            f"ONNX model folder not found: {model_dir} (create one with `python export/to_onnx.py --out DIR`)"
+        )
     if not path.is_file():
         raise ModelFolderError(f"{model_dir} has no {MANIFEST}: not a folder written by export/to_onnx.py")
     try:
@@ -53,10 +55,14 @@ def read_manifest(model_dir: Path, *, check_files: bool = True) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelFolderError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ModelFolderError(f"{path}: format {manifest.get('format') if isinstance(manifest, dict) else None!r}, expected {FORMAT!r}")
+        raise ModelFolderError(
+            f"{path}: format {manifest.get('format') if isinstance(manifest, dict) else None!r}, expected {FORMAT!r}"
+        )
     if manifest.get("version") != FORMAT_VERSION:
-        raise ModelFolderError(f"{path}: format version {manifest.get('version')!r}, this simfeatup reads {FORMAT_VERSION}; "
-                               "re-export the folder with this simfeatup version")
+        raise ModelFolderError(
+            f"{path}: format version {manifest.get('version')!r}, this simfeatup reads {FORMAT_VERSION}; "
+            "re-export the folder with this simfeatup version"
+        )
     _check_fields(path, manifest)
     if check_files:
         for name, digest in manifest.get("files", {}).items():
@@ -64,12 +70,15 @@ def read_manifest(model_dir: Path, *, check_files: bool = True) -> dict:
             if not file.is_file():
                 raise ModelFolderError(f"{file}: listed in {MANIFEST} but missing; re-export the model folder")
             if sha256(file) != digest:
-                raise ModelFolderError(f"{file}: checksum mismatch with {MANIFEST} (corrupt or modified); re-export the model folder")
+                raise ModelFolderError(
+                    f"{file}: checksum mismatch with {MANIFEST} (corrupt or modified); re-export the model folder"
+                )
     return manifest
 
 
 def _check_fields(path: Path, manifest: dict) -> None:
     """The fields the runtime computes with: types, ranges and this simfeatup's constants."""
+
     def fail(what: str):
         raise ModelFolderError(f"{path}: {what}; re-export the model folder with this simfeatup version")
 
@@ -86,8 +95,10 @@ def _check_fields(path: Path, manifest: dict) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             fail(f"preprocessing.{key} is {value!r}, not a positive whole number")
     if pre["window"] % pre["patch"] or pre["stride"] > pre["window"]:
-        fail(f"window {pre['window']} / stride {pre['stride']} / patch {pre['patch']} are inconsistent "
-             "(the window must be a multiple of the patch and at least the stride)")
+        fail(
+            f"window {pre['window']} / stride {pre['stride']} / patch {pre['patch']} are inconsistent "
+            "(the window must be a multiple of the patch and at least the stride)"
+        )
     lam = manifest.get("default_lambda")
     if not isinstance(lam, numbers.Real) or isinstance(lam, bool) or lam != lam:
         fail(f"default_lambda is {lam!r}, not a number")
@@ -96,12 +107,28 @@ def _check_fields(path: Path, manifest: dict) -> None:
         if not isinstance(value, int) or value < 1:
             fail(f"{key} is {value!r}, not a positive whole number")
     tok = manifest.get("tokenizer")
-    if not isinstance(tok, dict) or not isinstance(tok.get("merges"), str) or not isinstance(tok.get("context_length"), int):
+    if (
+        not isinstance(tok, dict)
+        or not isinstance(tok.get("merges"), str)
+        or not isinstance(tok.get("context_length"), int)
+    ):
         fail("tokenizer section missing or incomplete")
     graphs = manifest.get("graphs")
-    if not isinstance(graphs, dict) or not all(isinstance(graphs.get(g, {}).get("file"), str) for g in ("image", "text")):
+    if not isinstance(graphs, dict) or not all(
+        isinstance(graphs.get(g, {}).get("file"), str) for g in ("image", "text")
+    ):
         fail("graphs section missing or incomplete")
 
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "IMAGE_GRAPH", "TEXT_GRAPH", "MERGES", "ModelFolderError",
-           "read_manifest", "write_manifest", "sha256"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "IMAGE_GRAPH",
+    "TEXT_GRAPH",
+    "MERGES",
+    "ModelFolderError",
+    "read_manifest",
+    "write_manifest",
+    "sha256",
+]

@@ -50,16 +50,33 @@ class WindowSegmenter:
         """Class words -> (Q, D) float32 query embeddings (SPEC 2, text side), through the cache."""
         return embed_queries(words, self.encode_texts, self.cache)
 
-    def averaged_logits(self, images: list[np.ndarray], text: np.ndarray, *, lam: float | None = None) -> list[np.ndarray]:
+    def averaged_logits(
+        self, images: list[np.ndarray], text: np.ndarray, *, lam: float | None = None
+    ) -> list[np.ndarray]:
         """RGB uint8 images (H, W, 3) -> per-image (Q, h, w) mean window logits at the working size
         (long side ``long_side``), before SPEC 2.6's resize back to the original size."""
         lam = self.default_lambda if lam is None else float(lam)
         prepared = [imaging.preprocess(image, self.long_side) for image in images]
-        return windows.averaged_logits(prepared, np.asarray(text, np.float32), lam, self._window_logits,
-                                       window=self.window, stride=self.stride, patch=self.patch_size, batch=self.window_batch)
+        return windows.averaged_logits(
+            prepared,
+            np.asarray(text, np.float32),
+            lam,
+            self._window_logits,
+            window=self.window,
+            stride=self.stride,
+            patch=self.patch_size,
+            batch=self.window_batch,
+        )
 
-    def segment(self, images: list[np.ndarray], vocabulary: Vocabulary, *, scoring: scores.Scoring | None = None,
-                text: np.ndarray | None = None, return_probs: bool = False) -> list[scores.Segmentation]:
+    def segment(
+        self,
+        images: list[np.ndarray],
+        vocabulary: Vocabulary,
+        *,
+        scoring: scores.Scoring | None = None,
+        text: np.ndarray | None = None,
+        return_probs: bool = False,
+    ) -> list[scores.Segmentation]:
         """Label maps (SPEC 2.7) of RGB uint8 images (H, W, 3) at their original size.
 
         ``scoring``: lam, prob_thd, bg_idx (default: :class:`Scoring` with this model's lambda).
@@ -71,7 +88,11 @@ class WindowSegmenter:
             text = self.encode_queries(vocabulary.queries)
         text = np.asarray(text, np.float32)
         if text.ndim != 2 or len(text) != len(vocabulary.queries):
-            raise ValueError(f"text has shape {text.shape}: expected one embedding per query ({len(vocabulary.queries)}, D)")
+            raise ValueError(
+                f"text has shape {text.shape}: expected one embedding per query ({len(vocabulary.queries)}, D)"
+            )
         averaged = self.averaged_logits(images, text, lam=scoring.lam)
-        return [scores.segmentation(logits, vocabulary, scoring, return_probs=return_probs, size=image.shape[:2])
-                for logits, image in zip(averaged, images)]
+        return [
+            scores.segmentation(logits, vocabulary, scoring, return_probs=return_probs, size=image.shape[:2])
+            for logits, image in zip(averaged, images)
+        ]

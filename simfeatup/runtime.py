@@ -87,7 +87,12 @@ class OnnxSegmenter(WindowSegmenter):
         self.model_dir = Path(model_dir)
         self.manifest = read_manifest(self.model_dir)
         pre = self.manifest["preprocessing"]
-        self.long_side, self.window, self.stride, self.patch_size = pre["long_side"], pre["window"], pre["stride"], pre["patch"]
+        self.long_side, self.window, self.stride, self.patch_size = (
+            pre["long_side"],
+            pre["window"],
+            pre["stride"],
+            pre["patch"],
+        )
         self.default_lambda = float(self.manifest["default_lambda"])
         if window_batch < 1:
             raise ValueError(f"window_batch must be >= 1, got {window_batch}")
@@ -110,19 +115,27 @@ class OnnxSegmenter(WindowSegmenter):
         try:
             return ort.InferenceSession(str(self.model_dir / name), session_options(), providers=self.providers)
         except Exception as err:  # onnxruntime raises its own (Fail, InvalidGraph, ...) types
-            raise ModelFolderError(f"{self.model_dir / name}: onnxruntime cannot load it ({str(err).splitlines()[0]})") from None
+            raise ModelFolderError(
+                f"{self.model_dir / name}: onnxruntime cannot load it ({str(err).splitlines()[0]})"
+            ) from None
 
     # ------------------------------------------------------------------ WindowSegmenter
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """Texts -> (N, D) unit-norm embeddings from the text graph."""
         tokens = self.tokenizer(texts)
-        parts = [self.text_session.run(None, {TOKENS: tokens[i : i + TEXT_BATCH]})[0] for i in range(0, len(tokens), TEXT_BATCH)]
+        parts = [
+            self.text_session.run(None, {TOKENS: tokens[i : i + TEXT_BATCH]})[0]
+            for i in range(0, len(tokens), TEXT_BATCH)
+        ]
         return np.concatenate(parts) if parts else np.zeros((0, self.manifest["embed_dim"]), np.float32)
 
     def window_logits(self, windows: np.ndarray, text: np.ndarray, lam: float) -> np.ndarray:
         """(B, 3, h, w) normalised windows, (Q, D) queries -> (B, Q, h, w) cosine logits."""
-        feeds = {WINDOWS: np.ascontiguousarray(windows, np.float32), TEXT: np.ascontiguousarray(text, np.float32),
-                 LAM: np.asarray(lam, np.float32)}
+        feeds = {
+            WINDOWS: np.ascontiguousarray(windows, np.float32),
+            TEXT: np.ascontiguousarray(text, np.float32),
+            LAM: np.asarray(lam, np.float32),
+        }
         return self.image_session.run(None, feeds)[0]
 
     def _window_logits(self, windows: np.ndarray, text: np.ndarray, lam: float) -> np.ndarray:

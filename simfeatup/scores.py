@@ -46,13 +46,17 @@ class Scoring:
     def check(self, n_classes: int) -> None:
         """Refuse a ``bg_idx`` that is not one of the vocabulary's classes."""
         if self.bg_idx >= n_classes:
-            raise ValueError(f"bg_idx {self.bg_idx} is not a class index: there are {n_classes} classes (0..{n_classes - 1})")
+            raise ValueError(
+                f"bg_idx {self.bg_idx} is not a class index: there are {n_classes} classes (0..{n_classes - 1})"
+            )
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def class_probabilities(logits: np.ndarray, query_class: np.ndarray, n_classes: int, *, logit_scale: float = LOGIT_SCALE) -> np.ndarray:
+def class_probabilities(
+    logits: np.ndarray, query_class: np.ndarray, n_classes: int, *, logit_scale: float = LOGIT_SCALE
+) -> np.ndarray:
     """(Q, H, W) cosine logits -> (K, H, W) class probabilities.
 
     Softmax of ``logit_scale * logits`` over ALL queries, then each class takes the max over
@@ -86,8 +90,9 @@ class Segmentation:
     probs: np.ndarray | None = None  # (K, H, W) class probabilities, when asked for
 
 
-def segmentation(logits: np.ndarray, vocabulary, scoring: Scoring, *, return_probs: bool = False,
-                 size: tuple[int, int] | None = None) -> Segmentation:
+def segmentation(
+    logits: np.ndarray, vocabulary, scoring: Scoring, *, return_probs: bool = False, size: tuple[int, int] | None = None
+) -> Segmentation:
     """(Q, h, w) averaged window logits of one image -> its :class:`Segmentation` (SPEC 2.6, 2.7).
 
     ``size=(H, W)``: the logits are at the resized image's size and are brought to the original

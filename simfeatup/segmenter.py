@@ -51,7 +51,9 @@ class Segmenter(torch.nn.Module, WindowSegmenter):
     def _param(self) -> torch.Tensor:
         return next(self.encoder.parameters())
 
-    def window_logits(self, windows: torch.Tensor, text: torch.Tensor, lam: float | torch.Tensor = DEFAULT_LAMBDA) -> torch.Tensor:
+    def window_logits(
+        self, windows: torch.Tensor, text: torch.Tensor, lam: float | torch.Tensor = DEFAULT_LAMBDA
+    ) -> torch.Tensor:
         """Cosine logits of each pixel of each window against each query (SPEC 2.3-2.5).
 
         windows: (B, 3, h, w) CLIP-normalised, h and w multiples of the patch size.
@@ -76,12 +78,24 @@ class Segmenter(torch.nn.Module, WindowSegmenter):
     @torch.inference_mode()
     def _window_logits(self, windows: np.ndarray, text: np.ndarray, lam: float) -> np.ndarray:
         param = self._param
-        out = self.window_logits(torch.from_numpy(windows).to(param.device, param.dtype), torch.from_numpy(text).to(param.device), lam)
+        out = self.window_logits(
+            torch.from_numpy(windows).to(param.device, param.dtype), torch.from_numpy(text).to(param.device), lam
+        )
         return out.cpu().numpy()
 
     def describe(self) -> dict:
-        up = {"kind": "simfeatup", "config": self.upsampler.config} if self.upsampler is not None else {"kind": "bilinear"}
-        return {"torch": {**self.encoder.backbone.to_dict(), "upsampler": up, "dtype": str(self._param.dtype).removeprefix("torch.")}}
+        up = (
+            {"kind": "simfeatup", "config": self.upsampler.config}
+            if self.upsampler is not None
+            else {"kind": "bilinear"}
+        )
+        return {
+            "torch": {
+                **self.encoder.backbone.to_dict(),
+                "upsampler": up,
+                "dtype": str(self._param.dtype).removeprefix("torch."),
+            }
+        }
 
 
 def build_segmenter(
@@ -111,8 +125,9 @@ def build_segmenter(
         module, info = load_upsampler(upsampler)
         artefact = Backbone.from_dict(info["backbone"]) if info.get("backbone") else None
         artefact_dir = Path(upsampler).parent
-    backbone, weights = resolve(artefact, model=model, pretrained=pretrained, config=clip_config, attention=attention,
-                                artefact_dir=artefact_dir)
+    backbone, weights = resolve(
+        artefact, model=model, pretrained=pretrained, config=clip_config, attention=attention, artefact_dir=artefact_dir
+    )
     encoder = DenseCLIP.from_backbone(backbone, weights)
     if module is not None:
         dim = module.config["dim"]
@@ -126,5 +141,6 @@ def build_segmenter(
                 f"upsampler {upsampler} was built for patch {module.config.get('patch_size')} "
                 f"but the backbone has patch {encoder.patch_size}"
             )
-    segmenter = Segmenter(encoder, module, window_batch=window_batch)
-    return segmenter.to(device=device, dtype=dtype).eval()
+    segmenter = Segmenter(encoder, module, window_batch=window_batch).to(device=device, dtype=dtype).eval()
+    logger.debug("torch segmenter: %s", segmenter.describe()["torch"])
+    return segmenter

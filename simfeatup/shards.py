@@ -19,7 +19,7 @@ from pathlib import Path
 from .atomic import AtomicFile, remove_stale_temporaries
 from .imaging import IMAGE_SUFFIXES, decode_image, sniff_image
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 _PATTERN_HELP = "use one printf field for the shard number, e.g. 'shards/train-%06d.tar'"
 
@@ -51,13 +51,17 @@ class ShardSummary:
         return f"{head}{{{first}..{last}}}{tail}"
 
     def describe(self, max_listed: int = 20) -> str:
-        lines = [f"wrote {self.written} images into {len(self.shards)} shards ({self.nbytes / 1e6:.1f} MB): {self.urls}"]
+        lines = [
+            f"wrote {self.written} images into {len(self.shards)} shards ({self.nbytes / 1e6:.1f} MB): {self.urls}"
+        ]
         if self.skipped:
             reasons: dict[str, int] = {}
             for _, why in self.skipped:
                 kind = why.split(":")[0]
                 reasons[kind] = reasons.get(kind, 0) + 1
-            lines.append(f"skipped {len(self.skipped)} files: " + ", ".join(f"{n} {k}" for k, n in sorted(reasons.items())))
+            lines.append(
+                f"skipped {len(self.skipped)} files: " + ", ".join(f"{n} {k}" for k, n in sorted(reasons.items()))
+            )
             lines += [f"  {path}: {why}" for path, why in self.skipped[:max_listed]]
             if len(self.skipped) > max_listed:
                 lines.append(f"  ... and {len(self.skipped) - max_listed} more")
@@ -131,7 +135,7 @@ def _read_file(path: Path, verify: bool) -> tuple[bytes | None, str]:
 
 
 class _ShardFile:
-    """One tar streamed into an `AtomicFile`: renamed into place when closed, never half-written under its final name."""
+    """One tar streamed into an `AtomicFile`: renamed into place when closed, never half-written under its name."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -164,8 +168,15 @@ class _ShardFile:
         self.file.abort()
 
 
-def make_shards(sources, pattern: str, *, maxcount: int = 1000, maxsize: int = 1_000_000_000,
-                progress: bool = True, verify: bool = True) -> ShardSummary:
+def make_shards(
+    sources,
+    pattern: str,
+    *,
+    maxcount: int = 1000,
+    maxsize: int = 1_000_000_000,
+    progress: bool = True,
+    verify: bool = True,
+) -> ShardSummary:
     """Pack image files from folders (recursively) into WebDataset shards.
 
     sources: folders and/or single files; within a folder files go in sorted relative-path order.
@@ -215,7 +226,7 @@ def make_shards(sources, pattern: str, *, maxcount: int = 1000, maxsize: int = 1
             summary.shards.pop()
     stale = Path(pattern % len(summary.shards))
     if stale.exists():
-        log.warning("%s is left over from an earlier run and is not part of this set; read %s", stale, summary.urls)
+        logger.warning("%s is left over from an earlier run and is not part of this set; read %s", stale, summary.urls)
     for path, why in summary.skipped:
-        log.info("skipped %s: %s", path, why)
+        logger.info("skipped %s: %s", path, why)
     return summary

@@ -56,7 +56,9 @@ class Tokenizer:
         self.sot, self.eot = self.ids[SPECIALS[0]], self.ids[SPECIALS[1]]
         self.context_length = context_length
         specials = "|".join(SPECIALS)
-        self.pattern = regex.compile(specials + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
+        self.pattern = regex.compile(
+            specials + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE
+        )
         self._words: dict[str, list[int]] = {}
 
     def _merge(self, piece: str) -> list[int]:

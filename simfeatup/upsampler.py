@@ -302,7 +302,9 @@ def _read_info(path: Path) -> tuple[dict, Path]:
         except (SafetensorError, OSError) as e:
             raise UpsamplerFileError(f"{path}: not a safetensors file ({e})") from None
         if "simfeatup" not in meta:
-            raise UpsamplerFileError(f"{path}: safetensors file without simfeatup metadata; write it with save_upsampler")
+            raise UpsamplerFileError(
+                f"{path}: safetensors file without simfeatup metadata; write it with save_upsampler"
+            )
         info = json.loads(meta["simfeatup"])
     if info.get("format") != FORMAT or info.get("version") != FORMAT_VERSION:
         raise UpsamplerFileError(

@@ -31,7 +31,9 @@ class Writer:
 
     def __init__(self, file: Path, folder: Path):
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-        self.proc = subprocess.Popen([sys.executable, "-c", WRITER, str(file), str(folder)], stdout=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(file), str(folder)], stdout=subprocess.PIPE, text=True, env=env
+        )
         tmp, staging = self.proc.stdout.readline().split()
         self.tmp, self.staging = Path(tmp), Path(staging)
 
@@ -174,11 +176,19 @@ def test_a_killed_writers_temporaries_are_removed_a_live_writers_kept(tmp_path, 
 
 
 def test_only_our_names_are_swept(tmp_path):
-    host, finished = atomic._HOST, subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                                                 capture_output=True, text=True, check=True)
+    host, finished = (
+        atomic._HOST,
+        subprocess.run(
+            [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+        ),
+    )
     dead = int(finished.stdout)  # a process that has exited
     keep = [
-        "x.tar", ".hidden", "notes.partial", ".x.tar.partial", f".x.tar.{host}.{dead}.partial",  # not our form
+        "x.tar",
+        ".hidden",
+        "notes.partial",
+        ".x.tar.partial",
+        f".x.tar.{host}.{dead}.partial",  # not our form
         f".x.tar.{host}.{os.getpid()}.0badc0de.partial",  # this very process: alive
         ".x.tar.elsewhere.1.00000000.partial",  # another host, recent: maybe still being written
         f".gone.{host}.{dead}.12345678.old",  # moved aside, but gone/ is missing: the only copy

@@ -49,7 +49,12 @@ def test_defaults_and_choices_over_the_artefact(tiny_clip_cfg):
     # what the artefact's backbone ran with is kept; the features used here are the final ones
     assert chosen == replace(artefact, feature_source="final", patch_size=None) and path is None
     chosen, _ = resolve(artefact, model="ViT/B-16", attention="vanilla")
-    assert (chosen.model, chosen.pretrained, chosen.attention, chosen.quick_gelu) == ("ViT-B-16", "openai", "vanilla", None)
+    assert (chosen.model, chosen.pretrained, chosen.attention, chosen.quick_gelu) == (
+        "ViT-B-16",
+        "openai",
+        "vanilla",
+        None,
+    )
     assert resolve(Backbone(config=tiny_clip_cfg))[0] == Backbone(config=tiny_clip_cfg)  # random stays random
 
 

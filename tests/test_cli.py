@@ -37,7 +37,22 @@ def _one_line_error(capsys):
 def test_segment_writes_palette_label_maps_and_overlays(tiny_weights, images, tmp_path):
     out = tmp_path / "out"
     files = sorted(images.iterdir())
-    assert main(["segment", *map(str, files), "--classes", "building,roof;road;water", "--out", str(out), "--overlay", "--save-probs", *_args(tiny_weights)]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                *map(str, files),
+                "--classes",
+                "building,roof;road;water",
+                "--out",
+                str(out),
+                "--overlay",
+                "--save-probs",
+                *_args(tiny_weights),
+            ]
+        )
+        == 0
+    )
     for f in files:
         label = Image.open(out / f"{f.stem}.png")
         assert label.mode == "P" and label.size == Image.open(f).size
@@ -50,17 +65,40 @@ def test_segment_writes_palette_label_maps_and_overlays(tiny_weights, images, tm
 
 
 def test_segment_with_preset(tiny_weights, images, tmp_path):
-    assert main(["segment", str(images / "rgb.png"), "--preset", "udd5", "--out", str(tmp_path / "o"), *_args(tiny_weights)]) == 0
+    assert (
+        main(
+            ["segment", str(images / "rgb.png"), "--preset", "udd5", "--out", str(tmp_path / "o"), *_args(tiny_weights)]
+        )
+        == 0
+    )
     assert np.asarray(Image.open(tmp_path / "o" / "rgb.png")).max() <= 4
 
 
 def test_missing_image_is_one_line_and_nonzero(tiny_weights, tmp_path, capsys):
-    assert main(["segment", str(tmp_path / "nope.png"), "--classes", "road", "--out", str(tmp_path / "o"), *_args(tiny_weights)]) == 2
+    assert (
+        main(
+            [
+                "segment",
+                str(tmp_path / "nope.png"),
+                "--classes",
+                "road",
+                "--out",
+                str(tmp_path / "o"),
+                *_args(tiny_weights),
+            ]
+        )
+        == 2
+    )
     assert "image not found" in _one_line_error(capsys)
 
 
 def test_empty_class_list(tiny_weights, images, tmp_path, capsys):
-    assert main(["segment", str(images / "rgb.png"), "--classes", " ; ", "--out", str(tmp_path / "o"), *_args(tiny_weights)]) == 2
+    assert (
+        main(
+            ["segment", str(images / "rgb.png"), "--classes", " ; ", "--out", str(tmp_path / "o"), *_args(tiny_weights)]
+        )
+        == 2
+    )
     assert "empty class list" in _one_line_error(capsys)
 
 
@@ -68,7 +106,19 @@ def test_bad_images_are_reported_and_the_rest_is_written(tiny_weights, images, t
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     cv2.imwrite(str(images / "tiny.png"), np.zeros((8, 40, 3), np.uint8))
     out = tmp_path / "o"
-    code = main(["segment", str(images / "broken.png"), str(images / "tiny.png"), str(images / "rgb.png"), "--classes", "road;tree", "--out", str(out), *_args(tiny_weights)])
+    code = main(
+        [
+            "segment",
+            str(images / "broken.png"),
+            str(images / "tiny.png"),
+            str(images / "rgb.png"),
+            "--classes",
+            "road;tree",
+            "--out",
+            str(out),
+            *_args(tiny_weights),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err + caplog.text  # per-image messages go through logging
     assert "2 of 3 image(s) could not be segmented" in err
@@ -77,7 +127,22 @@ def test_bad_images_are_reported_and_the_rest_is_written(tiny_weights, images, t
 
 
 def test_bg_idx_out_of_range(tiny_weights, images, tmp_path, capsys):
-    assert main(["segment", str(images / "rgb.png"), "--classes", "road;tree", "--bg-idx", "5", "--out", str(tmp_path / "o"), *_args(tiny_weights)]) == 2
+    assert (
+        main(
+            [
+                "segment",
+                str(images / "rgb.png"),
+                "--classes",
+                "road;tree",
+                "--bg-idx",
+                "5",
+                "--out",
+                str(tmp_path / "o"),
+                *_args(tiny_weights),
+            ]
+        )
+        == 2
+    )
     assert "--bg-idx 5" in _one_line_error(capsys)
 
 
@@ -86,7 +151,19 @@ def test_upsampler_of_wrong_feature_size_names_both_sizes(tiny_weights, images, 
 
     path = tmp_path / "up.safetensors"
     save_upsampler(SimFeatUp(dim=48, patch_size=16), path)
-    code = main(["segment", str(images / "rgb.png"), "--classes", "road", "--upsampler", str(path), "--out", str(tmp_path / "o"), *_args(tiny_weights)])
+    code = main(
+        [
+            "segment",
+            str(images / "rgb.png"),
+            "--classes",
+            "road",
+            "--upsampler",
+            str(path),
+            "--out",
+            str(tmp_path / "o"),
+            *_args(tiny_weights),
+        ]
+    )
     assert code == 2
     line = _one_line_error(capsys)
     assert "48" in line and "32" in line
@@ -99,21 +176,37 @@ def test_presets_lists_all(capsys):
 
 def test_convert_weights_then_segment_with_them(tiny_weights, images, tmp_path, capsys):
     """A user's path: convert the authors' checkpoint, then segment with it (tiny dims here)."""
-    from test_convert import lightning_ckpt
-
     from simfeatup.upsampler import SimFeatUp
+    from test_convert import lightning_ckpt
 
     state = SimFeatUp(dim=32, patch_size=16).state_dict()
     src = lightning_ckpt(tmp_path / "authors.ckpt", state)
     dst = tmp_path / "up.safetensors"
-    assert main(["convert-weights", str(src), str(dst), "--model", tiny_weights[0], "--pretrained", str(tiny_weights[1])]) == 0
+    assert (
+        main(["convert-weights", str(src), str(dst), "--model", tiny_weights[0], "--pretrained", str(tiny_weights[1])])
+        == 0
+    )
     info = json.loads(dst.with_suffix(".json").read_text())
     assert info["backbone"]["feature_source"] == "penultimate"
     assert info["backbone"]["pretrained"] == tiny_weights[1].name  # a name, never this machine's path
     out = tmp_path / "o"
     # the backbone comes from the artefact's .json, its weights file from beside it: no --model/--pretrained needed
     shutil.copy(tiny_weights[1], tmp_path)
-    assert main(["segment", str(images / "rgb.png"), "--classes", "road;tree", "--upsampler", str(dst.with_suffix(".json")), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(images / "rgb.png"),
+                "--classes",
+                "road;tree",
+                "--upsampler",
+                str(dst.with_suffix(".json")),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert (out / "rgb.png").is_file()
     assert main(["convert-weights", str(tmp_path / "missing.ckpt"), str(tmp_path / "x.safetensors")]) == 2
     assert "missing.ckpt" in _one_line_error(capsys)
@@ -124,7 +217,21 @@ def test_outputs_are_written_whole_with_normal_permissions(tiny_weights, images,
     import stat
 
     out = tmp_path / "o"
-    assert main(["segment", str(images / "rgb.png"), "--classes", "road", "--out", str(out), "--overlay", *_args(tiny_weights)]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(images / "rgb.png"),
+                "--classes",
+                "road",
+                "--out",
+                str(out),
+                "--overlay",
+                *_args(tiny_weights),
+            ]
+        )
+        == 0
+    )
     umask = os.umask(0)
     os.umask(umask)
     for f in out.iterdir():
@@ -141,21 +248,40 @@ def test_verbose_flag_works_before_and_after_the_subcommand(capsys, monkeypatch)
     ours, lightning = logging.getLogger("simfeatup"), logging.getLogger("lightning")
     monkeypatch.setattr(ours, "level", ours.level)
     monkeypatch.setattr(lightning, "propagate", lightning.propagate)
-    for argv, level, own in ((["-v", "presets"], logging.DEBUG, logging.DEBUG), (["presets", "-v"], logging.DEBUG, logging.DEBUG),
-                             (["presets"], logging.WARNING, logging.INFO)):  # INFO from simfeatup, not from the libraries
+    for argv, level, own in (
+        (["-v", "presets"], logging.DEBUG, logging.DEBUG),
+        (["presets", "-v"], logging.DEBUG, logging.DEBUG),
+        (["presets"], logging.WARNING, logging.INFO),
+    ):  # INFO from simfeatup, not from the libraries
         root.handlers = []  # basicConfig only configures a root logger without handlers
         assert main(argv) == 0
         assert (root.level, ours.level) == (level, own), argv
     assert "loveda" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("flag,value,message", [
-    ("--prob-thd", "2", "not a probability"), ("--prob-thd", "-0.5", "not a probability"), ("--prob-thd", "nan", "not a finite number"),
-    ("--lam", "inf", "not a finite number"), ("--bg-idx", "-1", "negative"),
-])
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--prob-thd", "2", "not a probability"),
+        ("--prob-thd", "-0.5", "not a probability"),
+        ("--prob-thd", "nan", "not a finite number"),
+        ("--lam", "inf", "not a finite number"),
+        ("--bg-idx", "-1", "negative"),
+    ],
+)
 def test_numeric_flags_are_checked_when_parsed(flag, value, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
-        main(["segment", str(tmp_path / "x.png"), "--classes", "road;tree", f"{flag}={value}", "--out", str(tmp_path / "o")])
+        main(
+            [
+                "segment",
+                str(tmp_path / "x.png"),
+                "--classes",
+                "road;tree",
+                f"{flag}={value}",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
     assert exit_.value.code == 2
     last = _one_line_error(capsys)
     assert flag in last and message in last
@@ -176,8 +302,19 @@ def test_segment_with_a_model_config_file_and_its_weights(images, tmp_path, tiny
     (tmp_path / "cfg.json").write_text(json.dumps(tiny_clip_cfg))
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(tmp_path / "w.safetensors"))
     out = tmp_path / "o"
-    argv = ["segment", str(images / "rgb.png"), "--classes", "road;tree;roof", "--out", str(out), "--save-probs",
-            "--model", str(tmp_path / "cfg.json"), "--pretrained", str(tmp_path / "w.safetensors")]
+    argv = [
+        "segment",
+        str(images / "rgb.png"),
+        "--classes",
+        "road;tree;roof",
+        "--out",
+        str(out),
+        "--save-probs",
+        "--model",
+        str(tmp_path / "cfg.json"),
+        "--pretrained",
+        str(tmp_path / "w.safetensors"),
+    ]
     assert main(argv) == 0
     # the same model built here from the same tensors gives the same probabilities
     vocabulary, image = Vocabulary.from_spec("road;tree;roof"), load_image(images / "rgb.png")
@@ -193,9 +330,8 @@ def test_segment_with_a_model_config_file_and_its_weights(images, tmp_path, tiny
 
 
 def test_convert_weights_records_the_models_patch_size(tmp_path, capsys):
-    from test_convert import lightning_ckpt
-
     from simfeatup.upsampler import SimFeatUp
+    from test_convert import lightning_ckpt
 
     src = lightning_ckpt(tmp_path / "authors.ckpt", SimFeatUp(dim=32, patch_size=14).state_dict())
     dst = tmp_path / "up.safetensors"

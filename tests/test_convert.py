@@ -136,16 +136,24 @@ def test_reconverting_our_artefact_keeps_or_replaces_its_backbone(tmp_path, tiny
     save_upsampler(ref, ours, backbone=record, extra={"training": {"steps": 5}})
     convert_checkpoint(ours.with_suffix(".json"), tmp_path / "copy.safetensors")
     module, info = load_upsampler(tmp_path / "copy.safetensors")
-    assert info["backbone"] == record and all(torch.equal(module.state_dict()[k], v) for k, v in ref.state_dict().items())
-    assert info["converted_from"]["file"] == "ours.safetensors" and info["converted_from"]["container"] == "simfeatup artefact"
+    assert info["backbone"] == record
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in ref.state_dict().items())
+    assert (
+        info["converted_from"]["file"] == "ours.safetensors"
+        and info["converted_from"]["container"] == "simfeatup artefact"
+    )
     # a model config .json (patch 14) and its weights file, recorded by name and checksum
     cfg = {**tiny_clip_cfg, "vision_cfg": {**tiny_clip_cfg["vision_cfg"], "patch_size": 14}}
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     save_file({"w": torch.zeros(1)}, str(tmp_path / "w.safetensors"))
-    convert_checkpoint(ours, tmp_path / "p14.safetensors", model=str(tmp_path / "cfg.json"), pretrained=str(tmp_path / "w.safetensors"))
+    convert_checkpoint(
+        ours, tmp_path / "p14.safetensors", model=str(tmp_path / "cfg.json"), pretrained=str(tmp_path / "w.safetensors")
+    )
     _, info = load_upsampler(tmp_path / "p14.safetensors")
     assert info["upsampler"]["patch_size"] == 14 and info["backbone"]["config"] == cfg
-    assert info["backbone"]["pretrained"] == "w.safetensors" and info["backbone"]["weights_sha256"] == file_sha256(tmp_path / "w.safetensors")
+    assert info["backbone"]["pretrained"] == "w.safetensors" and info["backbone"]["weights_sha256"] == file_sha256(
+        tmp_path / "w.safetensors"
+    )
     assert info["backbone"]["feature_source"] == "final"  # ours, not the authors' "penultimate"
     with pytest.raises(ValueError, match="absent.bin: no such file"):
         convert_checkpoint(ours, tmp_path / "x.safetensors", model="ViT-B-16", pretrained=str(tmp_path / "absent.bin"))
@@ -155,4 +163,7 @@ def test_authors_checkpoint_is_recorded_as_trained_on_penultimate_features(tmp_p
     src = lightning_ckpt(tmp_path / "a.ckpt", {k: torch.randn(s) for k, s in AUTHORS_SHAPES.items()})
     convert_checkpoint(src, tmp_path / "a.safetensors", model="ViT-L-14")
     backbone = json.loads((tmp_path / "a.json").read_text())["backbone"]
-    assert backbone == Backbone(model="ViT-L-14", pretrained="openai", feature_source="penultimate", patch_size=14).to_dict()
+    assert (
+        backbone
+        == Backbone(model="ViT-L-14", pretrained="openai", feature_source="penultimate", patch_size=14).to_dict()
+    )

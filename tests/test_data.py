@@ -292,7 +292,8 @@ def test_dataloader_bench_runs_as_users_run_it(capsys):
     spec = importlib.util.spec_from_file_location("bench_dataloader", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    results = bench.main(["--workers", "0", "--batches", "2", "--warmup", "1", "--batch-size", "2", "--crop-size", "64"])
+    argv = ["--workers", "0", "--batches", "2", "--warmup", "1", "--batch-size", "2", "--crop-size", "64"]
+    results = bench.main(argv)
     assert results[0]["images"] == 4 and results[0]["images_per_s"] > 0
     assert "1.00x" in capsys.readouterr().out
 

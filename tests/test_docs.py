@@ -64,7 +64,9 @@ def _citations() -> dict[str, list[str]]:
 def test_method_has_the_numbered_sections():
     found = headings(METHOD.read_text(encoding="utf-8"))
     assert len(found) == len(set(found)), f"duplicate headings: {sorted({n for n in found if found.count(n) > 1})}"
-    expected = {str(n) for n in range(1, 10)} | {f"2.{k}" for k in range(1, 8)} | {"3.1"} | {f"4.{k}" for k in range(1, 9)}
+    expected = (
+        {str(n) for n in range(1, 10)} | {f"2.{k}" for k in range(1, 8)} | {"3.1"} | {f"4.{k}" for k in range(1, 9)}
+    )
     assert set(found) == expected
 
 
@@ -83,8 +85,28 @@ def test_citation_parser():
         "SPEC 2.1, in this order; SPEC 6: 255; SPEC 2.8; SPEC 5-7; SPEC.md section 3; SPECIALS 7"
     )
     assert cited(text) == [
-        "2.3", "2.1", "2.2", "2.6", "2.3", "2.4", "2.5", "2", "5",
-        "4", "4.2", "4.3", "4.4", "4.5", "4.6", "4.7", "2.1", "6", "2.8", "5", "6", "7",
+        "2.3",
+        "2.1",
+        "2.2",
+        "2.6",
+        "2.3",
+        "2.4",
+        "2.5",
+        "2",
+        "5",
+        "4",
+        "4.2",
+        "4.3",
+        "4.4",
+        "4.5",
+        "4.6",
+        "4.7",
+        "2.1",
+        "6",
+        "2.8",
+        "5",
+        "6",
+        "7",
     ]
     # a citation of a missing step is reported
     assert set(cited("see SPEC 2.8 and SPEC 10")) - set(headings(METHOD.read_text(encoding="utf-8"))) == {"2.8", "10"}

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from simfeatup.backbone import Backbone, file_sha256
-from simfeatup.encoder import ATTENTION_MODES, DenseCLIP, WeightsUnavailableError
+from simfeatup.backbone import ATTENTION_MODES, Backbone, WeightsUnavailableError, file_sha256
+from simfeatup.encoder import DenseCLIP
 
 
 # ----------------------------------------------------------------------------- references

@@ -15,18 +15,35 @@ LOG_RECORD = re.compile(r"^(DEBUG|INFO|WARNING)( [\w.]+)?: ")  # log records: se
 
 # (what runs, its error-line prefix, argv needing the torch extra, argv with a path that does not exist)
 ENTRY_POINTS = [
-    ("simfeatup.cli", "simfeatup segment", ["segment", SAMPLE, "--classes", "road;tree", "--out", "OUT"],
-     ["segment", "/nonexistent/tile.png", "--classes", "road", "--out", "OUT"]),
-    ("train/fit.py", "fit", [], ["--model.pretrained", "/nonexistent/ViT-B-16.bin", "--trainer.default_root_dir", "OUT"]),
-    ("export/to_onnx.py", "to_onnx", ["--upsampler", "bilinear", "--out", "OUT"],
-     ["--upsampler", "/nonexistent/upsampler.safetensors", "--out", "OUT"]),
+    (
+        "simfeatup.cli",
+        "simfeatup segment",
+        ["segment", SAMPLE, "--classes", "road;tree", "--out", "OUT"],
+        ["segment", "/nonexistent/tile.png", "--classes", "road", "--out", "OUT"],
+    ),
+    (
+        "train/fit.py",
+        "fit",
+        [],
+        ["--model.pretrained", "/nonexistent/ViT-B-16.bin", "--trainer.default_root_dir", "OUT"],
+    ),
+    (
+        "export/to_onnx.py",
+        "to_onnx",
+        ["--upsampler", "bilinear", "--out", "OUT"],
+        ["--upsampler", "/nonexistent/upsampler.safetensors", "--out", "OUT"],
+    ),
 ]
 IDS = [prefix for _, prefix, _, _ in ENTRY_POINTS]
 
 
 def _run(target: str, argv: list[str], out: Path, blocked=()) -> subprocess.CompletedProcess:
     argv = [str(out) if a == "OUT" else a for a in argv]
-    start = f"runpy.run_path({target!r}, run_name='__main__')" if target.endswith(".py") else f"runpy.run_module({target!r}, run_name='__main__')"
+    start = (
+        f"runpy.run_path({target!r}, run_name='__main__')"
+        if target.endswith(".py")
+        else f"runpy.run_module({target!r}, run_name='__main__')"
+    )
     runner = (
         f"import runpy, sys\n"
         f"for name in {list(blocked)!r}:\n"
@@ -42,7 +59,9 @@ def test_a_missing_extra_is_exit_2_and_one_line(tmp_path, target, prefix, argv, 
     done = _run(target, argv, tmp_path / "out", blocked=TORCH_MODULES)
     assert done.returncode == 2, done.stderr
     [line] = done.stderr.strip().splitlines()
-    assert re.match(rf'{prefix}: error: .+ needs \w+, which is not installed: pip install "simfeatup\[torch\]"', line), line
+    assert re.match(
+        rf'{prefix}: error: .+ needs \w+, which is not installed: pip install "simfeatup\[torch\]"', line
+    ), line
     assert not (tmp_path / "out").exists()
 
 
@@ -51,7 +70,9 @@ def test_a_bad_path_is_exit_2_and_one_line(tmp_path, target, prefix, _, argv):
     done = _run(target, argv, tmp_path / "out")
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
-    [line] = [line for line in done.stderr.strip().splitlines() if not LOG_RECORD.match(line)]  # Lightning may log "Seed set"
+    [line] = [
+        line for line in done.stderr.strip().splitlines() if not LOG_RECORD.match(line)
+    ]  # Lightning may log "Seed set"
     assert line.startswith(f"{prefix}: error: ") and "/nonexistent/" in line, line
     assert not (tmp_path / "out").exists()
 

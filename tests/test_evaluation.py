@@ -161,7 +161,8 @@ def test_labels_are_paired_by_stem_suffixes_and_any_letter_case(tmp_path):
 def test_evaluate_scores_what_segment_writes(onnx_dir, tmp_path, capsys):
     """SpaceNet 3 Las Vegas roads: the report's IoU is the IoU of `segment`'s label map."""
     common = ["--preset", "spacenet", "--onnx", str(onnx_dir)]
-    assert main(["evaluate", str(EVAL / "images"), "--labels", str(EVAL / "labels"), *common, "--report", str(tmp_path / "r.json")]) == 0
+    report = ["--report", str(tmp_path / "r.json")]
+    assert main(["evaluate", str(EVAL / "images"), "--labels", str(EVAL / "labels"), *common, *report]) == 0
     table = capsys.readouterr().out
     assert main(["segment", str(EVAL / "images"), *common, "--out", str(tmp_path / "seg")]) == 0
     pred = np.asarray(Image.open(tmp_path / "seg" / "spacenet3_vegas.png"))
@@ -209,7 +210,10 @@ def test_evaluate_problems_end_in_one_line_before_the_model_runs(onnx_dir, tmp_p
         ([b, "--labels", str(tmp_path / "bad")], "label values [7] are not class indices 0..1"),
         ([a, "--labels", str(data), "--report", str(tmp_path)], "is a folder: give a file name"),
         ([a, "--labels", str(data), "--reduce-zero-label"], "exclude each other"),
-        ([a, "--labels", str(data), "--classes", "a;b;c"], "not allowed with argument"),  # argparse: --preset and --classes
+        (
+            [a, "--labels", str(data), "--classes", "a;b;c"],
+            "not allowed with argument",
+        ),  # argparse: --preset and --classes
     ]
     for flags, message in cases:
         try:
@@ -218,7 +222,21 @@ def test_evaluate_problems_end_in_one_line_before_the_model_runs(onnx_dir, tmp_p
             code = exit_.code
         [line] = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert code == 2 and message in line, line
-    code = main(["evaluate", str(data / "a.jpg"), "--classes", "a;b;c", "--binary-255", "--labels", str(data), "--label-suffix", "_gt", "--onnx", str(onnx_dir)])
+    code = main(
+        [
+            "evaluate",
+            str(data / "a.jpg"),
+            "--classes",
+            "a;b;c",
+            "--binary-255",
+            "--labels",
+            str(data),
+            "--label-suffix",
+            "_gt",
+            "--onnx",
+            str(onnx_dir),
+        ]
+    )
     assert code == 2 and "need exactly 2 classes" in capsys.readouterr().err
 
 
@@ -227,33 +245,82 @@ def test_preset_label_notes_reach_the_command(onnx_dir, tmp_path, caplog):
     raw = np.zeros((96, 128), np.uint8)
     raw[:, 32:] = np.resize(np.arange(1, 8).repeat(14), 96)  # columns of classes 1..7, every row alike
     image = _tile(tmp_path / "loveda", label=raw)
-    code, report = _evaluate(onnx_dir, tmp_path, image, "--labels", image.parent, "--label-suffix", "_gt", "--preset", "loveda")
+    code, report = _evaluate(
+        onnx_dir, tmp_path, image, "--labels", image.parent, "--label-suffix", "_gt", "--preset", "loveda"
+    )
     assert code == 0 and report["pixels"] == 96 * 96 and report["metric"] == "mIoU"
     assert report["label_notes"]["reduce_zero_label"] is True
-    assert _evaluate(onnx_dir, tmp_path, image, "--labels", image.parent, "--label-suffix", "_gt", "--preset", "loveda", "--no-reduce-zero-label")[0] == 2
+    assert (
+        _evaluate(
+            onnx_dir,
+            tmp_path,
+            image,
+            "--labels",
+            image.parent,
+            "--label-suffix",
+            "_gt",
+            "--preset",
+            "loveda",
+            "--no-reduce-zero-label",
+        )[0]
+        == 2
+    )
     # SpaceNet roads stored as 0/1: --no-binary-255 changes nothing, and the score stays the road IoU.
     mask = (np.arange(128)[None, :].repeat(96, 0) % 20 < 4).astype(np.uint8)
     road = _tile(tmp_path / "road", label=mask)
-    _, as_01 = _evaluate(onnx_dir, tmp_path, road, "--labels", road.parent, "--label-suffix", "_gt", "--preset", "spacenet", "--no-binary-255")
+    _, as_01 = _evaluate(
+        onnx_dir,
+        tmp_path,
+        road,
+        "--labels",
+        road.parent,
+        "--label-suffix",
+        "_gt",
+        "--preset",
+        "spacenet",
+        "--no-binary-255",
+    )
     Image.fromarray(mask * 255).save(road.parent / "tile_gt.png")
-    _, as_255 = _evaluate(onnx_dir, tmp_path, road, "--labels", road.parent, "--label-suffix", "_gt", "--preset", "spacenet")
+    _, as_255 = _evaluate(
+        onnx_dir, tmp_path, road, "--labels", road.parent, "--label-suffix", "_gt", "--preset", "spacenet"
+    )
     assert as_01["metric"] == as_255["metric"] == "IoU(road)" and as_01["score"] == as_255["score"]
     # ... and 0/255 masks without the note lose every road pixel: said, not silently scored.
     with caplog.at_level("WARNING"):
-        _, lost = _evaluate(onnx_dir, tmp_path, road, "--labels", road.parent, "--label-suffix", "_gt", "--classes", "background;road")
+        _, lost = _evaluate(
+            onnx_dir, tmp_path, road, "--labels", road.parent, "--label-suffix", "_gt", "--classes", "background;road"
+        )
     assert lost["pixels"] == int((mask == 0).sum()) and "need --binary-255" in caplog.text
 
 
 def test_each_image_is_scored_once_and_labels_beside_images_are_not_images(onnx_dir, tmp_path, capsys):
     mask = np.zeros((96, 128), np.uint8)
     image = _tile(tmp_path / "d", label=mask)
-    code, report = _evaluate(onnx_dir, tmp_path, image.parent, image, "--labels", image.parent, "--label-suffix", "_gt", "--preset", "spacenet")
-    assert code == 0 and report["images"] == 1 and report["pixels"] == mask.size  # folder + file: one image, no tile_gt.png image
+    code, report = _evaluate(
+        onnx_dir,
+        tmp_path,
+        image.parent,
+        image,
+        "--labels",
+        image.parent,
+        "--label-suffix",
+        "_gt",
+        "--preset",
+        "spacenet",
+    )
+    assert (
+        code == 0 and report["images"] == 1 and report["pixels"] == mask.size
+    )  # folder + file: one image, no tile_gt.png image
     twin = _tile(tmp_path / "twin", label=None)
-    code, _ = _evaluate(onnx_dir, tmp_path, image, twin, "--labels", image.parent, "--label-suffix", "_gt", "--preset", "spacenet")
+    code, _ = _evaluate(
+        onnx_dir, tmp_path, image, twin, "--labels", image.parent, "--label-suffix", "_gt", "--preset", "spacenet"
+    )
     assert code == 2 and "is the label of several images" in capsys.readouterr().err
     Image.fromarray(np.full((96, 128), 255, np.uint8)).save(image.parent / "tile_gt.png")
-    assert _evaluate(onnx_dir, tmp_path, image, "--labels", image.parent, "--label-suffix", "_gt", "--classes", "a;b")[0] == 2
+    assert (
+        _evaluate(onnx_dir, tmp_path, image, "--labels", image.parent, "--label-suffix", "_gt", "--classes", "a;b")[0]
+        == 2
+    )
     assert "every label pixel is ignored" in capsys.readouterr().err
 
 
@@ -262,7 +329,22 @@ def test_torch_and_onnx_paths_score_the_same(artefacts, tiny_weights, tmp_path):
     name, weights = tiny_weights
     common = ["evaluate", str(EVAL / "images"), "--labels", str(EVAL / "labels"), "--preset", "spacenet"]
     assert main([*common, "--onnx", str(onnx_dir), "--report", str(tmp_path / "onnx.json")]) == 0
-    assert main([*common, "--upsampler", str(path), "--model", name, "--pretrained", str(weights), "--report", str(tmp_path / "torch.json")]) == 0
+    assert (
+        main(
+            [
+                *common,
+                "--upsampler",
+                str(path),
+                "--model",
+                name,
+                "--pretrained",
+                str(weights),
+                "--report",
+                str(tmp_path / "torch.json"),
+            ]
+        )
+        == 0
+    )
     onnx, torch_ = (json.loads((tmp_path / f).read_text()) for f in ("onnx.json", "torch.json"))
     assert onnx["pixels"] == torch_["pixels"] == 560 * 700
     assert abs(onnx["score"] - torch_["score"]) <= 0.05  # percentage points: only float-level ties may differ

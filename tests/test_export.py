@@ -12,8 +12,7 @@ import torch.nn.functional as F
 
 from simfeatup.backbone import Backbone, file_sha256
 from simfeatup.encoder import DenseCLIP
-from simfeatup.export import OnnxExportError, export_onnx, verify_onnx
-from simfeatup.export import writer
+from simfeatup.export import OnnxExportError, export_onnx, verify_onnx, writer
 from simfeatup.export.graph_form import GraphUpsampler
 from simfeatup.export.verify import FP16_TOLERANCE, FP32_TOLERANCE
 from simfeatup.interp import bicubic_matrix, bicubic_resize
@@ -63,7 +62,10 @@ def bilinear_dir(tiny_weights, tmp_path_factory):
     """The script as a user runs it: registered tiny model + weights file, bilinear."""
     name, weights = tiny_weights
     out = tmp_path_factory.mktemp("onnx") / "tiny_bilinear"
-    assert _to_onnx_main()(["--upsampler", "bilinear", "--model", name, "--pretrained", str(weights), "--out", str(out)]) == 0
+    assert (
+        _to_onnx_main()(["--upsampler", "bilinear", "--model", name, "--pretrained", str(weights), "--out", str(out)])
+        == 0
+    )
     return out
 
 
@@ -71,7 +73,9 @@ def bilinear_dir(tiny_weights, tmp_path_factory):
 @pytest.mark.parametrize("n", [1, 3, 13, 14, 20])
 def test_bicubic_matrix_is_torch_bicubic_with_scale_factor(n):
     grid = torch.randn(1, 4, 14, 14)
-    ref = F.interpolate(grid, scale_factor=((n + 0.1) / 14, 1.0), mode="bicubic", align_corners=False, recompute_scale_factor=False)
+    ref = F.interpolate(
+        grid, scale_factor=((n + 0.1) / 14, 1.0), mode="bicubic", align_corners=False, recompute_scale_factor=False
+    )
     m = bicubic_matrix(n, 14, torch.tensor(14 / (n + 0.1)), grid)
     torch.testing.assert_close(torch.einsum("ij,bcjk->bcik", m, grid), ref, atol=2e-6, rtol=1e-5)
 
@@ -107,7 +111,9 @@ def test_graph_upsampler_matches_simfeatup(dim, hw):
     with torch.no_grad():
         ref = up(feats, guidance)
         torch.testing.assert_close(graph(feats, guidance), ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
-        torch.testing.assert_close(graph.cosine_logits(feats, guidance, text), up.cosine_logits(feats, guidance, text), atol=5e-5, rtol=0)
+        torch.testing.assert_close(
+            graph.cosine_logits(feats, guidance, text), up.cosine_logits(feats, guidance, text), atol=5e-5, rtol=0
+        )
 
 
 # ------------------------------------------------------------------ whole exports
@@ -119,10 +125,21 @@ def test_bilinear_export_writes_a_complete_verified_folder(bilinear_dir, tiny_we
     assert {"image.onnx.data", "text.onnx.data", MERGES} <= set(manifest["files"])  # external-data layout
     pre = manifest["preprocessing"]
     assert (pre["long_side"], pre["window"], pre["stride"], pre["patch"]) == (448, 224, 112, 16)
-    assert manifest["logit_scale"] == 50.0 and manifest["default_lambda"] == -0.3 and manifest["upsampler"] == {"kind": "bilinear"}
-    assert manifest["model"] == {**Backbone(model=tiny_weights[0], pretrained=tiny_weights[1].name, patch_size=16,
-                                            weights_sha256=file_sha256(tiny_weights[1]), quick_gelu=False).to_dict(),
-                                 "embed_dim": 32}  # the weights by name and checksum, never this machine's path
+    assert (
+        manifest["logit_scale"] == 50.0
+        and manifest["default_lambda"] == -0.3
+        and manifest["upsampler"] == {"kind": "bilinear"}
+    )
+    assert manifest["model"] == {
+        **Backbone(
+            model=tiny_weights[0],
+            pretrained=tiny_weights[1].name,
+            patch_size=16,
+            weights_sha256=file_sha256(tiny_weights[1]),
+            quick_gelu=False,
+        ).to_dict(),
+        "embed_dim": 32,
+    }  # the weights by name and checksum, never this machine's path
     assert manifest["exporter"]["versions"]["torch"] and manifest["opset"] >= 18
     report = manifest["verification"]
     assert report["max_abs_logit_diff"] <= FP32_TOLERANCE and any(c.startswith("sample") for c in report["cases"])
@@ -139,8 +156,16 @@ def test_model_config_with_weights_file_exports_those_weights(tmp_path, tiny_cli
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(weights))
     out = export_onnx(tmp_path / "onnx", clip_config=tiny_clip_cfg, pretrained=str(weights), samples=[])
     model = json.loads((out / "manifest.json").read_text())["model"]
-    assert model == {**Backbone(config=tiny_clip_cfg, pretrained="w.safetensors", weights_sha256=file_sha256(weights),
-                                patch_size=16, quick_gelu=False).to_dict(), "embed_dim": 32}
+    assert model == {
+        **Backbone(
+            config=tiny_clip_cfg,
+            pretrained="w.safetensors",
+            weights_sha256=file_sha256(weights),
+            patch_size=16,
+            quick_gelu=False,
+        ).to_dict(),
+        "embed_dim": 32,
+    }
     # the text graph holds the file's token embedding, not the seed-0 one of a random build
     text = onnx.load(str(out / "text.onnx"))
     stored = [onnx.numpy_helper.to_array(t, base_dir=str(out)) for t in text.graph.initializer]
@@ -171,7 +196,9 @@ def test_upsampler_graph_matches_torch_at_several_sizes(upsampler_dir, tiny_segm
     windows = rng.standard_normal((B, 3, H, W)).astype(np.float32)
     text = rng.standard_normal((4, 256)).astype(np.float32)
     text /= np.linalg.norm(text, axis=1, keepdims=True)
-    session = ort.InferenceSession(str(upsampler_dir / "image.onnx"), session_options(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(upsampler_dir / "image.onnx"), session_options(), providers=["CPUExecutionProvider"]
+    )
     for lam in (0.0, -0.3):
         got = session.run(None, {"windows": windows, "text": text, "lam": np.asarray(lam, np.float32)})[0]
         with torch.no_grad():
@@ -184,7 +211,9 @@ def test_text_graph_matches_encoder(bilinear_dir, tiny_weights):
     name, weights = tiny_weights
     encoder = DenseCLIP.from_pretrained(name, str(weights))
     tokens = encoder.tokenize(["a photo of a road.", "forêt", "道路", "x " * 100])
-    session = ort.InferenceSession(str(bilinear_dir / "text.onnx"), session_options(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(bilinear_dir / "text.onnx"), session_options(), providers=["CPUExecutionProvider"]
+    )
     got = session.run(None, {"tokens": tokens.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, encoder.encode_text(tokens).numpy(), atol=1e-5)
@@ -215,7 +244,9 @@ def test_failed_export_removes_everything(tiny_segmenter, tmp_path, monkeypatch)
 def test_verification_catches_a_graph_of_another_model(upsampler_dir):
     from conftest import TINY_CLIP
 
-    other = Segmenter(DenseCLIP.from_config({**TINY_CLIP, "embed_dim": 256}, seed=1), _perturbed(SimFeatUp(256, 16))).eval()
+    other = Segmenter(
+        DenseCLIP.from_config({**TINY_CLIP, "embed_dim": 256}, seed=1), _perturbed(SimFeatUp(256, 16))
+    ).eval()
     with pytest.raises(OnnxExportError, match="disagrees with torch"):
         verify_onnx(upsampler_dir, other, samples=[])
 

@@ -73,7 +73,9 @@ def test_every_shipped_config_parses(config):
 def test_no_arguments_runs_the_quickstart_and_fails_clearly_offline(capsys):
     assert fit.main([]) == 2
     err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("fit: error: ")]  # Lightning may log "Seed set" first
+    errors = [
+        line for line in err.splitlines() if line.startswith("fit: error: ")
+    ]  # Lightning may log "Seed set" first
     assert len(errors) == 1 and "ViT-B-16" in errors[0] and "--model.pretrained" in err
     assert "Traceback" not in err
 
@@ -95,7 +97,11 @@ def test_tiny_recipe_trains_checkpoints_and_resumes(tmp_path):
         assert fit.main(tiny_args(run, "--trainer.max_steps", "2")) == 0
         assert warnings.filters == filters  # the run's own filters ended with it
     # The two warnings every run triggers by design are silenced while it runs.
-    assert not [w for w in caught if re.search(r"ModelCheckpoint with manual optimization|module\(s\) in eval mode", str(w.message))]
+    assert not [
+        w
+        for w in caught
+        if re.search(r"ModelCheckpoint with manual optimization|module\(s\) in eval mode", str(w.message))
+    ]
     last = run / "checkpoints" / "last.ckpt"
     assert _ckpt_step(last) == 2
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
@@ -119,16 +125,38 @@ def test_tiny_recipe_trains_checkpoints_and_resumes(tmp_path):
     from simfeatup.cli import main as simfeatup
 
     out = tmp_path / "seg"
-    assert simfeatup(["segment", str(ROOT / "samples" / "spacenet6_rotterdam.jpg"), "--classes", "building;road;tree",
-                      "--upsampler", str(run / "upsampler.safetensors"), "--out", str(out)]) == 0
+    assert (
+        simfeatup(
+            [
+                "segment",
+                str(ROOT / "samples" / "spacenet6_rotterdam.jpg"),
+                "--classes",
+                "building;road;tree",
+                "--upsampler",
+                str(run / "upsampler.safetensors"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert (out / "spacenet6_rotterdam.png").is_file()
 
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume(tmp_path):
     run = tmp_path / "run"
-    args = tiny_args(run, "--trainer.max_steps", "8", "--data.steps_per_epoch", "8",
-                     "--checkpoint.every_n_train_steps", "1", "--trainer.val_check_interval", "8")
+    args = tiny_args(
+        run,
+        "--trainer.max_steps",
+        "8",
+        "--data.steps_per_epoch",
+        "8",
+        "--checkpoint.every_n_train_steps",
+        "1",
+        "--trainer.val_check_interval",
+        "8",
+    )
     cmd = [sys.executable, str(ROOT / "train" / "fit.py"), *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -210,14 +238,31 @@ def test_ddp_two_cpu_processes_see_every_sample_once_per_epoch(tmp_path):
     run = tmp_path / "run"
     args = tiny_args(
         run,
-        "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
-        "--trainer.max_steps", "-1", "--trainer.max_epochs", "2",
-        "--data.resampled", "false", "--data.crop_size", "32", "--data.batch_size", "2", "--data.num_workers", "0",
-        train=urls, val=None,
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.max_steps",
+        "-1",
+        "--trainer.max_epochs",
+        "2",
+        "--data.resampled",
+        "false",
+        "--data.crop_size",
+        "32",
+        "--data.batch_size",
+        "2",
+        "--data.num_workers",
+        "0",
+        train=urls,
+        val=None,
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, str(script), str(tmp_path), *args],
-                          env=env, capture_output=True, text=True, timeout=1200)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), *args], env=env, capture_output=True, text=True, timeout=1200
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     seen = {0: [], 1: []}
     for rank in (0, 1):
@@ -246,8 +291,13 @@ def test_learning_signal_on_held_out_real_crops(tmp_path):
 
     def validate(module):
         data = ShardDataModule(TRAIN_SHARDS, VAL_SHARDS, crop_size=64, val_batch_size=20, num_workers=0)
-        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                            enable_checkpointing=False)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        )
         (metrics,) = trainer.validate(module, datamodule=data, verbose=False)
         return metrics
 
@@ -256,13 +306,29 @@ def test_learning_signal_on_held_out_real_crops(tmp_path):
     init = validate(SimFeatUpModule(clip_config=clip_config))
     run = tmp_path / "run"
     steps = "12"
-    assert fit.main(tiny_args(run, "--trainer.max_steps", steps, "--data.steps_per_epoch", steps,
-                              "--trainer.val_check_interval", steps, "--checkpoint.every_n_train_steps", steps)) == 0
+    assert (
+        fit.main(
+            tiny_args(
+                run,
+                "--trainer.max_steps",
+                steps,
+                "--data.steps_per_epoch",
+                steps,
+                "--trainer.val_check_interval",
+                steps,
+                "--checkpoint.every_n_train_steps",
+                steps,
+            )
+        )
+        == 0
+    )
     trained = validate(SimFeatUpModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt"))
-    print(f"\nheld-out SPEC reconstruction loss (20 val crops, 64 px, tiny random backbone, {steps} steps):"
-          f"\n  upsampler at init     {init['val/rec']:.4f}   (bilinear with init heads {init['val/rec_bilinear']:.4f})"
-          f"\n  upsampler trained     {trained['val/rec']:.4f}"
-          f"\n  bilinear, same heads  {trained['val/rec_bilinear']:.4f}")
+    print(
+        f"\nheld-out SPEC reconstruction loss (20 val crops, 64 px, tiny random backbone, {steps} steps):"
+        f"\n  upsampler at init     {init['val/rec']:.4f}   (bilinear with init heads {init['val/rec_bilinear']:.4f})"
+        f"\n  upsampler trained     {trained['val/rec']:.4f}"
+        f"\n  bilinear, same heads  {trained['val/rec_bilinear']:.4f}"
+    )
     assert trained["val/rec"] < init["val/rec"]
     assert trained["val/rec"] < trained["val/rec_bilinear"]
 
@@ -283,7 +349,13 @@ def test_training_goes_on_past_a_truncated_file_and_a_non_image_member(tmp_path,
             info.size = len(data)
             dst.addfile(info, io.BytesIO(data))
     with caplog.at_level(logging.WARNING):
-        assert fit.main(tiny_args(tmp_path / "run", "--trainer.max_steps", "3", "--data.resampled", "false",
-                                  train=str(bad), val=None)) == 0
+        assert (
+            fit.main(
+                tiny_args(
+                    tmp_path / "run", "--trainer.max_steps", "3", "--data.resampled", "false", train=str(bad), val=None
+                )
+            )
+            == 0
+        )
     assert json.loads((tmp_path / "run" / "upsampler.json").read_text())["training"]["steps"] == 3
     assert "samples were skipped in total" in caplog.text

@@ -9,7 +9,10 @@ from simfeatup import imaging, windows
 from simfeatup.constants import CLIP_MEAN, CLIP_STD
 
 
-@pytest.mark.parametrize("hw, expected", [((360, 600), (269, 448)), ((400, 133), (448, 149)), ((448, 448), (448, 448)), ((10, 10), (448, 448))])
+@pytest.mark.parametrize(
+    "hw, expected",
+    [((360, 600), (269, 448)), ((400, 133), (448, 149)), ((448, 448), (448, 448)), ((10, 10), (448, 448))],
+)
 def test_resized_shape_follows_spec_rounding(hw, expected):
     assert imaging.resized_shape(*hw) == expected
 
@@ -27,7 +30,10 @@ def test_preprocess_resizes_uint8_with_opencv_before_normalising():
     assert np.abs(wrong.transpose(2, 0, 1) - x).max() > 1e-3
 
 
-@pytest.mark.parametrize("length, starts", [(448, [0, 112, 224]), (269, [0, 45]), (224, [0]), (100, [0]), (300, [0, 76]), (449, [0, 112, 224, 225])])
+@pytest.mark.parametrize(
+    "length, starts",
+    [(448, [0, 112, 224]), (269, [0, 45]), (224, [0]), (100, [0]), (300, [0, 76]), (449, [0, 112, 224, 225])],
+)
 def test_window_starts_shift_the_last_window_inside(length, starts):
     assert windows.window_starts(length) == starts
 
@@ -52,10 +58,14 @@ def test_padding_to_patch_multiple_puts_half_first(size, pads):
     assert (size + sum(pads)) % 16 == 0
 
 
-@pytest.mark.parametrize("src, dst", [((7, 9), (16, 31)), ((40, 30), (13, 17)), ((448, 269), (360, 600)), ((5, 5), (5, 12))])
+@pytest.mark.parametrize(
+    "src, dst", [((7, 9), (16, 31)), ((40, 30), (13, 17)), ((448, 269), (360, 600)), ((5, 5), (5, 12))]
+)
 def test_resize_bilinear_matches_torch(src, dst):
     x = np.random.default_rng(1).standard_normal((3, *src)).astype(np.float32)
-    expected = F.interpolate(torch.from_numpy(x)[None], size=dst, mode="bilinear", align_corners=False, antialias=False)[0]
+    expected = F.interpolate(
+        torch.from_numpy(x)[None], size=dst, mode="bilinear", align_corners=False, antialias=False
+    )[0]
     np.testing.assert_allclose(imaging.resize_bilinear(x, dst), expected.numpy(), atol=1e-5)
 
 
@@ -76,7 +86,7 @@ def test_load_image_formats(tmp_path):
     assert np.array_equal(imaging.load_image(tmp_path / "b.png"), rgb)
     cv2.imwrite(str(tmp_path / "g.png"), rgb[..., 0])
     assert imaging.load_image(tmp_path / "g.png").shape == (20, 30, 3)
-    deep = (rgb.astype(np.uint16) * 257)
+    deep = rgb.astype(np.uint16) * 257
     cv2.imwrite(str(tmp_path / "d.png"), deep[..., ::-1])
     assert np.array_equal(imaging.load_image(tmp_path / "d.png", stretch=65535), rgb)
     bands = np.stack([rgb[..., 2], rgb[..., 1], rgb[..., 0], rgb[..., 0]])  # (4, H, W), band-first B,G,R,NIR
@@ -106,7 +116,9 @@ def test_window_batches_cover_every_window_once_in_same_shape_batches():
     sizes = [(448, 448), (269, 448), (100, 130)]
     batches = list(windows.window_batches(sizes, 224, 112, 16, 4))
     seen = [(i, box) for batch in batches for i, box, _ in batch]
-    assert sorted(seen) == sorted((i, box) for i, size in enumerate(sizes) for box in windows.window_boxes(*size, 224, 112))
+    assert sorted(seen) == sorted(
+        (i, box) for i, size in enumerate(sizes) for box in windows.window_boxes(*size, 224, 112)
+    )
     for batch in batches:
         assert 1 <= len(batch) <= 4
         shapes = {(y1 - y0 + sum(pads[0]), x1 - x0 + sum(pads[1])) for _, (y0, y1, x0, x1), pads in batch}

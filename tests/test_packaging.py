@@ -22,7 +22,9 @@ def _names(requirements) -> set[str]:
 def _modules_of(distributions: set[str]) -> set[str]:
     """Top-level import names that the installed ``distributions`` provide."""
     provided = metadata.packages_distributions()
-    return {module for module, dists in provided.items() if any(d.lower().replace("_", "-") in distributions for d in dists)}
+    return {
+        module for module, dists in provided.items() if any(d.lower().replace("_", "-") in distributions for d in dists)
+    }
 
 
 BASE = _names(PROJECT["dependencies"])
@@ -62,5 +64,6 @@ def test_every_import_in_the_library_is_declared():
         if missing:
             undeclared[str(path.relative_to(REPO))] = sorted(missing)
     assert not undeclared, f"imported but not in pyproject.toml (or not mapped in extras.ADVICE): {undeclared}"
+
 
 # Every entry point naming a missing extra in one line: tests/test_entry.py.

@@ -76,7 +76,9 @@ def test_same_label_maps_as_torch_on_the_sample_images(artefacts, tiny_weights):
     assert len(images) >= 2
     scoring = Scoring(lam=-0.3, prob_thd=0.1, bg_idx=0)
     refs = torch_segmenter.segment(images, vocabulary, scoring=scoring, text=text, return_probs=True)
-    for ref, got, image in zip(refs, onnx_segmenter.segment(images, vocabulary, scoring=scoring, return_probs=True), images):
+    for ref, got, image in zip(
+        refs, onnx_segmenter.segment(images, vocabulary, scoring=scoring, return_probs=True), images
+    ):
         assert got.labels.shape == image.shape[:2] and got.labels.dtype == ref.labels.dtype
         assert np.abs(got.probs - ref.probs).max() < 1e-3
         _labels_agree(ref.labels, got.labels, ref.probs, scoring.prob_thd)
@@ -90,7 +92,23 @@ def test_cli_segment_with_onnx_matches_the_torch_cli(artefacts, tiny_weights, tm
     image = SAMPLES[-1]
     common = [str(image), "--preset", "udd5", "--save-probs"]
     assert main(["segment", *common, "--onnx", str(onnx_dir), "--out", str(tmp_path / "onnx")]) == 0
-    assert main(["segment", *common, "--upsampler", str(path), "--model", name, "--pretrained", str(weights), "--out", str(tmp_path / "torch")]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                *common,
+                "--upsampler",
+                str(path),
+                "--model",
+                name,
+                "--pretrained",
+                str(weights),
+                "--out",
+                str(tmp_path / "torch"),
+            ]
+        )
+        == 0
+    )
     got = np.asarray(Image.open(tmp_path / "onnx" / f"{image.stem}.png"))
     ref = np.asarray(Image.open(tmp_path / "torch" / f"{image.stem}.png"))
     probs = np.load(tmp_path / "torch" / f"{image.stem}_probs.npy").astype(np.float32)  # saved as float16
@@ -105,7 +123,9 @@ def test_manifest_records_the_upsampler_artefact(artefacts, tiny_weights):
     path, onnx_dir = artefacts
     up = json.loads((onnx_dir / "manifest.json").read_text())["upsampler"]
     assert up["kind"] == "simfeatup" and up["file"] == path.name and up["sha256"] == sha256(path)
-    assert up["backbone"] == {"model": tiny_weights[0], "pretrained": str(tiny_weights[1])} and up["config"]["dim"] == 32
+    assert (
+        up["backbone"] == {"model": tiny_weights[0], "pretrained": str(tiny_weights[1])} and up["config"]["dim"] == 32
+    )
 
 
 def test_cli_rejects_torch_only_flags_with_onnx(onnx_dir, tmp_path, capsys):
@@ -149,7 +169,9 @@ def _run_without(blocked, argv, tmp_path):
     )
     env = {**os.environ, "SIMFEATUP_CACHE": str(tmp_path / "cache")}
     # cwd = the repository, so `simfeatup` is this checkout whatever the install looks like
-    return subprocess.run([RUNTIME_PYTHON, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [RUNTIME_PYTHON, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_segments_with_onnx_without_torch_installed(onnx_dir, tmp_path):
@@ -162,7 +184,9 @@ def test_cli_segments_with_onnx_without_torch_installed(onnx_dir, tmp_path):
     assert "tried to import: []" in done.stdout  # not even an import attempt caught by a try
     assert main([*common, "--onnx", str(onnx_dir), "--out", str(tmp_path / "here")]) == 0
     label_map = f"{image.stem}.png"
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "free" / label_map)), np.asarray(Image.open(tmp_path / "here" / label_map)))
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / "free" / label_map)), np.asarray(Image.open(tmp_path / "here" / label_map))
+    )
     assert (tmp_path / "free" / f"{image.stem}_overlay.jpg").is_file()
     assert (tmp_path / "free" / "classes.json").read_text() == (tmp_path / "here" / "classes.json").read_text()
 
@@ -170,14 +194,28 @@ def test_cli_segments_with_onnx_without_torch_installed(onnx_dir, tmp_path):
 @pytest.mark.parametrize(
     "blocked, flags, needs",
     [
-        (TORCH_MODULES, [], 'segmenting with PyTorch (without --onnx) needs torch, which is not installed: pip install "simfeatup[torch]"'),
-        (("onnxruntime",), ["--onnx", "MODEL"], 'segment --onnx needs onnxruntime, which is not installed: pip install "simfeatup[onnxruntime]" (CPU) or "simfeatup[gpu]"'),
+        (
+            TORCH_MODULES,
+            [],
+            "segmenting with PyTorch (without --onnx) needs torch, which is not installed: "
+            'pip install "simfeatup[torch]"',
+        ),
+        (
+            ("onnxruntime",),
+            ["--onnx", "MODEL"],
+            "segment --onnx needs onnxruntime, which is not installed: "
+            'pip install "simfeatup[onnxruntime]" (CPU) or "simfeatup[gpu]"',
+        ),
     ],
     ids=["torch", "onnxruntime"],
 )
 def test_a_missing_extra_is_named_in_one_line(onnx_dir, tmp_path, blocked, flags, needs):
     flags = [str(onnx_dir) if f == "MODEL" else f for f in flags]
-    done = _run_without(blocked, ["segment", str(SAMPLES[0]), "--classes", "road;tree", *flags, "--out", str(tmp_path / "out")], tmp_path)
+    done = _run_without(
+        blocked,
+        ["segment", str(SAMPLES[0]), "--classes", "road;tree", *flags, "--out", str(tmp_path / "out")],
+        tmp_path,
+    )
     assert done.returncode == 2, done.stdout + done.stderr
     [line] = done.stderr.strip().splitlines()
     assert line.startswith("simfeatup segment: error: " + needs), line

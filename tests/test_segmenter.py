@@ -73,10 +73,10 @@ def _direct_canvas(seg, image, text, lam):
     total = torch.zeros(len(text), h, w)
     count = torch.zeros(h, w)
     for y0, y1, x0, x1 in windows.window_boxes(h, w, seg.window, seg.stride):
-        (t, b), (l, r) = windows.padding(y1 - y0, 16), windows.padding(x1 - x0, 16)
-        window = F.pad(x[:, y0:y1, x0:x1], (l, r, t, b))  # zeros after normalising = mean colour
+        (top, bottom), (left, right) = windows.padding(y1 - y0, 16), windows.padding(x1 - x0, 16)
+        window = F.pad(x[:, y0:y1, x0:x1], (left, right, top, bottom))  # zeros after normalising = mean colour
         out = seg.window_logits(window[None], text, lam)[0]
-        total[:, y0:y1, x0:x1] += out[:, t : t + y1 - y0, l : l + x1 - x0]
+        total[:, y0:y1, x0:x1] += out[:, top : top + y1 - y0, left : left + x1 - x0]
         count[y0:y1, x0:x1] += 1
     canvas = (total / count)[None]
     return F.interpolate(canvas, size=image.shape[:2], mode="bilinear", align_corners=False)[0].numpy()

@@ -179,7 +179,8 @@ def module(tiny_clip_cfg):
 
 def test_module_normalises_and_freezes_backbone(module):
     batch = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    expected = (batch.float() / 255 - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    expected = (batch.float() / 255 - mean) / std
     torch.testing.assert_close(module.normalise(batch), expected)
     module.train()
     assert not module.backbone.training and module.upsampler.training
@@ -197,7 +198,8 @@ def test_module_rejects_unknown_feature_source(tiny_clip_cfg):
 def test_clipping_only_in_the_first_steps(module):
     calls = []
     module.clip_gradients = lambda opt, gradient_clip_val, gradient_clip_algorithm: calls.append(
-        (gradient_clip_val, gradient_clip_algorithm))
+        (gradient_clip_val, gradient_clip_algorithm)
+    )
     for step in (0, 9, 10, 50):
         module._trainer = SimpleNamespace(global_step=step)
         module.on_before_optimizer_step(None)

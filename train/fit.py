@@ -1,10 +1,11 @@
 """Train a SimFeatUp upsampler for a frozen CLIP backbone (SPEC 4), configured by YAML.
 
-    python train/fit.py                                          # quick start: bundled samples, ViT-B/16
-    python train/fit.py --config configs/train/simfeatup_vitb16.yaml --data.train_shards 'shards/train-{000000..000099}.tar'
-    python train/fit.py --config configs/train/simfeatup_vitb16.yaml --ckpt_path last   # resume
-    python train/fit.py --help                                   # every option
+python train/fit.py                                          # quick start: bundled samples, ViT-B/16
+python train/fit.py --config configs/train/simfeatup_vitb16.yaml --data.train_shards 'shards/train-{000000..000099}.tar'
+python train/fit.py --config configs/train/simfeatup_vitb16.yaml --ckpt_path last   # resume
+python train/fit.py --help                                   # every option
 """
+
 import sys
 from pathlib import Path
 

@@ -166,6 +166,7 @@ def graph_form(segmenter):
         if segmenter.upsampler is not None:
             up = GraphUpsampler(segmenter.upsampler, (segmenter.window // segmenter.patch_size) ** 2)
         # window_logits itself is what gets traced
-        yield Segmenter(encoder, up, long_side=segmenter.long_side, window=segmenter.window, stride=segmenter.stride, cache=False)
+        geometry = {"long_side": segmenter.long_side, "window": segmenter.window, "stride": segmenter.stride}
+        yield Segmenter(encoder, up, **geometry, cache=False)
     finally:
         del encoder.pos_embed

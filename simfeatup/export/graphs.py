@@ -103,7 +103,9 @@ def check_opset(folder: Path, opset: int) -> None:
     for name in (IMAGE_GRAPH, TEXT_GRAPH):
         got = graph_opset(folder / name)
         if got != opset:
-            raise ValueError(f"--opset {opset}: the exporter could only write opset {got} for {name}; use --opset {got} or higher")
+            raise ValueError(
+                f"--opset {opset}: the exporter could only write opset {got} for {name}; use --opset {got} or higher"
+            )
 
 
 def check_dims(model, name: str, symbolic: dict) -> None:

@@ -18,11 +18,25 @@ DTYPES = ("fp16", "fp32")  # simfeatup.export.DTYPES; not imported here so --hel
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="to_onnx", description=__doc__.splitlines()[0].split(": ", 1)[1])
     p.add_argument("--upsampler", required=True, help="SimFeatUp artefact (.safetensors or its .json), or 'bilinear'")
-    p.add_argument("--model", help="open_clip model name, or a model config .json in open_clip's model_configs format (default: the upsampler's backbone, else ViT-B-16)")
-    p.add_argument("--pretrained", help="open_clip weights tag or local weights file; a model config needs a file (default: the upsampler's, else openai)")
-    p.add_argument("--attention", help="last-block attention: segearth, clearclip, sclip, maskclip, vanilla (default: the upsampler's, else segearth)")
+    p.add_argument(
+        "--model",
+        help="open_clip model name, or a model config .json in open_clip's model_configs format "
+        "(default: the upsampler's backbone, else ViT-B-16)",
+    )
+    p.add_argument(
+        "--pretrained",
+        help="open_clip weights tag or local weights file; a model config needs a file "
+        "(default: the upsampler's, else openai)",
+    )
+    p.add_argument(
+        "--attention",
+        help="last-block attention: segearth, clearclip, sclip, maskclip, vanilla "
+        "(default: the upsampler's, else segearth)",
+    )
     p.add_argument("--out", required=True, help="model folder to write (must not exist unless --overwrite)")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weight precision of the graphs (default fp32)")
+    p.add_argument(
+        "--dtype", default="fp32", choices=sorted(DTYPES), help="weight precision of the graphs (default fp32)"
+    )
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -32,7 +46,15 @@ def main(argv=None) -> int:
     def body():
         from . import export_onnx  # inside: a missing torch extra is reported like a user error
 
-        export_onnx(args.out, upsampler=args.upsampler, model=args.model, pretrained=args.pretrained,
-                    attention=args.attention, dtype=args.dtype, opset=args.opset, overwrite=args.overwrite)
+        export_onnx(
+            args.out,
+            upsampler=args.upsampler,
+            model=args.model,
+            pretrained=args.pretrained,
+            attention=args.attention,
+            dtype=args.dtype,
+            opset=args.opset,
+            overwrite=args.overwrite,
+        )
 
     return run_command("to_onnx", body, needs="export", verbose=args.verbose)

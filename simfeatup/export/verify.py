@@ -48,7 +48,10 @@ def verify_onnx(model_dir, segmenter, *, samples=None, sizes=None, seed: int = 0
 
     from ..runtime import session_options
 
-    sessions = {n: ort.InferenceSession(str(model_dir / n), session_options(), providers=["CPUExecutionProvider"]) for n in (IMAGE_GRAPH, TEXT_GRAPH)}
+    sessions = {
+        n: ort.InferenceSession(str(model_dir / n), session_options(), providers=["CPUExecutionProvider"])
+        for n in (IMAGE_GRAPH, TEXT_GRAPH)
+    }
     reference = segmenter  # fp16 graphs are judged against fp32 torch too: that is the error users see
     patch = segmenter.patch_size
     window = segmenter.window
@@ -58,7 +61,13 @@ def verify_onnx(model_dir, segmenter, *, samples=None, sizes=None, seed: int = 0
     text /= np.linalg.norm(text, axis=1, keepdims=True)
     lam = np.float32(DEFAULT_LAMBDA)
     cases = []
-    for H, W in sizes or [(window, window), (window, 6 * patch), (3 * patch, window), (patch, window), (5 * patch, 7 * patch)]:
+    for H, W in sizes or [
+        (window, window),
+        (window, 6 * patch),
+        (3 * patch, window),
+        (patch, window),
+        (5 * patch, 7 * patch),
+    ]:
         cases.append((f"random {H}x{W}", rng.standard_normal((2, 3, H, W)).astype(np.float32)))
     cases += _sample_windows(samples, window, patch)
     worst, flips, agreement = 0.0, 0, 1.0
@@ -85,8 +94,12 @@ def verify_onnx(model_dir, segmenter, *, samples=None, sizes=None, seed: int = 0
                     f"(limit {FP32_TOLERANCE:g}), {int(bad.sum())} pixel(s) with a different label"
                 )
     if fp16:
-        logger.info("fp16 image graph: max |logit diff| %.3g vs fp32 torch (bound %g), labels >= %.2f%% equal",
-                    worst, FP16_TOLERANCE, 100 * agreement)
+        logger.info(
+            "fp16 image graph: max |logit diff| %.3g vs fp32 torch (bound %g), labels >= %.2f%% equal",
+            worst,
+            FP16_TOLERANCE,
+            100 * agreement,
+        )
         if worst > FP16_TOLERANCE or agreement < FP16_MIN_AGREEMENT:
             raise OnnxExportError(
                 f"fp16 image graph too far from torch: max |logit diff| {worst:.3g} (bound {FP16_TOLERANCE}), "
@@ -96,7 +109,9 @@ def verify_onnx(model_dir, segmenter, *, samples=None, sizes=None, seed: int = 0
     text_diff = _verify_text(sessions[TEXT_GRAPH], reference.encoder)
     bound = FP16_TOLERANCE if fp16 else FP32_TOLERANCE
     if text_diff > bound:
-        raise OnnxExportError(f"text graph disagrees with torch: max |embedding diff| {text_diff:.2e} (limit {bound:g})")
+        raise OnnxExportError(
+            f"text graph disagrees with torch: max |embedding diff| {text_diff:.2e} (limit {bound:g})"
+        )
     return {
         "max_abs_logit_diff": worst,
         "min_label_agreement": agreement,

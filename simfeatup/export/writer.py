@@ -57,7 +57,9 @@ def export_onnx(
     if segmenter is None:
         from ..segmenter import build_segmenter
 
-        segmenter = build_segmenter(upsampler, model=model, pretrained=pretrained, clip_config=clip_config, attention=attention)
+        segmenter = build_segmenter(
+            upsampler, model=model, pretrained=pretrained, clip_config=clip_config, attention=attention
+        )
         if upsampler is not None and str(upsampler) != "bilinear":
             upsampler_info = _upsampler_info(Path(upsampler))
     else:
@@ -106,8 +108,14 @@ def _upsampler_info(path: Path) -> dict:
     _, info = load_upsampler(path)
     weights = path.parent / info["weights"] if path.suffix == ".json" else path
     extra = {k: v for k, v in info.items() if k not in ("upsampler", "backbone", "weights", "format", "version")}
-    return {"kind": "simfeatup", "config": info["upsampler"], "backbone": info.get("backbone", {}),
-            "file": weights.name, "sha256": sha256(weights), **extra}
+    return {
+        "kind": "simfeatup",
+        "config": info["upsampler"],
+        "backbone": info.get("backbone", {}),
+        "file": weights.name,
+        "sha256": sha256(weights),
+        **extra,
+    }
 
 
 def _versions() -> dict:
@@ -130,15 +138,28 @@ def _manifest(segmenter, upsampler_info: dict, dtype: str, folder: Path) -> dict
         "dtype": dtype,
         "opset": used_opset,
         "graphs": {
-            "image": {"file": IMAGE_GRAPH, "inputs": {"windows": "(B, 3, H, W) float32, CLIP-normalised, H and W multiples of patch",
-                                                   "text": "(Q, D) float32 unit-norm", "lam": "() float32"},
-                      "outputs": {"logits": "(B, Q, H, W) float32 cosine logits incl. lam * [CLS] similarity"}},
-            "text": {"file": TEXT_GRAPH, "inputs": {"tokens": f"(N, {encoder.context_length}) int64"},
-                     "outputs": {"embeddings": "(N, D) float32 unit-norm"}},
+            "image": {
+                "file": IMAGE_GRAPH,
+                "inputs": {
+                    "windows": "(B, 3, H, W) float32, CLIP-normalised, H and W multiples of patch",
+                    "text": "(Q, D) float32 unit-norm",
+                    "lam": "() float32",
+                },
+                "outputs": {"logits": "(B, Q, H, W) float32 cosine logits incl. lam * [CLS] similarity"},
+            },
+            "text": {
+                "file": TEXT_GRAPH,
+                "inputs": {"tokens": f"(N, {encoder.context_length}) int64"},
+                "outputs": {"embeddings": "(N, D) float32 unit-norm"},
+            },
         },
         "preprocessing": {
-            "mean": list(CLIP_MEAN), "std": list(CLIP_STD), "long_side": segmenter.long_side, "window": segmenter.window,
-            "stride": segmenter.stride, "patch": segmenter.patch_size,
+            "mean": list(CLIP_MEAN),
+            "std": list(CLIP_STD),
+            "long_side": segmenter.long_side,
+            "window": segmenter.window,
+            "stride": segmenter.stride,
+            "patch": segmenter.patch_size,
             "resize": "cv2.INTER_LINEAR on uint8, long side to long_side (SPEC 2.1)",
             "padding": "zeros after normalisation to the next patch multiple, top/left total//2 (SPEC 2.2)",
         },
@@ -146,11 +167,18 @@ def _manifest(segmenter, upsampler_info: dict, dtype: str, folder: Path) -> dict
         "logit_scale": LOGIT_SCALE,
         "default_lambda": DEFAULT_LAMBDA,
         "tokenizer": {
-            "merges": MERGES, "context_length": encoder.context_length, "clean": "lower",
-            "sot": int(tok.sot_token_id), "eot": int(tok.eot_token_id),
+            "merges": MERGES,
+            "context_length": encoder.context_length,
+            "clean": "lower",
+            "sot": int(tok.sot_token_id),
+            "eot": int(tok.eot_token_id),
         },
         "model": {**encoder.backbone.to_dict(), "embed_dim": encoder.embed_dim},  # simfeatup.backbone.Backbone
         "upsampler": upsampler_info,
-        "exporter": {"tool": "torch.onnx.export(dynamo=True)", "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+        "exporter": {
+            "tool": "torch.onnx.export(dynamo=True)",
+            "versions": _versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
         "files": {p.name: sha256(p) for p in sorted(folder.iterdir()) if p.name != MANIFEST},
     }

@@ -31,7 +31,9 @@ def expected_warnings() -> Iterator[None]:
     with warnings.catch_warnings():
         # With manual optimisation ModelCheckpoint warns that a step checkpoint holds the weights
         # AFTER that step's update: exactly what resuming needs (global_step counts the updates).
-        warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
+        warnings.filterwarnings(
+            "ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning
+        )
         # The frozen backbone is in eval mode on purpose (SimFeatUpModule.train keeps it there).
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
         yield
@@ -52,13 +54,20 @@ class SimFeatUpCLI(LightningCLI):
             **kwargs.pop("trainer_defaults", {}),
         }
         super().__init__(
-            SimFeatUpModule, ShardDataModule, args=args, run=False, trainer_defaults=trainer_defaults,
-            auto_configure_optimizers=False, **kwargs,
+            SimFeatUpModule,
+            ShardDataModule,
+            args=args,
+            run=False,
+            trainer_defaults=trainer_defaults,
+            auto_configure_optimizers=False,
+            **kwargs,
         )
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
-            "--ckpt_path", type=str | None, default=None,
+            "--ckpt_path",
+            type=str | None,
+            default=None,
             help='checkpoint to resume from; "last" = the newest last.ckpt of this run directory',
         )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from simfeatup.imaging import STRETCHES, decode_image
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 _IMAGE_KEYS = ("jpg", "jpeg", "png", "tif", "tiff")  # tar member extensions read as the image
 _LOGGED_PER_PROCESS = 10  # skip warnings logged in full per process before they are only counted
@@ -63,8 +63,11 @@ def expand_urls(spec: str) -> list[str]:
     missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
     if missing or not urls:
         shown = ", ".join(missing[:3]) + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else "")
-        raise ValueError(f"shards {spec!r}: " + (f"not found: {shown}" if missing else "no shard matches")
-                         + " -- give a brace pattern like 'shards/train-{000000..000009}.tar', a folder of .tar files or URLs")
+        raise ValueError(
+            f"shards {spec!r}: "
+            + (f"not found: {shown}" if missing else "no shard matches")
+            + " -- give a brace pattern like 'shards/train-{000000..000009}.tar', a folder of .tar files or URLs"
+        )
     return urls
 
 
@@ -109,11 +112,18 @@ class SkipCounter:
         self._consecutive += 1
         self._logged += 1
         if self._logged <= _LOGGED_PER_PROCESS:
-            log.warning("skipped a sample: %s%s", exn, "" if self._logged < _LOGGED_PER_PROCESS
-                        else " (further skips are counted, not logged, by this process)")
+            logger.warning(
+                "skipped a sample: %s%s",
+                exn,
+                ""
+                if self._logged < _LOGGED_PER_PROCESS
+                else " (further skips are counted, not logged, by this process)",
+            )
         if 0 < self.max_consecutive <= self._consecutive:
-            raise RuntimeError(f"{self._consecutive} samples in a row failed to load; the last: {exn}. "
-                               "Check the shard URLs and the `bands`/`stretch` settings.") from exn
+            raise RuntimeError(
+                f"{self._consecutive} samples in a row failed to load; the last: {exn}. "
+                "Check the shard URLs and the `bands`/`stretch` settings."
+            ) from exn
         return True
 
 
@@ -161,9 +171,11 @@ def _require_enough_shards(src):
     urls = list(src)
     rank, world, worker, workers = _rank_and_worker()
     if len(urls) < world * workers:
-        raise ValueError(f"resampled=False splits shards over {world} ranks x {workers} workers = {world * workers} "
-                         f"readers, but there are only {len(urls)} shards: write more shards (make_shards "
-                         f"maxcount), use fewer workers, or resampled=True")
+        raise ValueError(
+            f"resampled=False splits shards over {world} ranks x {workers} workers = {world * workers} "
+            f"readers, but there are only {len(urls)} shards: write more shards (make_shards "
+            f"maxcount), use fewer workers, or resampled=True"
+        )
     yield from urls
 
 
@@ -206,7 +218,7 @@ def _crop(img: np.ndarray, size: int, stream: _Stream | None) -> np.ndarray:
     h, w = img.shape[:2]
     y = stream.randint(h - size + 1) if stream else (h - size) // 2
     x = stream.randint(w - size + 1) if stream else (w - size) // 2
-    return img[y:y + size, x:x + size].transpose(2, 0, 1)  # (3, size, size), a view
+    return img[y : y + size, x : x + size].transpose(2, 0, 1)  # (3, size, size), a view
 
 
 def _decode_and_crop(counter: SkipCounter, crop_size: int, stream: _Stream | None, bands, stretch):
@@ -258,9 +270,19 @@ def _take_epoch(steps: int):
 
 
 # ------------------------------------------------------------------------------ the pipeline
-def make_pipeline(urls: str | list[str], *, train: bool = True, batch_size: int = 4, crop_size: int = 224,
-                  resampled: bool = True, steps_per_epoch: int = 1000, shuffle_buffer: int = 1000,
-                  bands=(0, 1, 2), stretch="percentile", counter: SkipCounter | None = None) -> wds.DataPipeline:
+def make_pipeline(
+    urls: str | list[str],
+    *,
+    train: bool = True,
+    batch_size: int = 4,
+    crop_size: int = 224,
+    resampled: bool = True,
+    steps_per_epoch: int = 1000,
+    shuffle_buffer: int = 1000,
+    bands=(0, 1, 2),
+    stretch="percentile",
+    counter: SkipCounter | None = None,
+) -> wds.DataPipeline:
     """The pipeline yielding uint8 batches (B, 3, crop_size, crop_size), RGB.
 
     train=True: random crops, shuffled, ``resampled`` as in the module docstring.
@@ -306,10 +328,22 @@ class ShardDataModule(L.LightningDataModule):
     "minmax" or the value that maps to 255). Skipped samples: ``skipped``; also logged.
     """
 
-    def __init__(self, train_shards: str, val_shards: str | None = None, *, batch_size: int = 4,
-                 num_workers: int = 2, crop_size: int = 224, resampled: bool = True, steps_per_epoch: int = 1000,
-                 bands: tuple[int, int, int] = (0, 1, 2), stretch: str | float = "percentile",
-                 shuffle_buffer: int = 1000, val_batch_size: int | None = None, max_consecutive_errors: int = 1000):
+    def __init__(
+        self,
+        train_shards: str,
+        val_shards: str | None = None,
+        *,
+        batch_size: int = 4,
+        num_workers: int = 2,
+        crop_size: int = 224,
+        resampled: bool = True,
+        steps_per_epoch: int = 1000,
+        bands: tuple[int, int, int] = (0, 1, 2),
+        stretch: str | float = "percentile",
+        shuffle_buffer: int = 1000,
+        val_batch_size: int | None = None,
+        max_consecutive_errors: int = 1000,
+    ):
         super().__init__()
         for name, value in (("batch_size", batch_size), ("crop_size", crop_size), ("steps_per_epoch", steps_per_epoch)):
             if int(value) < 1:
@@ -345,21 +379,36 @@ class ShardDataModule(L.LightningDataModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         readers = world * max(1, self.num_workers)
         if not self.resampled and len(self._train_urls) < readers:
-            raise ValueError(f"resampled=False needs at least world_size x num_workers = {world} x "
-                             f"{max(1, self.num_workers)} shards, got {len(self._train_urls)} in {self.train_shards!r}: "
-                             "write more shards, lower num_workers, or set resampled=True")
+            raise ValueError(
+                f"resampled=False needs at least world_size x num_workers = {world} x "
+                f"{max(1, self.num_workers)} shards, got {len(self._train_urls)} in {self.train_shards!r}: "
+                "write more shards, lower num_workers, or set resampled=True"
+            )
 
     def _loader(self, pipeline, workers: int) -> DataLoader:
-        return DataLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                          pin_memory=torch.cuda.is_available())
+        return DataLoader(
+            pipeline,
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
 
     def train_dataloader(self) -> DataLoader:
         if not hasattr(self, "_train_urls"):
             self.setup("fit")
-        pipeline = make_pipeline(self._train_urls, train=True, batch_size=self.batch_size, crop_size=self.crop_size,
-                                 resampled=self.resampled, steps_per_epoch=self.steps_per_epoch,
-                                 shuffle_buffer=self.shuffle_buffer, bands=self.bands, stretch=self.stretch,
-                                 counter=self.train_skips)
+        pipeline = make_pipeline(
+            self._train_urls,
+            train=True,
+            batch_size=self.batch_size,
+            crop_size=self.crop_size,
+            resampled=self.resampled,
+            steps_per_epoch=self.steps_per_epoch,
+            shuffle_buffer=self.shuffle_buffer,
+            bands=self.bands,
+            stretch=self.stretch,
+            counter=self.train_skips,
+        )
         return self._loader(pipeline, self.num_workers)
 
     def val_dataloader(self):
@@ -367,20 +416,33 @@ class ShardDataModule(L.LightningDataModule):
             self.setup("validate")
         if not self._val_urls:
             return []  # Lightning skips validation
-        pipeline = make_pipeline(self._val_urls, train=False, batch_size=self.val_batch_size,
-                                 crop_size=self.crop_size, bands=self.bands, stretch=self.stretch,
-                                 counter=self.val_skips)
+        pipeline = make_pipeline(
+            self._val_urls,
+            train=False,
+            batch_size=self.val_batch_size,
+            crop_size=self.crop_size,
+            bands=self.bands,
+            stretch=self.stretch,
+            counter=self.val_skips,
+        )
         return self._loader(pipeline, min(self.num_workers, len(self._val_urls)))
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         skipped = self.skipped  # cheap: sums a tiny shared tensor
         if skipped > self._reported:
-            log.warning("data: %d samples skipped so far (%d new); the worker logs above say which and why",
-                        skipped, skipped - self._reported)
+            logger.warning(
+                "data: %d samples skipped so far (%d new); the worker logs above say which and why",
+                skipped,
+                skipped - self._reported,
+            )
             self._reported = skipped
         return batch
 
     def teardown(self, stage: str) -> None:
         if self.skipped:
-            log.warning("data: %d samples were skipped in total (train %d, val %d)",
-                        self.skipped, self.train_skips.skipped, self.val_skips.skipped)
+            logger.warning(
+                "data: %d samples were skipped in total (train %d, val %d)",
+                self.skipped,
+                self.train_skips.skipped,
+                self.val_skips.skipped,
+            )

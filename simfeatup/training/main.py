@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fit(argv: list[str] | None) -> None:
-    from simfeatup.encoder import BackboneError  # torch and open_clip first: a missing extra is named by them
-    from simfeatup.training.cli import SimFeatUpCLI
+    from simfeatup.backbone import BackboneError
+    from simfeatup.training.cli import SimFeatUpCLI  # torch and open_clip first: a missing extra is named by them
 
     try:
         SimFeatUpCLI(args=argv, parser_kwargs={"default_config_files": [str(QUICKSTART)]}).fit()

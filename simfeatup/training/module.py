@@ -37,7 +37,7 @@ from simfeatup.training.losses import (
 from simfeatup.training.preview import preview
 from simfeatup.upsampler import SimFeatUp, save_upsampler
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 # SPEC 4 -- 5 jitters, image-reconstruction weight 0.1, NAdam lr 1e-3, gradient-norm clip 1e-4
 # during the first 10 optimizer steps.
@@ -293,7 +293,7 @@ class SimFeatUpModule(L.LightningModule):
         # save_upsampler writes each file atomically (weights first, then the .json): a run
         # killed mid-write never leaves a truncated artefact under the final name.
         save_upsampler(self.upsampler, final, backbone=backbone, extra=extra)
-        log.info("wrote %s (step %d)", final, self.global_step)
+        logger.info("wrote %s (step %d)", final, self.global_step)
         return final
 
 
