@@ -21,8 +21,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fit(argv: list[str] | None) -> None:
+    import simfeatup.encoder  # noqa: F401 -- torch and open_clip first: a missing extra is named by them
     from simfeatup.backbone import BackboneError
-    from simfeatup.training.cli import SimFeatUpCLI  # torch and open_clip first: a missing extra is named by them
+    from simfeatup.training.cli import SimFeatUpCLI
 
     try:
         SimFeatUpCLI(args=argv, parser_kwargs={"default_config_files": [str(QUICKSTART)]}).fit()
