@@ -1,13 +1,14 @@
 """The per-pixel window sums of a JBU step (SPEC 3), exact and memory-bounded, eager PyTorch.
 
 - :func:`reflect_pad` / :func:`mirror_index`: the reflect padding of every step, any side length;
-- :func:`adaptive_filter`: out(p) = sum over the d x d offsets o of K(p, o) src(p + o), as 121
-  shifted multiply-adds over cache-sized channel chunks, with its own backward;
+- :func:`adaptive_filter`: out(p) = sum over the d x d offsets o of K(p, o) src(p + o): tiled
+  matmuls (:class:`Tiles`) for inference; 121 shifted multiply-adds over cache-sized channel
+  chunks, with their own backward, for training;
 - :func:`range_logits`: <key(p + o), key(p)> for every offset, as one small matmul per tile;
 - :func:`pointwise`: a stack of 1x1 convs over the channel axis of either layout.
 
 Never materialises C x d^2 x H x W (the reference's fallback: ~12 GB at C=512, 224 x 224).
-The ONNX graph form (:mod:`simfeatup.export.graph_form`) computes the same sums as tiled matmuls.
+The ONNX graph form (:mod:`simfeatup.export.graph_form`) uses the same :class:`Tiles`.
 """
 from __future__ import annotations
 
@@ -72,11 +73,17 @@ def adaptive_filter(src_pad: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor
     """out[b, c, y, x] = sum_o kernel[b, o, y, x] * src_pad[b, c, y + dy(o), x + dx(o)].
 
     src_pad (B, C, H + 2r, W + 2r); kernel (B, d*d, H, W) with offsets row-major (o = dy*d + dx).
-    Returns (B, C, H, W) in src_pad's dtype, never materialising (B, C, d*d, H, W).
+    Returns (B, C, H, W) in src_pad's dtype, never materialising (B, C, d*d, H, W). Inference runs
+    the tiled matmuls of :class:`Tiles`; under autograd the 121 shifted slices with their own
+    lean backward (the tiles would keep (T*T, S*S) weights per tile for it).
     """
-    # The graph form (simfeatup.export) computes the same sums as one matmul per tile, which
-    # onnxruntime runs far faster than 121 shifted products; eager PyTorch is faster with these.
-    return _ShiftedSliceFilter.apply(src_pad, kernel.to(src_pad.dtype))
+    kernel = kernel.to(src_pad.dtype)
+    if torch.is_grad_enabled() and (src_pad.requires_grad or kernel.requires_grad):
+        return _ShiftedSliceFilter.apply(src_pad, kernel)
+    H, W = kernel.shape[-2:]
+    t = tiles(tile_side(H, W, FILTER_TILE), math.isqrt(kernel.shape[1]), kernel.device)
+    out = t.filter(src_pad.permute(0, 2, 3, 1), t.split(kernel.permute(0, 2, 3, 1)))  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2)
 
 
 def _chunks(C: int, H: int, W: int, itemsize: int) -> range:
@@ -132,56 +139,114 @@ class _ShiftedSliceFilter(torch.autograd.Function):
 # Tiled form of the d x d window sums: the output is cut into T x T tiles; each tile reads one
 # (T + d - 1)^2 window of the padded input, so per-pixel window sums become one small dense
 # matmul per tile ((T*T) x (T+d-1)^2), with the d*d offsets scattered/gathered by a fixed index.
-TILE = 8  # largest tile side; the actual tile is the largest power of two <= TILE dividing H and W
+# That costs (T + d - 1)^2 / d^2 more multiply-adds than the sum, but one BLAS call beats 121
+# memory-bound elementwise passes by far (at 224 x 224 with 196 channels: ~5x in eager PyTorch,
+# ~7x in onnxruntime). Memory is O(tiles x S*S x channels); never channels x d^2 x H x W.
+FILTER_TILE = 16  # largest tile side of the inference filter
+RANGE_TILE = 8  # largest tile side of the range logits (also under autograd: its (T*T, S*S) pairs are kept)
 
 
-def _tile_size(H: int, W: int) -> int:
-    t = TILE
+def tile_side(H: int, W: int, largest: int) -> int:
+    """The largest power of two <= ``largest`` dividing both H and W."""
+    t = largest
     while H % t or W % t:
         t //= 2
     return t
 
 
-def _window_index(T: int, d: int, device) -> torch.Tensor:
-    """(T*T, d*d): where offset o of tile pixel (i, j) sits in the flattened (T+d-1)^2 window."""
-    S = T + d - 1
-    i = torch.arange(T, device=device).view(T, 1, 1, 1)
-    j = torch.arange(T, device=device).view(1, T, 1, 1)
-    dy = torch.arange(d, device=device).view(1, 1, d, 1)
-    dx = torch.arange(d, device=device).view(1, 1, 1, d)
-    return ((i + dy) * S + (j + dx)).reshape(T * T, d * d)
+def _tracing() -> bool:
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
 
 
-def _to_tiles(x: torch.Tensor, T: int) -> torch.Tensor:
-    """(B, c, H, W) -> (B, H/T, W/T, T*T, c)."""
-    B, c, H, W = x.shape
-    x = x.reshape(B, c, H // T, T, W // T, T).permute(0, 2, 4, 3, 5, 1)
-    return x.reshape(B, H // T, W // T, T * T, c)
+class Tiles(nn.Module):
+    """A JBU step's per-pixel d x d windows (SPEC 3) as dense matmuls over T x T tiles, channels-last.
+
+    The one tiled implementation of the window sums, for eager inference and the ONNX graph form
+    alike. Only how values are moved differs: traced for ONNX, tiles are gathered with
+    index_select (symbolic sizes, fast in onnxruntime); eager, with unfold views and
+    scatter/gather (index_select along middle axes is ~10x slower in eager PyTorch).
+    """
+
+    def __init__(self, T: int, d: int):
+        super().__init__()
+        self.T, self.d, self.S = T, d, T + d - 1
+        S = self.S
+        py, px, oy, ox = torch.meshgrid(*(torch.arange(n) for n in (T, T, d, d)), indexing="ij")
+        p, o, q = py * T + px, oy * d + ox, (py + oy) * S + px + ox  # pixel, offset (row-major), source
+        # where offset o of tile pixel p sits in the flattened S x S source window, (T*T, d*d)
+        self.register_buffer("window_q", q.reshape(T * T, d * d), persistent=False)
+        # the same as flat indices for index_select: weight[p, q] = kernel[p, o] where q = p + o,
+        # else the zero slot appended after T*T*d*d; and the (p, q) pairs in (p, o) order
+        weight = torch.full((T * T, S * S), T * T * d * d, dtype=torch.long)
+        weight[p.flatten(), q.flatten()] = (p * d * d + o).flatten()
+        self.register_buffer("weight_index", weight.flatten(), persistent=False)
+        self.register_buffer("pair_index", (p * S * S + q).flatten(), persistent=False)
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, h*T, w*T, C) -> (B, h, w, T*T, C)."""
+        B, H, W, C = x.shape
+        T = self.T
+        return x.reshape(B, H // T, T, W // T, T, C).permute(0, 1, 3, 2, 4, 5).reshape(B, H // T, W // T, T * T, C)
+
+    def join(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, h, w, T*T, C) -> (B, h*T, w*T, C)."""
+        B, h, w, _, C = x.shape
+        T = self.T
+        return x.reshape(B, h, w, T, T, C).permute(0, 1, 3, 2, 4, 5).reshape(B, h * T, w * T, C)
+
+    def sources(self, x_pad: torch.Tensor, h, w) -> torch.Tensor:
+        """Overlapping source tiles: (B, h*T + d-1, w*T + d-1, C) -> (B, h, w, S*S, C)."""
+        B, C = x_pad.shape[0], x_pad.shape[-1]
+        T, S = self.T, self.S
+        if not _tracing():
+            windows = x_pad.unfold(1, S, T).unfold(2, S, T)  # (B, h, w, C, S, S), a view
+            return windows.permute(0, 1, 2, 4, 5, 3).reshape(B, h, w, S * S, C)
+        ar = torch.arange(S, device=x_pad.device)
+        rows = (torch.arange(h, device=x_pad.device)[:, None] * T + ar).reshape(-1)
+        cols = (torch.arange(w, device=x_pad.device)[:, None] * T + ar).reshape(-1)
+        x = x_pad.index_select(1, rows).index_select(2, cols)  # (B, h*S, w*S, C)
+        return x.reshape(B, h, S, w, S, C).permute(0, 1, 3, 2, 4, 5).reshape(B, h, w, S * S, C)
+
+    def range_logits(self, key: torch.Tensor, key_pad: torch.Tensor) -> torch.Tensor:
+        """<key(p + o), key(p)>: key (B, H, W, K) and its reflect padding -> (B, h, w, T*T, d*d)."""
+        B, H, W, _ = key.shape
+        h, w = H // self.T, W // self.T
+        pairs = self.split(key) @ self.sources(key_pad, h, w).transpose(-1, -2)  # (B, h, w, T*T, S*S)
+        if not _tracing():
+            return pairs.gather(-1, self.window_q.expand(*pairs.shape[:-1], self.d * self.d))
+        picked = pairs.reshape(B, h, w, -1).index_select(-1, self.pair_index)
+        return picked.reshape(B, h, w, self.T * self.T, self.d * self.d)
+
+    def filter(self, src_pad: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        """The adaptive filter: src_pad (B, H + d-1, W + d-1, C), kernel (B, h, w, T*T, d*d) -> (B, H, W, C)."""
+        B, h, w = kernel.shape[:3]
+        TT, SS = self.T * self.T, self.S * self.S
+        if not _tracing():
+            weight = kernel.new_zeros(B, h, w, TT, SS).scatter_(-1, self.window_q.expand(kernel.shape), kernel)
+        else:
+            k = F.pad(kernel.reshape(B, h, w, -1), (0, 1))  # + the zero slot
+            weight = k.index_select(-1, self.weight_index).reshape(B, h, w, TT, SS)
+        return self.join(weight @ self.sources(src_pad, h, w))
 
 
-def _from_tiles(x: torch.Tensor, T: int) -> torch.Tensor:
-    """(B, H/T, W/T, T*T, c) -> (B, c, H, W)."""
-    B, ty, tx, _, c = x.shape
-    return x.reshape(B, ty, tx, T, T, c).permute(0, 5, 1, 3, 2, 4).reshape(B, c, ty * T, tx * T)
+_TILES: dict[tuple, Tiles] = {}
 
 
-def _tile_windows(x_pad: torch.Tensor, T: int, S: int) -> torch.Tensor:
-    """(B, c, H + S - T, W + S - T) -> (B, H/T, W/T, S*S, c): each tile's input window."""
-    B, c = x_pad.shape[:2]
-    w = x_pad.unfold(2, S, T).unfold(3, S, T)  # (B, c, H/T, W/T, S, S)
-    return w.permute(0, 2, 3, 4, 5, 1).reshape(B, w.shape[2], w.shape[3], S * S, c)
+def tiles(T: int, d: int, device) -> Tiles:
+    """A cached :class:`Tiles` with its indices on ``device``."""
+    key = (T, d, str(device))
+    if key not in _TILES:
+        _TILES[key] = Tiles(T, d).to(device)
+    return _TILES[key]
 
 
 def range_logits(key_pad: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """<key(p + o), key(p)> for every offset: key_pad (B, k, H+2r, W+2r), key (B, k, H, W) -> (B, d*d, H, W).
 
-    Tiled (all pairs in a tile's window, then the d*d wanted ones gathered): never builds the
-    (B, k, d*d, H, W) unfold, and exports as a few matmuls instead of 121 shifted products.
+    Channels-first, through :class:`Tiles` (never the (B, k, d*d, H, W) unfold).
     """
     H, W = key.shape[-2:]
     d = key_pad.shape[-1] - W + 1
-    T = _tile_size(H, W)
-    S = T + d - 1
-    pairs = _to_tiles(key, T) @ _tile_windows(key_pad, T, S).transpose(-1, -2)  # (B, H/T, W/T, T*T, S*S)
-    index = _window_index(T, d, key.device).expand(*pairs.shape[:-1], d * d)
-    return _from_tiles(pairs.gather(-1, index), T)
+    t = tiles(tile_side(H, W, RANGE_TILE), d, key.device)
+    logits = t.range_logits(key.permute(0, 2, 3, 1), key_pad.permute(0, 2, 3, 1))  # (B, h, w, T*T, d*d)
+    return t.join(logits).permute(0, 3, 1, 2)

@@ -247,9 +247,9 @@ def test_range_logits_match_shifted_slices(H, W):
 @pytest.mark.parametrize("T,tokens", [(2, (3, 2)), (8, (1, 2)), (16, (2, 1))])
 def test_graph_form_tiles_compute_the_eager_sums(T, tokens):
     """The ONNX graph form's tiled matmuls (channels-last) give the eager filter and range logits."""
-    from simfeatup.export.graph_form import _Tiles
+    from simfeatup.filters import Tiles
 
-    tiles = _Tiles(T, 11)
+    tiles = Tiles(T, 11)
     H, W = T * tokens[0], T * tokens[1]
     src, kernel = torch.randn(2, 5, H + 10, W + 10), torch.randn(2, 121, H, W)
     k = tiles.split(kernel.permute(0, 2, 3, 1))  # (B, h, w, T*T, 121)

@@ -20,71 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..filters import Tiles, pointwise, reflect_pad
 from ..interp import bicubic_resize
-from ..upsampler import factored_cosine, pointwise, pool_guidance, reflect_pad
-
-
-class _Tiles(nn.Module):
-    """The JBU step's per-pixel d x d windows (SPEC 3) as dense matmuls over T x T tiles.
-
-    Tensors are channels-last, so onnxruntime gathers and transposes whole channel vectors.
-    Each output tile needs one (T + d - 1)^2 source tile; the d*d shifted products of a tile
-    become one matmul with a (T*T, S*S) weight matrix that is zero outside each pixel's
-    window. That costs (T + d - 1)^2 / d^2 more multiply-adds than the sum, but one BLAS call
-    beats 121 elementwise passes by far in onnxruntime (0.13 s instead of 0.9 s for 196
-    channels at 224 x 224). Memory is O(tiles x S*S x channels); never channels x d^2 x H x W.
-    """
-
-    def __init__(self, T: int, d: int):
-        super().__init__()
-        self.T, self.d, self.S = T, d, T + d - 1
-        S = self.S
-        py, px, oy, ox = torch.meshgrid(*(torch.arange(n) for n in (T, T, d, d)), indexing="ij")
-        p, o, q = py * T + px, oy * d + ox, (py + oy) * S + px + ox  # pixel, offset (row-major), source
-        # weight[p, q] = kernel[p, o] where q = p + o, else the zero slot appended after T*T*d*d
-        weight = torch.full((T * T, S * S), T * T * d * d, dtype=torch.long)
-        weight[p.flatten(), q.flatten()] = (p * d * d + o).flatten()
-        # buffers, built before tracing: the graph stores them as two constant index tensors
-        self.register_buffer("weight_index", weight.flatten(), persistent=False)
-        # <key(q), key(p)> for q = p + o, picked out of all (p, q) pairs in (p, o) order
-        self.register_buffer("pair_index", (p * S * S + q).flatten(), persistent=False)
-
-    def split(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, h*T, w*T, C) -> (B, h, w, T*T, C)."""
-        B, H, W, C = x.shape
-        T = self.T
-        return x.reshape(B, H // T, T, W // T, T, C).permute(0, 1, 3, 2, 4, 5).reshape(B, H // T, W // T, T * T, C)
-
-    def join(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, h, w, T*T, C) -> (B, h*T, w*T, C)."""
-        B, h, w, _, C = x.shape
-        T = self.T
-        return x.reshape(B, h, w, T, T, C).permute(0, 1, 3, 2, 4, 5).reshape(B, h * T, w * T, C)
-
-    def sources(self, x_pad: torch.Tensor, h, w) -> torch.Tensor:
-        """Overlapping source tiles: (B, h*T + d-1, w*T + d-1, C) -> (B, h, w, S*S, C)."""
-        B, C = x_pad.shape[0], x_pad.shape[-1]
-        T, S = self.T, self.S
-        ar = torch.arange(S, device=x_pad.device)
-        rows = (torch.arange(h, device=x_pad.device)[:, None] * T + ar).reshape(-1)
-        cols = (torch.arange(w, device=x_pad.device)[:, None] * T + ar).reshape(-1)
-        x = x_pad.index_select(1, rows).index_select(2, cols)  # (B, h*S, w*S, C)
-        return x.reshape(B, h, S, w, S, C).permute(0, 1, 3, 2, 4, 5).reshape(B, h, w, S * S, C)
-
-    def range_logits(self, key: torch.Tensor, key_pad: torch.Tensor) -> torch.Tensor:
-        """<key(p + o), key(p)>: key (B, H, W, K) and its reflect padding -> (B, h, w, T*T, d*d)."""
-        B, H, W, _ = key.shape
-        h, w = H // self.T, W // self.T
-        pairs = self.split(key) @ self.sources(key_pad, h, w).transpose(-1, -2)  # (B, h, w, T*T, S*S)
-        picked = pairs.reshape(B, h, w, -1).index_select(-1, self.pair_index)
-        return picked.reshape(B, h, w, self.T * self.T, self.d * self.d)
-
-    def filter(self, src_pad: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-        """upsampler.adaptive_filter: src_pad (B, H + d-1, W + d-1, C), kernel (B, h, w, T*T, d*d) -> (B, H, W, C)."""
-        B, h, w = kernel.shape[:3]
-        k = F.pad(kernel.reshape(B, h, w, -1), (0, 1))  # + the zero slot
-        weight = k.index_select(-1, self.weight_index).reshape(B, h, w, self.T * self.T, self.S * self.S)
-        return self.join(weight @ self.sources(src_pad, h, w))
+from ..upsampler import factored_cosine, pool_guidance
 
 
 class GraphUpsampler(nn.Module):
@@ -100,9 +38,9 @@ class GraphUpsampler(nn.Module):
         steps = upsampler.steps()
         # static output side per token of each step: 2, 4, 8, then the patch
         self.sides = [2 ** (i + 1) for i in range(len(steps) - 1)] + [upsampler.patch_size]
-        self.tiles = nn.ModuleList(_Tiles(T, step.diameter) for T, step in zip(self.sides, steps))
+        self.tiles = nn.ModuleList(Tiles(T, step.diameter) for T, step in zip(self.sides, steps))
 
-    def _step(self, step, tiles: _Tiles, x: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
+    def _step(self, step, tiles: Tiles, x: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
         """JBUStep.forward channels-last: x (B, h', w', C), guide (B, H, W, 3) pooled, H = T*h -> (B, H, W, C)."""
         r = step.radius
         key = pointwise(step.range_proj, guide, dim=-1)  # (B, H, W, key_dim)
