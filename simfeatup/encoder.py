@@ -8,28 +8,23 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
-import zipfile
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTransformer
-from safetensors import SafetensorError
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
 from simfeatup.backbone import (
     DEFAULT_ATTENTION,
     FEATURE_SOURCES,
     Backbone,
-    WeightsUnavailableError,
-    file_sha256,
     resolve,
 )  # noqa: F401
-from simfeatup.constants import CLIP_MEAN, CLIP_STD, DEFAULT_MODEL, DEFAULT_PRETRAINED, POS_EMBED_SCALE_EPS
+from simfeatup.clip_weights import build_clip, runs_quick_gelu
+from simfeatup.constants import DEFAULT_MODEL, DEFAULT_PRETRAINED, POS_EMBED_SCALE_EPS
 from simfeatup.interp import bicubic_matrix
 
 logger = logging.getLogger(__name__)
@@ -57,7 +52,7 @@ class DenseCLIP(nn.Module):
             raise ValueError(f"non-square patches {visual.patch_size} are not supported")
         # The record of what runs; replace() validates the attention mode.
         self.backbone = replace(
-            backbone or Backbone(), attention=attention, patch_size=int(ph), quick_gelu=_runs_quick_gelu(clip)
+            backbone or Backbone(), attention=attention, patch_size=int(ph), quick_gelu=runs_quick_gelu(clip)
         )
         self.clip = clip.eval().requires_grad_(False)
         self.patch_size = int(ph)
@@ -99,59 +94,7 @@ class DenseCLIP(nn.Module):
         SPEC backbone) -- set False for LAION/DataComp files. Raises
         ``WeightsUnavailableError`` when the weights cannot be fetched or read.
         """
-        config = backbone.architecture()  # unknown names end here, with close matches
-        label = backbone.model or "the model config"
-        checkpoint, tag_cfg = None, {}
-        if weights_path is not None:
-            checkpoint = Path(weights_path)
-        elif backbone.pretrained is not None and backbone.config is not None:
-            checkpoint = Path(backbone.pretrained).expanduser()
-            if not checkpoint.is_file():
-                raise WeightsUnavailableError(_weights_message(label, backbone.pretrained, "no such file", local=True))
-        elif backbone.pretrained is not None:
-            checkpoint, tag_cfg = _resolve_weights(backbone.model, backbone.pretrained, cache_dir)
-        quick_gelu = backbone.quick_gelu
-        if quick_gelu is None and backbone.config is None and checkpoint is not None:
-            # open_clip's create_model only warns when an OpenAI tag meets a GELU config: a
-            # plain "ViT-B-16" with nn.GELU would silently give slightly wrong features.
-            ref_cfg = tag_cfg or open_clip.get_pretrained_cfg(backbone.model, "openai")
-            quick_gelu = bool(ref_cfg.get("quick_gelu", False)) or None  # None: the config's own
-            if not tag_cfg:
-                logger.info(
-                    "local weights %s: assuming %s's OpenAI activation (quick_gelu=%s); set quick_gelu to override",
-                    checkpoint.name,
-                    backbone.model,
-                    bool(quick_gelu),
-                )
-        if tag_cfg and (
-            tuple(tag_cfg.get("mean", CLIP_MEAN)) != CLIP_MEAN or tuple(tag_cfg.get("std", CLIP_STD)) != CLIP_STD
-        ):
-            logger.warning(
-                "%s/%s was trained with mean/std %s/%s, but simfeatup normalises with CLIP's",
-                backbone.model,
-                backbone.pretrained,
-                tag_cfg.get("mean"),
-                tag_cfg.get("std"),
-            )
-        if checkpoint is not None and _is_torchscript(checkpoint):
-            why = "a TorchScript archive (OpenAI's original .pt), which we do not execute"
-            openai = open_clip.get_pretrained_cfg(backbone.model, "openai") if backbone.model else {}
-            raise WeightsUnavailableError(_weights_message(label, backbone.pretrained, why, openai))
-
-        config = dict(config)
-        if quick_gelu is not None:
-            config["quick_gelu"] = quick_gelu
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            clip = _clip_from_config(config)
-        if checkpoint is not None:
-            _load_weights(clip, checkpoint, label, backbone.pretrained, tag_cfg)
-        local = checkpoint is not None and not tag_cfg
-        record = replace(
-            backbone,
-            pretrained=checkpoint.name if local else backbone.pretrained,
-            weights_sha256=file_sha256(checkpoint) if local else None,
-        )
+        clip, record = build_clip(backbone, weights_path, seed=seed, cache_dir=cache_dir)
         tokenizer = open_clip.get_tokenizer(backbone.model) if backbone.model else None
         return cls(clip, attention=backbone.attention, tokenizer=tokenizer, backbone=record)
 
@@ -337,103 +280,3 @@ def _check_supported(visual) -> None:
     blocks = visual.transformer.resblocks
     if not all(type(b) is ResidualAttentionBlock and b.attn.in_proj_weight is not None for b in blocks):
         raise ValueError("DenseCLIP needs standard open_clip ResidualAttentionBlocks (no qk_norm/custom blocks)")
-
-
-def _clip_from_config(config: dict):
-    """open_clip's CLIP (or CustomTextCLIP) for a model config, randomly initialised."""
-    config = dict(config)
-    if "multimodal_cfg" in config:
-        raise ValueError("CoCa models (multimodal_cfg) are not supported: DenseCLIP needs a CLIP ViT")
-    hf_text = "hf_model_name" in config.get("text_cfg", {})
-    if hf_text:  # random init here, then the whole checkpoint: no download of the text tower's own weights
-        config["text_cfg"] = {**config["text_cfg"], "hf_model_pretrained": False}
-    cls = open_clip.CustomTextCLIP if config.pop("custom_text", False) or hf_text else open_clip.CLIP  # as create_model
-    try:
-        return cls(**config)
-    except TypeError as err:  # a key open_clip does not know
-        raise ValueError(f"model config not understood by open_clip: {_short(err)}") from None
-
-
-def _load_weights(clip, checkpoint: Path, label: str, pretrained: str | None, tag_cfg: dict) -> None:
-    """open_clip's own loader (the one create_model uses): strict keys and shapes, weights_only=True."""
-    try:
-        open_clip.load_checkpoint(clip, str(checkpoint), strict=True, weights_only=True)
-    except (RuntimeError, OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
-        # truncated/garbled files, pickles of objects, and key or shape mismatches (another model's file).
-        if isinstance(err, pickle.UnpicklingError):  # torch's advice (weights_only=False) is not ours to give
-            if "Unsupported global" in str(err):
-                why = (
-                    "the pickle holds more than tensors, torch.load(weights_only=True) refused it; "
-                    "re-save its state_dict"
-                )
-            else:
-                why = f"{checkpoint.name} is not a readable PyTorch checkpoint (corrupt, truncated or another format)"
-        else:
-            why = f"cannot read {checkpoint.name}: {_short(err)}"
-        raise WeightsUnavailableError(_weights_message(label, pretrained, why, tag_cfg, local=not tag_cfg)) from err
-
-
-def _runs_quick_gelu(clip) -> bool:
-    """Whether the model's MLPs use QuickGELU (OpenAI's activation): read off the built modules."""
-    return any(isinstance(m, QuickGELU) for m in clip.modules())
-
-
-def _resolve_weights(model: str, pretrained: str, cache_dir) -> tuple[Path, dict]:
-    """Tag or file -> (local checkpoint path, tag registry entry or {})."""
-    tag_cfg = open_clip.get_pretrained_cfg(model, pretrained)
-    if tag_cfg:
-        try:
-            path = open_clip.download_pretrained(tag_cfg, cache_dir=cache_dir)
-        except (OSError, RuntimeError, ValueError) as err:  # offline, HTTP, missing hub file
-            raise WeightsUnavailableError(_weights_message(model, pretrained, _fetch_reason(err), tag_cfg)) from err
-        if not path:
-            raise WeightsUnavailableError(
-                _weights_message(model, pretrained, "open_clip gave no download location", tag_cfg)
-            )
-        return Path(path), tag_cfg
-    path = Path(pretrained).expanduser()
-    if path.is_file():
-        return path, {}
-    tags = open_clip.list_pretrained_tags_by_model(model)
-    why = f"no such file, and not an open_clip tag for {model} (tags: {', '.join(tags) or 'none'})"
-    raise WeightsUnavailableError(
-        _weights_message(model, pretrained, why, open_clip.get_pretrained_cfg(model, "openai"))
-    )
-
-
-def _is_torchscript(path: Path) -> bool:
-    # torch.jit.save archives carry constants.pkl; plain torch.save zips do not.
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        return any(name.endswith("/constants.pkl") for name in zf.namelist())
-
-
-def _fetch_reason(err: Exception) -> str:
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    if offline:
-        return "not in the local cache and HF_HUB_OFFLINE is set"
-    return f"download failed ({_short(err)})"
-
-
-def _weights_message(model: str, pretrained: str, why: str, tag_cfg: dict | None = None, local: bool = False) -> str:
-    """One line: what failed, why, and how to fix it."""
-    head = f"CLIP weights for {model} (pretrained={pretrained!r}) unavailable: {why}."
-    if local:
-        return f"{head} Fix: pass an open_clip state dict for {model} (.bin/.pt/.safetensors) as --pretrained."
-    where = ""
-    hub = (tag_cfg or {}).get("hf_hub", "")
-    if hub:
-        # open_clip's convention: "org/repo/" means the default file, "org/repo/file.pt" names one.
-        repo, filename = os.path.split(hub)
-        filename = filename or "open_clip_pytorch_model.bin"
-        where = f" (open_clip fetches {filename} from https://huggingface.co/{repo} into the Hugging Face cache)"
-    elif (tag_cfg or {}).get("url"):
-        where = f" (open_clip downloads {tag_cfg['url']} into ~/.cache/clip)"
-    fix = f"pass a local file, e.g. --pretrained /path/to/{model}.bin{where}, or run once with network access"
-    return f"{head} Fix: {fix}."
-
-
-def _short(err: Exception, limit: int = 160) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
