@@ -9,7 +9,8 @@ import tifffile
 import torch
 from PIL import Image
 
-from simfeatup.training.data import ShardDataModule, SkipCounter, expand_urls, make_pipeline, pad_to
+from simfeatup.training.data import SkipCounter, expand_urls, make_pipeline, pad_to
+from simfeatup.training.datamodule import ShardDataModule
 
 
 def _encode(arr: np.ndarray, fmt: str) -> bytes:

@@ -286,7 +286,7 @@ def test_learning_signal_on_held_out_real_crops(tmp_path):
     import lightning as L
     import yaml
 
-    from simfeatup.training.data import ShardDataModule
+    from simfeatup.training.datamodule import ShardDataModule
     from simfeatup.training.module import SimFeatUpModule
 
     def validate(module):

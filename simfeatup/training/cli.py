@@ -16,7 +16,7 @@ from typing import Iterator
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from simfeatup.training.data import ShardDataModule
+from simfeatup.training.datamodule import ShardDataModule
 from simfeatup.training.module import SimFeatUpModule
 
 CHECKPOINT_SUBDIR = "checkpoints"
