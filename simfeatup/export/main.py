@@ -46,15 +46,7 @@ def main(argv=None) -> int:
     def body():
         from . import export_onnx  # inside: a missing torch extra is reported like a user error
 
-        export_onnx(
-            args.out,
-            upsampler=args.upsampler,
-            model=args.model,
-            pretrained=args.pretrained,
-            attention=args.attention,
-            dtype=args.dtype,
-            opset=args.opset,
-            overwrite=args.overwrite,
-        )
+        options = ("upsampler", "model", "pretrained", "attention", "dtype", "opset", "overwrite")
+        export_onnx(args.out, **{name: getattr(args, name) for name in options})
 
     return run_command("to_onnx", body, needs="export", verbose=args.verbose)

@@ -95,18 +95,15 @@ class ShardDataModule(L.LightningDataModule):
         if not hasattr(self, "_train_urls"):
             self.setup("fit")
         pipeline = make_pipeline(
-            self._train_urls,
-            train=True,
-            batch_size=self.batch_size,
-            crop_size=self.crop_size,
-            resampled=self.resampled,
-            steps_per_epoch=self.steps_per_epoch,
-            shuffle_buffer=self.shuffle_buffer,
-            bands=self.bands,
-            stretch=self.stretch,
-            counter=self.train_skips,
+            self._train_urls, train=True, batch_size=self.batch_size, resampled=self.resampled,
+            steps_per_epoch=self.steps_per_epoch, shuffle_buffer=self.shuffle_buffer, counter=self.train_skips,
+            **self._pixels(),
         )
         return self._loader(pipeline, self.num_workers)
+
+    def _pixels(self) -> dict:
+        """How both pipelines turn samples into crops."""
+        return {"crop_size": self.crop_size, "bands": self.bands, "stretch": self.stretch}
 
     def val_dataloader(self):
         if not hasattr(self, "_train_urls"):
@@ -114,13 +111,7 @@ class ShardDataModule(L.LightningDataModule):
         if not self._val_urls:
             return []  # Lightning skips validation
         pipeline = make_pipeline(
-            self._val_urls,
-            train=False,
-            batch_size=self.val_batch_size,
-            crop_size=self.crop_size,
-            bands=self.bands,
-            stretch=self.stretch,
-            counter=self.val_skips,
+            self._val_urls, train=False, batch_size=self.val_batch_size, counter=self.val_skips, **self._pixels()
         )
         return self._loader(pipeline, min(self.num_workers, len(self._val_urls)))
 
