@@ -269,6 +269,12 @@ def test_folders_of_another_format_version_or_other_constants_are_refused(onnx_d
         (lambda m: m.update(version=99), "format version 99, this simfeatup reads 1"),
         (lambda m: m["preprocessing"].update(mean=[0.5, 0.5, 0.5]), "preprocessing/scoring constants"),
         (lambda m: m.update(logit_scale=100.0), "preprocessing/scoring constants"),
+        (lambda m: m["preprocessing"].update(patch=0), "preprocessing.patch is 0, not a positive whole number"),
+        (lambda m: m["preprocessing"].update(window="224"), "preprocessing.window is '224'"),
+        (lambda m: m["preprocessing"].update(window=200), "window 200 / stride 112 / patch 16 are inconsistent"),
+        (lambda m: m["preprocessing"].update(stride=300), "inconsistent"),
+        (lambda m: m.update(default_lambda=None), "default_lambda is None, not a number"),
+        (lambda m: m.pop("tokenizer"), "tokenizer section missing"),
     ):
         copy = Path(shutil.copytree(onnx_dir, tmp_path / message[:6].replace(" ", "_") / str(id(change))))
         manifest = json.loads((copy / "manifest.json").read_text())
