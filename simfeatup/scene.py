@@ -24,6 +24,10 @@ from .constants import DEFAULT_BLOCK, NODATA_LABEL
 from .windows import Box
 
 
+class SceneError(ValueError):
+    """A scene that cannot be segmented (unreadable, too small); the message names it and the fix."""
+
+
 class SceneReader(Protocol):
     """A scene read window by window: ``height`` x ``width`` pixels."""
 
@@ -107,15 +111,16 @@ def averaged_block_logits(segmenter, reader: SceneReader, box: Box, text: np.nda
     canvas = np.zeros((len(text), y1 - y0, x1 - x0), np.float32)
     count = np.zeros((y1 - y0, x1 - x0), np.float32)
     if boxes:  # one padded shape for all of them: every window of a scene has the same size
-        pads = windows.padding(boxes[0][1] - boxes[0][0], segmenter.patch_size), windows.padding(boxes[0][3] - boxes[0][2], segmenter.patch_size)
+        wy0, wy1, wx0, wx1 = boxes[0]
+        pads = windows.padding(wy1 - wy0, segmenter.patch_size), windows.padding(wx1 - wx0, segmenter.patch_size)
     for start in range(0, len(boxes), segmenter.window_batch):
         batch = boxes[start : start + segmenter.window_batch]
         cut = np.stack([windows.crop_and_pad(x, (by0 - ry0, by1 - ry0, bx0 - rx0, bx1 - rx0), pads) for by0, by1, bx0, bx1 in batch])
         out = segmenter._window_logits(cut, text, lam)  # (B, Q, h', w')
         for b, window_out in zip(batch, out):
             windows.add_window(canvas, count, window_out, b, pads, origin=(y0, x0))
-    logits = np.divide(canvas, count, out=np.zeros_like(canvas), where=count > 0)
-    return logits, valid[y0 - ry0 : y1 - ry0, x0 - rx0 : x1 - rx0]
+    np.divide(canvas, count, out=canvas, where=count > 0)  # in place: the canvas is the block's largest array
+    return canvas, valid[y0 - ry0 : y1 - ry0, x0 - rx0 : x1 - rx0]
 
 
 def segment_scene(segmenter, reader: SceneReader, vocabulary, scoring: scores.Scoring | None = None, *,
@@ -137,18 +142,20 @@ def segment_scene(segmenter, reader: SceneReader, vocabulary, scoring: scores.Sc
     text = segmenter.query_embeddings(vocabulary, text)
     check_block(block, segmenter.stride)
     if min(reader.height, reader.width) < segmenter.patch_size:
-        raise ValueError(f"the scene is {reader.width}x{reader.height} pixels, smaller than one "
-                         f"{segmenter.patch_size}-pixel patch: nothing to segment")
+        raise SceneError(f"{getattr(reader, 'path', 'the scene')} is {reader.width}x{reader.height} pixels, smaller than "
+                         f"one {segmenter.patch_size}-pixel patch: nothing to segment")
     boxes = block_boxes(reader.height, reader.width, block)
     for done, box in enumerate(boxes, 1):
         logits, valid = averaged_block_logits(segmenter, reader, box, text, scoring.lam)
-        labels = np.full(valid.shape, NODATA_LABEL, np.uint8)
-        probs = np.zeros((len(vocabulary), *valid.shape), np.float32) if return_probs else None
         if valid.any():
             result = scores.segmentation(logits, vocabulary, scoring, return_probs=return_probs)
-            labels[valid] = result.labels[valid]
-            if return_probs:
-                probs[:, valid] = result.probs[:, valid]
+            labels, probs = result.labels, result.probs  # uint8: at most NODATA_LABEL classes
+            labels[~valid] = NODATA_LABEL
+            if probs is not None:
+                probs[:, ~valid] = 0
+        else:  # nothing to classify, and no window was run
+            labels = np.full(valid.shape, NODATA_LABEL, np.uint8)
+            probs = np.zeros((len(vocabulary), *valid.shape), np.float32) if return_probs else None
         del logits
         if on_block is not None:
             on_block(done, len(boxes))
