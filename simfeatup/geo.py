@@ -17,6 +17,7 @@ import numpy as np
 
 from . import atomic, imaging, visualize
 from .constants import NODATA_LABEL
+from .scene import SceneError
 
 # The label COG's internal tile; overviews are added until one tile holds the whole level.
 COG_TILE = 512
@@ -24,8 +25,8 @@ COG_TILE = 512
 TIFF_TILE_MULTIPLE = 16
 
 
-class SceneError(ValueError):
-    """A raster that cannot be read as a scene; the message names the file and the fix."""
+class BandsError(SceneError):
+    """The bands that are R, G, B cannot be chosen: a setting to fix (``--bands``), found before any work."""
 
 
 @contextmanager
@@ -50,20 +51,20 @@ def choose_bands(colorinterp: list[str], bands, name) -> tuple[int, int, int]:
     if bands is not None:
         bands = tuple(int(b) for b in bands)
         if len(bands) != 3 or not all(0 <= b < count for b in bands):
-            raise SceneError(f"--bands {','.join(map(str, bands))} does not fit {name}, which has {count} band(s): "
+            raise BandsError(f"--bands {','.join(map(str, bands))} does not fit {name}, which has {count} band(s): "
                              f"give 3 indices in 0..{count - 1}")
         return tuple(b + 1 for b in bands)
     if all(c in colorinterp for c in ("red", "green", "blue")):
         return tuple(colorinterp.index(c) + 1 for c in ("red", "green", "blue"))
     if "palette" in colorinterp:
-        raise SceneError(f"{name} is a palette (colour-mapped) raster: expand it to RGB first, "
+        raise BandsError(f"{name} is a palette (colour-mapped) raster: expand it to RGB first, "
                          "e.g. gdal_translate -expand rgb")
     data = [i + 1 for i, c in enumerate(colorinterp) if c != "alpha"]
     if len(data) == 3:
         return tuple(data)
     if len(data) == 1:
         return (data[0],) * 3
-    raise SceneError(f"{name} has {count} bands and does not say which are red, green and blue: give --bands R,G,B "
+    raise BandsError(f"{name} has {count} bands and does not say which are red, green and blue: give --bands R,G,B "
                      f"(0-based), e.g. --bands 2,1,0 for a blue, green, red, near-infrared raster")
 
 
@@ -91,11 +92,11 @@ class RasterScene:
             self.height, self.width = ds.height, ds.width
             self.crs, self.transform = ds.crs, ds.transform
             self.indexes = choose_bands([c.name for c in ds.colorinterp], bands, self.path)
-            eight_bit = all(ds.dtypes[i - 1] == "uint8" for i in self.indexes)
-            self._limits = None if eight_bit else self._stretch_limits(stretch)
         except BaseException:
             self._ds.close()
             raise
+        self._stretch = None if all(ds.dtypes[i - 1] == "uint8" for i in self.indexes) else stretch
+        self._limits = None  # computed at the first read: opening a scene to check it stays cheap
 
     @property
     def georeferenced(self) -> bool:
@@ -126,6 +127,8 @@ class RasterScene:
         """Rows y0..y1-1, columns x0..x1-1 as (RGB uint8 (h, w, 3), valid bool (h, w))."""
         from rasterio.windows import Window
 
+        if self._stretch is not None and self._limits is None:
+            self._limits = self._stretch_limits(self._stretch)
         window = Window(x0, y0, x1 - x0, y1 - y0)
         where = f"(rows {y0}-{y1}, columns {x0}-{x1})"
         data = self._read(lambda: self._ds.read(self.indexes, window=window), where)

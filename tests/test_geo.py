@@ -121,9 +121,12 @@ def test_large_scenes_take_their_statistics_from_a_decimated_read(tmp_path, monk
 
     monkeypatch.setattr(rasterio.io.DatasetReader, "read", spy)
     with RasterScene(SAMPLE) as reader:
-        assert shapes == [(3, 64, 64)]  # 512 / 8: one read of the whole scene, 64 x smaller
+        assert shapes == []  # opening a scene (to check it) reads no pixels
         reader.read(0, 10, 0, 10)
-    assert shapes[1] is None  # blocks are windowed reads at full resolution
+        reader.read(10, 20, 0, 10)
+    # one read of the whole scene 8 x 8 times smaller (512 / 64), once; blocks are windowed
+    # reads at full resolution
+    assert shapes == [(3, 64, 64), None, None]
 
 
 def test_nodata_comes_from_the_nodata_value_and_the_alpha_band(tmp_path):

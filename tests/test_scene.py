@@ -207,9 +207,13 @@ def test_the_onnx_backend_streams_scenes_through_the_same_code(onnx_dir):
     np.testing.assert_allclose(stitched[:, reader.valid], whole[:, reader.valid], atol=1e-5)
 
 
-def test_scene_mode_imports_neither_torch_nor_rasterio():
+@pytest.mark.parametrize("modules, heavy", [
+    ("simfeatup.scene, simfeatup.scene_cli, simfeatup.cli", {"torch", "rasterio", "onnxruntime"}),
+    ("simfeatup.geo", {"torch", "rasterio"}),  # rasterio only once a raster is opened
+])
+def test_scene_mode_imports_neither_torch_nor_rasterio(modules, heavy):
     import subprocess
     import sys
 
-    code = "import sys, simfeatup.scene; assert not {'torch', 'rasterio', 'onnxruntime'} & set(sys.modules), sorted(sys.modules)"
+    code = f"import sys, {modules}; assert not {heavy!r} & set(sys.modules), sorted({heavy!r} & set(sys.modules))"
     subprocess.run([sys.executable, "-c", code], check=True)
