@@ -12,6 +12,7 @@ import math
 import sys
 from pathlib import Path
 
+from . import scene_cli
 from .constants import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from .entry import run_command, setup_logging
 
@@ -132,6 +133,7 @@ def _parser() -> argparse.ArgumentParser:
         "--save-probs", action="store_true", help="also write <image>_probs.npy (K, H, W) class probabilities"
     )
     _add_model_flags(p)
+    scene_cli.add_flags(p)
     p.set_defaults(func=_segment)
 
     p = sub.add_parser(
@@ -310,6 +312,8 @@ def _segment(args) -> int:
 
     images, vocabulary, scoring, bands = _inputs(args)
     stems = _output_names(images)
+    scenes = scene_cli.pick_scenes(args, images, bands if args.bands else None)
+    pictures = [i for i, path in enumerate(images) if path not in scenes]
     segmenter = _segmenter(args)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic.remove_stale_temporaries(args.out)  # what a killed earlier run left half-written
@@ -326,10 +330,14 @@ def _segment(args) -> int:
         logger.error("skipped: %s", err)
         failed.append(path)
 
-    for i, image, result in _run_batches(
-        args, segmenter, images, vocabulary, scoring, bands, desc="segment", on_error=skip, return_probs=args.save_probs
-    ):
-        name = stems[i]
+    pictures_only = [images[i] for i in pictures]
+    batches = (
+        _run_batches(args, segmenter, pictures_only, vocabulary, scoring, bands, desc="segment", on_error=skip,
+                     return_probs=args.save_probs)
+        if pictures else ()
+    )
+    for j, image, result in batches:
+        name = stems[pictures[j]]
         visualize.save_atomic(visualize.label_image(result.labels, colours), args.out / f"{name}.png")
         if args.overlay:
             visualize.save_atomic(visualize.overlay(image, result.labels, colours), args.out / f"{name}_overlay.jpg")
@@ -340,6 +348,7 @@ def _segment(args) -> int:
 
             with atomic_write(args.out / f"{name}_probs.npy") as tmp, open(tmp, "wb") as f:
                 np.save(f, result.probs.astype(np.float16))
+    failed += scene_cli.segment_scenes(args, segmenter, scenes, dict(zip(images, stems)), vocabulary, scoring, bands if args.bands else None)
     done = len(images) - len(failed)
     logger.info("wrote %d label map(s) to %s (legend: %s)", done, args.out, args.out / "classes.json")
     if failed:

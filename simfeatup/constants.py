@@ -31,6 +31,13 @@ DEFAULT_BG_IDX = 0
 # SPEC 5 -- label value that evaluation ignores.
 IGNORE_INDEX = 255
 
+# SPEC 9 -- scene mode: blocks of this many pixels (16 strides) are read, segmented and written
+# at a time; memory depends on it, the result never does.
+DEFAULT_BLOCK = 1792
+
+# SPEC 9 -- label of nodata pixels in scene outputs: the value evaluation ignores.
+NODATA_LABEL = IGNORE_INDEX
+
 # SPEC 2.3 -- default backbone.
 DEFAULT_MODEL = "ViT-B-16"
 DEFAULT_PRETRAINED = "openai"

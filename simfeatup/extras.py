@@ -6,6 +6,7 @@ onnxruntime. The extras add the rest (keep in step with pyproject.toml):
 - ``simfeatup[onnxruntime]`` (CPU) or ``simfeatup[gpu]`` (``onnxruntime-gpu``; never both),
 - ``simfeatup[torch]``: PyTorch, open_clip and Lightning for the torch segmenter, training,
   weight conversion and export.
+- ``simfeatup[geo]``: rasterio (and friends) for georeferenced scenes (scene mode, SPEC 9).
 """
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ TORCH_MODULES = (
     "onnx", "onnxscript", "safetensors", "tensorboard",
 )
 TORCH_ADVICE = 'pip install "simfeatup[torch]" (in a checkout: pip install -c constraints.txt -e ".[torch]")'
+GEO_MODULES = ("rasterio", "rio_cogeo", "pyogrio", "shapely")
 ADVICE = {
     **{module: TORCH_ADVICE for module in TORCH_MODULES},
     "onnxruntime": 'pip install "simfeatup[onnxruntime]" (CPU) or "simfeatup[gpu]" (onnxruntime-gpu), not both',
+    **{module: 'pip install "simfeatup[geo]"' for module in GEO_MODULES},
 }
 
 

@@ -17,7 +17,7 @@ IMAGE_EXTS = ("jpg", "png", "tif")  # encoded kinds decode_image reads
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")  # file names of those, matched case-insensitively
 STRETCHES = ("percentile", "minmax")  # or a number: the value that maps to 255
 PERCENTILES = (2.0, 98.0)  # the "percentile" stretch clips at these (per band)
-_STATS_MAX_PIXELS = 1 << 20  # percentiles on a strided subsample above this: same result, 10x faster
+STATS_MAX_PIXELS = 1 << 20  # stretch statistics on a strided subsample above this: same result, 10x faster
 
 
 class ImageError(ValueError):
@@ -172,29 +172,43 @@ def _to_uint8(arr: np.ndarray, stretch) -> np.ndarray:
         return np.ascontiguousarray(arr)
     if arr.dtype == np.bool_:
         return arr.astype(np.uint8) * 255
-    x = np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = stretch_limits(arr.reshape(-1, 3), stretch)
+    return apply_stretch(arr, lo, hi)
+
+
+def stretch_limits(pixels: np.ndarray, stretch) -> tuple[np.ndarray, np.ndarray]:
+    """The per-band values (lo, hi) that ``stretch`` maps to 0 and 255, from (N, 3) pixels of any dtype.
+
+    ``stretch``: "percentile" (the PERCENTILES of each band), "minmax", or a number (the value
+    that maps to 255; lo is 0). All-zero pixels do not count (nodata in most rasters), unless
+    every pixel is zero. Above STATS_MAX_PIXELS an evenly strided subsample is used.
+    """
     if isinstance(stretch, str) and stretch in STRETCHES:
-        sample = x.reshape(-1, 3)
-        if sample.shape[0] > _STATS_MAX_PIXELS:
-            sample = sample[:: sample.shape[0] // _STATS_MAX_PIXELS]
-        valid = sample[(sample != 0).any(axis=1)]  # all-zero pixels are nodata in most rasters
+        sample = pixels if len(pixels) <= STATS_MAX_PIXELS else pixels[:: len(pixels) // STATS_MAX_PIXELS]
+        sample = _finite_float(sample)
+        valid = sample[(sample != 0).any(axis=1)]
         sample = valid if len(valid) else sample
         if stretch == "percentile":
-            lo, hi = np.percentile(sample, PERCENTILES, axis=0)
-        else:
-            lo, hi = sample.min(axis=0), sample.max(axis=0)
-    else:
-        try:
-            top = float(stretch)
-        except (TypeError, ValueError):
-            raise ImageError(
-                f"stretch={stretch!r}: use one of {STRETCHES} or a number (the value that maps to 255)"
-            ) from None
-        if top <= 0:
-            raise ImageError(f"stretch={stretch!r}: a fixed stretch must be > 0")
-        lo, hi = np.zeros(3, np.float32), np.full(3, top, np.float32)
+            return np.percentile(sample, PERCENTILES, axis=0)
+        return sample.min(axis=0), sample.max(axis=0)
+    try:
+        top = float(stretch)
+    except (TypeError, ValueError):
+        raise ImageError(f"stretch={stretch!r}: use one of {STRETCHES} or a number (the value that maps to 255)") from None
+    if top <= 0:
+        raise ImageError(f"stretch={stretch!r}: a fixed stretch must be > 0")
+    return np.zeros(3, np.float32), np.full(3, top, np.float32)
+
+
+def apply_stretch(arr: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """(..., 3) any dtype -> uint8: ``lo`` -> 0 and ``hi`` -> 255 per band, clipped; NaN and inf -> 0 first."""
+    x = _finite_float(arr)
     scale = 255.0 / np.maximum(hi - lo, 1e-6)
     return np.clip((x - lo) * scale + 0.5, 0, 255).astype(np.uint8)
+
+
+def _finite_float(arr: np.ndarray) -> np.ndarray:
+    return np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def check_size(image: np.ndarray, patch_size: int, name: str | Path = "image") -> None:

@@ -50,9 +50,16 @@ class WindowSegmenter:
         """Class words -> (Q, D) float32 query embeddings (SPEC 2, text side), through the cache."""
         return embed_queries(words, self.encode_texts, self.cache)
 
-    def averaged_logits(
-        self, images: list[np.ndarray], text: np.ndarray, *, lam: float | None = None
-    ) -> list[np.ndarray]:
+    def query_embeddings(self, vocabulary: Vocabulary, text: np.ndarray | None = None) -> np.ndarray:
+        """(Q, D) float32 embeddings of ``vocabulary.queries``: ``text`` when given (its shape checked), else encoded."""
+        if text is None:
+            text = self.encode_queries(vocabulary.queries)
+        text = np.asarray(text, np.float32)
+        if text.ndim != 2 or len(text) != len(vocabulary.queries):
+            raise ValueError(f"text has shape {text.shape}: expected one embedding per query ({len(vocabulary.queries)}, D)")
+        return text
+
+    def averaged_logits(self, images: list[np.ndarray], text: np.ndarray, *, lam: float | None = None) -> list[np.ndarray]:
         """RGB uint8 images (H, W, 3) -> per-image (Q, h, w) mean window logits at the working size
         (long side ``long_side``), before SPEC 2.6's resize back to the original size."""
         lam = self.default_lambda if lam is None else float(lam)
@@ -84,13 +91,7 @@ class WindowSegmenter:
         """
         scoring = scoring or scores.Scoring(lam=self.default_lambda)
         scoring.check(len(vocabulary))
-        if text is None:
-            text = self.encode_queries(vocabulary.queries)
-        text = np.asarray(text, np.float32)
-        if text.ndim != 2 or len(text) != len(vocabulary.queries):
-            raise ValueError(
-                f"text has shape {text.shape}: expected one embedding per query ({len(vocabulary.queries)}, D)"
-            )
+        text = self.query_embeddings(vocabulary, text)
         averaged = self.averaged_logits(images, text, lam=scoring.lam)
         return [
             scores.segmentation(logits, vocabulary, scoring, return_probs=return_probs, size=image.shape[:2])

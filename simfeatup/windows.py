@@ -81,7 +81,25 @@ def averaged_logits(prepared: list[np.ndarray], text: np.ndarray, lam: float, wi
     for jobs in window_batches(sizes, window, stride, patch, batch):
         windows = np.stack([crop_and_pad(prepared[i], box, pads) for i, box, pads in jobs])
         out = window_logits(windows, text, lam)  # (B, Q, h', w')
-        for (i, (y0, y1, x0, x1), ((top, _), (left, _))), window_out in zip(jobs, out):
-            canvases[i][:, y0:y1, x0:x1] += window_out[:, top : top + y1 - y0, left : left + x1 - x0]
-            counts[i][y0:y1, x0:x1] += 1
+        for (i, box, pads), window_out in zip(jobs, out):
+            add_window(canvases[i], counts[i], window_out, box, pads)
     return [canvas / count for canvas, count in zip(canvases, counts)]
+
+
+def add_window(canvas: np.ndarray, count: np.ndarray, logits: np.ndarray, box: Box, pads: Pads,
+               origin: tuple[int, int] = (0, 0)) -> None:
+    """Sum one window's (Q, h', w') logits, its padding cropped away, into ``canvas`` (Q, H, W) and
+    count it in ``count`` (H, W) (SPEC 2.6).
+
+    ``box`` is in image pixels; the canvas covers image pixels from ``origin`` (y, x) on, and only
+    the part of the window inside it is added (scene blocks, SPEC 9).
+    """
+    y0, y1, x0, x1 = box
+    (top, _), (left, _) = pads
+    oy, ox = origin
+    cy0, cy1 = max(y0, oy), min(y1, oy + count.shape[0])
+    cx0, cx1 = max(x0, ox), min(x1, ox + count.shape[1])
+    if cy0 >= cy1 or cx0 >= cx1:
+        return
+    canvas[:, cy0 - oy : cy1 - oy, cx0 - ox : cx1 - ox] += logits[:, top + cy0 - y0 : top + cy1 - y0, left + cx0 - x0 : left + cx1 - x0]
+    count[cy0 - oy : cy1 - oy, cx0 - ox : cx1 - ox] += 1

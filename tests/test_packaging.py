@@ -7,7 +7,7 @@ import tomllib
 from importlib import metadata
 from pathlib import Path
 
-from simfeatup.extras import ADVICE, TORCH_MODULES
+from simfeatup.extras import ADVICE, GEO_MODULES, TORCH_MODULES
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
@@ -54,6 +54,13 @@ def test_extras_module_list_is_the_torch_extra():
     for dist in TORCH_EXTRA:  # each distribution of the extra is recognised by at least one module
         modules = {m for m, dists in provided.items() if dist in {d.lower().replace("_", "-") for d in dists}}
         assert modules & set(TORCH_MODULES), f"{dist}: none of {sorted(modules)} is in extras.TORCH_MODULES"
+
+
+def test_extras_module_list_is_the_geo_extra():
+    geo = _names(PROJECT["optional-dependencies"]["geo"])
+    assert set(GEO_MODULES) <= _modules_of(geo)
+    assert len(GEO_MODULES) == len(geo)  # one import name per distribution
+    assert {ADVICE[m] for m in GEO_MODULES} == {'pip install "simfeatup[geo]"'}
 
 
 def test_every_import_in_the_library_is_declared():

@@ -1,0 +1,234 @@
+"""Rasters in scene mode (SPEC 9): a windowed scene reader and the label Cloud-Optimised GeoTIFF.
+
+rasterio is the ``geo`` extra (``pip install "simfeatup[geo]"``) and is imported inside the
+functions, so the rest of simfeatup works without it. The reader never holds the whole scene:
+blocks are read through windows, and the stretch statistics of 16-bit and float rasters come
+once from a decimated read of the whole scene.
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from . import atomic, imaging, visualize
+from .constants import NODATA_LABEL
+from .scene import SceneError
+
+# The label COG's internal tile; overviews are added until one tile holds the whole level.
+COG_TILE = 512
+# GeoTIFF tiles are multiples of this (TIFF 6.0); stride-aligned blocks (112 = 7 x 16) are.
+TIFF_TILE_MULTIPLE = 16
+
+
+class BandsError(SceneError):
+    """The bands that are R, G, B cannot be chosen: a setting to fix (``--bands``), found before any work."""
+
+
+@contextmanager
+def _quiet():
+    """Silence rasterio's NotGeoreferencedWarning: a missing CRS is reported once, by the caller."""
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        yield
+
+
+def choose_bands(colorinterp: list[str], bands, name) -> tuple[int, int, int]:
+    """The 1-based band indexes that become R, G, B.
+
+    ``bands``: 0-based (R, G, B) from ``--bands``, checked against the band count; else the
+    file's colour interpretation (``colorinterp``: names such as "red", "alpha", one per band)
+    when it names red, green and blue; else 3 data bands are R, G, B and 1 is grey. Alpha bands
+    are masks, not colours. Anything else needs ``--bands``.
+    """
+    count = len(colorinterp)
+    if bands is not None:
+        bands = tuple(int(b) for b in bands)
+        if len(bands) != 3 or not all(0 <= b < count for b in bands):
+            raise BandsError(f"--bands {','.join(map(str, bands))} does not fit {name}, which has {count} band(s): "
+                             f"give 3 indices in 0..{count - 1}")
+        return tuple(b + 1 for b in bands)
+    if all(c in colorinterp for c in ("red", "green", "blue")):
+        return tuple(colorinterp.index(c) + 1 for c in ("red", "green", "blue"))
+    if "palette" in colorinterp:
+        raise BandsError(f"{name} is a palette (colour-mapped) raster: expand it to RGB first, "
+                         "e.g. gdal_translate -expand rgb")
+    data = [i + 1 for i, c in enumerate(colorinterp) if c != "alpha"]
+    if len(data) == 3:
+        return tuple(data)
+    if len(data) == 1:
+        return (data[0],) * 3
+    raise BandsError(f"{name} has {count} bands and does not say which are red, green and blue: give --bands R,G,B "
+                     f"(0-based), e.g. --bands 2,1,0 for a blue, green, red, near-infrared raster")
+
+
+class RasterScene:
+    """A raster file as a :class:`simfeatup.scene.SceneReader`: windowed reads, RGB uint8 + valid mask.
+
+    ``bands``: 0-based (R, G, B) or None (see :func:`choose_bands`). ``stretch`` maps 16-bit and
+    float data to 8 bits as :func:`simfeatup.imaging.stretch_limits` does, with statistics of the
+    whole scene from one decimated read. Nodata comes from the raster's masks: its nodata value,
+    internal mask or alpha band; a pixel is valid when it is valid in all three bands.
+    """
+
+    def __init__(self, path: str | Path, *, bands=None, stretch="percentile"):
+        import rasterio
+        from rasterio.errors import RasterioIOError
+
+        self.path = Path(path)
+        try:
+            with _quiet():
+                self._ds = rasterio.open(self.path)
+        except RasterioIOError as err:
+            raise SceneError(f"cannot read {self.path} as a raster: {str(err).splitlines()[0]}") from None
+        try:
+            ds = self._ds
+            self.height, self.width = ds.height, ds.width
+            self.crs, self.transform = ds.crs, ds.transform
+            self.indexes = choose_bands([c.name for c in ds.colorinterp], bands, self.path)
+        except BaseException:
+            self._ds.close()
+            raise
+        self._stretch = None if all(ds.dtypes[i - 1] == "uint8" for i in self.indexes) else stretch
+        self._limits = None  # computed at the first read: opening a scene to check it stays cheap
+
+    @property
+    def georeferenced(self) -> bool:
+        return self.crs is not None
+
+    def _stretch_limits(self, stretch):
+        """(lo, hi) per band from ~STATS_MAX_PIXELS pixels of the whole scene (SPEC 9: never per block)."""
+        if not isinstance(stretch, str):  # a fixed stretch needs no statistics
+            return imaging.stretch_limits(np.zeros((0, 3), np.float32), stretch)
+        step = max(1, math.ceil(math.sqrt(self.height * self.width / imaging.STATS_MAX_PIXELS)))
+        shape = (3, math.ceil(self.height / step), math.ceil(self.width / step))
+        data = self._read(lambda: self._ds.read(self.indexes, out_shape=shape), "for the stretch statistics")
+        valid = self._read(lambda: self._ds.read_masks(self.indexes, out_shape=shape), "for the stretch statistics")
+        pixels = np.moveaxis(data, 0, -1)  # (h, w, 3)
+        valid = (valid > 0).all(axis=0)
+        return imaging.stretch_limits(pixels[valid] if valid.any() else pixels.reshape(-1, 3), stretch)
+
+    def _read(self, read, where: str):
+        from rasterio.errors import RasterioError
+
+        try:
+            return read()
+        except RasterioError as err:
+            detail = err.__cause__ or err  # "Read failed. See previous exception" hides GDAL's message there
+            raise SceneError(f"cannot read {self.path} {where}: {str(detail).splitlines()[0]} (a damaged or truncated file?)") from None
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows y0..y1-1, columns x0..x1-1 as (RGB uint8 (h, w, 3), valid bool (h, w))."""
+        from rasterio.windows import Window
+
+        if self._stretch is not None and self._limits is None:
+            self._limits = self._stretch_limits(self._stretch)
+        window = Window(x0, y0, x1 - x0, y1 - y0)
+        where = f"(rows {y0}-{y1}, columns {x0}-{x1})"
+        data = self._read(lambda: self._ds.read(self.indexes, window=window), where)
+        masks = self._read(lambda: self._ds.read_masks(self.indexes, window=window), where)
+        rgb = np.moveaxis(data, 0, -1)
+        rgb = np.ascontiguousarray(rgb) if self._limits is None else imaging.apply_stretch(rgb, *self._limits)
+        return rgb, (masks > 0).all(axis=0)
+
+    def close(self) -> None:
+        self._ds.close()
+
+    def __enter__(self) -> "RasterScene":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def overview_factors(height: int, width: int, tile: int = COG_TILE) -> list[int]:
+    """Decimation factors 2, 4, 8, ... until one ``tile`` holds the whole level (GDAL's COG default)."""
+    factors, factor = [], 1
+    while max(math.ceil(height / factor), math.ceil(width / factor)) > tile:
+        factor *= 2
+        factors.append(factor)
+    return factors
+
+
+class LabelRaster:
+    """A scene's labels as a Cloud-Optimised GeoTIFF (SPEC 9), written block by block.
+
+    uint8 class indices with ``crs`` and ``transform``, nodata :data:`NODATA_LABEL`, the palette
+    of :func:`simfeatup.visualize.palette` as colour table (nodata transparent), the class lines
+    as JSON in the ``classes`` tag; DEFLATE, 512-pixel tiles, nearest-neighbour overviews.
+
+    Blocks go to a tiled intermediate whose tiles are the blocks (``block`` pixels: no tile is
+    written twice) under a staging name. :meth:`commit` adds the overviews, copies it with GDAL's
+    COG driver to a second staging name and renames that to ``path``; nothing exists under
+    ``path`` before. As a context manager it commits when the block ends normally and removes
+    both staging files when it raises.
+    """
+
+    def __init__(self, path: str | Path, *, height: int, width: int, crs, transform, classes: list[str], block: int):
+        import rasterio
+
+        self.path = Path(path)
+        self.height, self.width = height, width
+        self._tiles = atomic.AtomicFile(self.path)
+        self._final: atomic.AtomicFile | None = None
+        tile = block if block % TIFF_TILE_MULTIPLE == 0 else COG_TILE
+        profile = {"driver": "GTiff", "height": height, "width": width, "count": 1, "dtype": "uint8", "crs": crs,
+                   "transform": transform, "nodata": NODATA_LABEL, "tiled": True, "blockxsize": tile, "blockysize": tile,
+                   "compress": "deflate", "zlevel": 1, "bigtiff": "if_safer"}
+        colours = visualize.palette(len(classes))
+        try:
+            with _quiet():
+                self._ds = rasterio.open(self._tiles.tmp, "w", **profile)
+            self._ds.write_colormap(1, {**{k: (*map(int, c), 255) for k, c in enumerate(colours)}, NODATA_LABEL: (0, 0, 0, 0)})
+            self._ds.update_tags(classes=json.dumps(list(classes)))
+            self._ds.set_band_description(1, "class")
+        except BaseException:
+            self._tiles.abort()
+            raise
+
+    def write(self, y0: int, y1: int, x0: int, x1: int, labels: np.ndarray) -> None:
+        """Labels (y1 - y0, x1 - x0) of rows y0..y1-1, columns x0..x1-1."""
+        from rasterio.windows import Window
+
+        self._ds.write(np.asarray(labels, np.uint8), 1, window=Window(x0, y0, x1 - x0, y1 - y0))
+
+    def commit(self) -> Path:
+        import rasterio.shutil
+        from rasterio.enums import Resampling
+
+        try:
+            factors = overview_factors(self.height, self.width)
+            if factors:
+                self._ds.build_overviews(factors, Resampling.nearest)  # class indices: never averaged
+            self._ds.close()
+            self._final = atomic.AtomicFile(self.path)
+            with _quiet():
+                rasterio.shutil.copy(self._tiles.tmp, self._final.tmp, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=COG_TILE,
+                                     OVERVIEWS="FORCE_USE_EXISTING" if factors else "NONE", BIGTIFF="IF_SAFER")
+            self._tiles.abort()
+            return self._final.commit()
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        if not self._ds.closed:
+            self._ds.close()
+        self._tiles.abort()
+        if self._final is not None:
+            self._final.abort()
+
+    def __enter__(self) -> "LabelRaster":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()

@@ -1,0 +1,137 @@
+"""`simfeatup segment` for scenes (SPEC 9): its flags, which inputs are scenes, their label rasters.
+
+Scene mode is chosen with ``--scene``, and by default for georeferenced GeoTIFFs larger than
+the working size; ``--image-mode`` keeps the paper's mode for everything. Each scene becomes
+``NAME.tif`` in ``--out``: a Cloud-Optimised GeoTIFF of labels (:class:`simfeatup.geo.LabelRaster`).
+Light at import (the parser adds the flags): numpy, rasterio and the model come in later.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from .constants import DEFAULT_BLOCK, LONG_SIDE, STRIDE
+
+logger = logging.getLogger("simfeatup")
+
+# TIFF tags that make a TIFF a GeoTIFF: ModelPixelScale, ModelTiepoint, ModelTransformation, GeoKeyDirectory.
+GEOTIFF_TAGS = (33550, 33922, 34264, 34735)
+
+
+def add_flags(p: argparse.ArgumentParser) -> None:
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--scene", action="store_true",
+                      help="segment every input as a scene: native resolution, block by block, labels as a georeferenced "
+                           f"<image>.tif (the default for GeoTIFFs larger than {LONG_SIDE} px)")
+    mode.add_argument("--image-mode", action="store_true",
+                      help=f"segment every input as the paper does (long side resized to {LONG_SIDE}), GeoTIFFs too")
+    p.add_argument("--block", type=_block, default=DEFAULT_BLOCK,
+                   help=f"scene mode: side of the blocks read and segmented at a time, a multiple of {STRIDE} (default "
+                        f"{DEFAULT_BLOCK}); memory grows with it, the labels do not change")
+
+
+def _block(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < STRIDE or value % STRIDE:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive multiple of the window stride {STRIDE}, e.g. {DEFAULT_BLOCK}")
+    return value
+
+
+def is_geotiff(path: Path) -> bool:
+    """Whether ``path`` is a TIFF with GeoTIFF georeferencing tags (read from its header, no rasterio)."""
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return False
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            tags = tif.pages[0].tags
+            return any(code in tags for code in GEOTIFF_TAGS)
+    except Exception:  # an unreadable file is image mode's to report, with the other bad images
+        return False
+
+
+def pick_scenes(args, images: list[Path], bands) -> list[Path]:
+    """The inputs to segment in scene mode, each opened and its bands checked before the model loads.
+
+    A band choice that does not fit stops the run here; an unreadable scene is reported when
+    its turn comes, and the others are still segmented.
+
+    ``bands``: 0-based (R, G, B) from ``--bands``, or None for the rasters' own colour tags.
+    """
+    from . import imaging
+
+    if args.image_mode:
+        return []
+    scenes = []
+    for path in images:
+        if args.scene:
+            scenes.append(path)
+            continue
+        if not is_geotiff(path):
+            continue
+        height, width = imaging.image_size(path)
+        if max(height, width) > LONG_SIDE:
+            logger.info("%s: a georeferenced %dx%d raster, larger than the working size %d: scene mode at native "
+                        "resolution (--image-mode for the paper's mode)", path.name, width, height, LONG_SIDE)
+            scenes.append(path)
+    for path in scenes:
+        _check(path, bands, args.out)
+    if scenes and (args.overlay or args.save_probs):
+        logger.warning("--overlay and --save-probs are not written for scenes yet: %d scene(s) get their label raster only", len(scenes))
+    return scenes
+
+
+def _check(path: Path, bands, out: Path) -> None:
+    from .extras import missing_extra
+
+    target = out / f"{path.stem}.tif"
+    if target.resolve() == path.resolve():
+        raise ValueError(f"{path}'s labels would overwrite it: choose another --out folder")
+    try:
+        from . import geo
+
+        geo.RasterScene(path, bands=bands).close()
+    except geo.BandsError:
+        raise
+    except geo.SceneError:
+        return  # unreadable: segment_scenes reports it with the other failures
+    except ModuleNotFoundError as err:
+        message = missing_extra(err, f"scene mode ({path.name})")
+        if message is None:
+            raise
+        raise ValueError(f"{message}; or --image-mode to segment it as a picture") from None
+
+
+def segment_scenes(args, segmenter, scenes: list[Path], names: dict[Path, str], vocabulary, scoring, bands) -> list[Path]:
+    """Write ``--out/NAME.tif`` for each scene; returns the scenes that could not be read (each logged)."""
+    from tqdm import tqdm
+
+    from . import geo, scene
+
+    text = segmenter.query_embeddings(vocabulary)
+    classes = [",".join(synonyms) for synonyms in vocabulary.classes]
+    failed = []
+    for path in scenes:
+        target = args.out / f"{names[path]}.tif"
+        try:
+            with geo.RasterScene(path, bands=bands, stretch=args.stretch) as reader:
+                if not reader.georeferenced:
+                    logger.warning("%s has no CRS: %s is written without one", path, target.name)
+                blocks = scene.segment_scene(segmenter, reader, vocabulary, scoring, text=text, block=args.block)
+                total = len(scene.block_boxes(reader.height, reader.width, args.block))
+                with geo.LabelRaster(target, height=reader.height, width=reader.width, crs=reader.crs, transform=reader.transform,
+                                     classes=classes, block=args.block) as raster, tqdm(total=total, desc=path.name, unit="block") as bar:
+                    for b in blocks:
+                        raster.write(b.y0, b.y1, b.x0, b.x1, b.labels)
+                        bar.update(1)
+        except geo.SceneError as err:
+            logger.error("skipped: %s", err)
+            failed.append(path)
+            continue
+        logger.info("%s: %dx%d labels at native resolution in %s", path.name, reader.width, reader.height, target)
+    return failed
