@@ -31,6 +31,8 @@ FEATURE_SOURCES = ("final", "penultimate")
 DEFAULT_ATTENTION = "segearth"
 
 
+CHECKPOINT_KEY = "simfeatup_backbone"  # the Backbone record inside every training checkpoint
+
 class BackboneError(ValueError):
     """A backbone that cannot be described or resolved as given; the message says how to fix it."""
 

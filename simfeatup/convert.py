@@ -19,7 +19,14 @@ from pathlib import Path
 
 import torch
 
-from simfeatup.backbone import Backbone, WeightsUnavailableError, file_sha256, looks_like_file, resolve
+from simfeatup.backbone import (
+    CHECKPOINT_KEY,
+    Backbone,
+    WeightsUnavailableError,
+    file_sha256,
+    looks_like_file,
+    resolve,
+)
 from simfeatup.upsampler import SimFeatUp, load_upsampler, save_upsampler
 
 logger = logging.getLogger(__name__)
@@ -54,7 +61,7 @@ def _read_source(src: Path) -> tuple[dict[str, torch.Tensor], str, dict | None]:
     return tensors, "safetensors", None
 
 
-def _load_state_dict(src: Path) -> tuple[dict[str, torch.Tensor], str, None]:
+def _load_state_dict(src: Path) -> tuple[dict[str, torch.Tensor], str, dict | None]:
     try:
         obj = torch.load(src, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -71,11 +78,13 @@ def _load_state_dict(src: Path) -> tuple[dict[str, torch.Tensor], str, None]:
         raise CheckpointError(f"{src}: not a PyTorch checkpoint ({first})") from None
     lightning = isinstance(obj, dict) and "state_dict" in obj
     state = obj["state_dict"] if lightning else obj
+    # our own training checkpoints carry the record of the backbone they were trained for
+    own = {"backbone": obj[CHECKPOINT_KEY]} if lightning and isinstance(obj.get(CHECKPOINT_KEY), dict) else None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(
             f"{src}: no state_dict of tensors found (expected a Lightning checkpoint or a state dict)"
         )
-    return state, "lightning checkpoint" if lightning else "state dict", None
+    return state, "lightning checkpoint" if lightning else "state dict", own
 
 
 def _upsampler_tensors(src: Path, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str, dict]:
@@ -145,7 +154,7 @@ def converted_backbone(
     """
     own = Backbone.from_dict(source["backbone"]) if source and source.get("backbone") else None
     if own is not None and model is None and pretrained is None:
-        patch = own.patch_size or source["upsampler"]["patch_size"]
+        patch = own.patch_size or (source.get("upsampler") or {}).get("patch_size") or own.native_patch_size()
         return replace(own, patch_size=patch)
     feature_source = own.feature_source if own is not None else "penultimate"
     backbone, weights = resolve(

@@ -29,6 +29,10 @@ FAILED = 1
 logger = logging.getLogger("simfeatup")
 
 
+class UsageError(ValueError):
+    """A command-line mistake; its message is shown as is (exit code 2)."""
+
+
 class Failure(RuntimeError):
     """The job could not be done although the input was fine (exit code 1), e.g. a failed export check."""
 

@@ -121,7 +121,9 @@ class RasterScene:
             return read()
         except RasterioError as err:
             detail = err.__cause__ or err  # "Read failed. See previous exception" hides GDAL's message there
-            raise SceneError(f"cannot read {self.path} {where}: {str(detail).splitlines()[0]} (a damaged or truncated file?)") from None
+            raise SceneError(
+                f"cannot read {self.path} {where}: {str(detail).splitlines()[0]} (a damaged or truncated file?)"
+            ) from None
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows y0..y1-1, columns x0..x1-1 as (RGB uint8 (h, w, 3), valid bool (h, w))."""
@@ -178,14 +180,29 @@ class LabelRaster:
         self._tiles = atomic.AtomicFile(self.path)
         self._final: atomic.AtomicFile | None = None
         tile = block if block % TIFF_TILE_MULTIPLE == 0 else COG_TILE
-        profile = {"driver": "GTiff", "height": height, "width": width, "count": 1, "dtype": "uint8", "crs": crs,
-                   "transform": transform, "nodata": NODATA_LABEL, "tiled": True, "blockxsize": tile, "blockysize": tile,
-                   "compress": "deflate", "zlevel": 1, "bigtiff": "if_safer"}
+        profile = {
+            "driver": "GTiff",
+            "height": height,
+            "width": width,
+            "count": 1,
+            "dtype": "uint8",
+            "crs": crs,
+            "transform": transform,
+            "nodata": NODATA_LABEL,
+            "tiled": True,
+            "blockxsize": tile,
+            "blockysize": tile,
+            "compress": "deflate",
+            "zlevel": 1,
+            "bigtiff": "if_safer",
+        }
         colours = visualize.palette(len(classes))
         try:
             with _quiet():
                 self._ds = rasterio.open(self._tiles.tmp, "w", **profile)
-            self._ds.write_colormap(1, {**{k: (*map(int, c), 255) for k, c in enumerate(colours)}, NODATA_LABEL: (0, 0, 0, 0)})
+            self._ds.write_colormap(
+                1, {**{k: (*map(int, c), 255) for k, c in enumerate(colours)}, NODATA_LABEL: (0, 0, 0, 0)}
+            )
             self._ds.update_tags(classes=json.dumps(list(classes)))
             self._ds.set_band_description(1, "class")
         except BaseException:
@@ -209,8 +226,15 @@ class LabelRaster:
             self._ds.close()
             self._final = atomic.AtomicFile(self.path)
             with _quiet():
-                rasterio.shutil.copy(self._tiles.tmp, self._final.tmp, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=COG_TILE,
-                                     OVERVIEWS="FORCE_USE_EXISTING" if factors else "NONE", BIGTIFF="IF_SAFER")
+                rasterio.shutil.copy(
+                    self._tiles.tmp,
+                    self._final.tmp,
+                    driver="COG",
+                    COMPRESS="DEFLATE",
+                    BLOCKSIZE=COG_TILE,
+                    OVERVIEWS="FORCE_USE_EXISTING" if factors else "NONE",
+                    BIGTIFF="IF_SAFER",
+                )
             self._tiles.abort()
             return self._final.commit()
         except BaseException:

@@ -194,7 +194,9 @@ def stretch_limits(pixels: np.ndarray, stretch) -> tuple[np.ndarray, np.ndarray]
     try:
         top = float(stretch)
     except (TypeError, ValueError):
-        raise ImageError(f"stretch={stretch!r}: use one of {STRETCHES} or a number (the value that maps to 255)") from None
+        raise ImageError(
+            f"stretch={stretch!r}: use one of {STRETCHES} or a number (the value that maps to 255)"
+        ) from None
     if top <= 0:
         raise ImageError(f"stretch={stretch!r}: a fixed stretch must be > 0")
     return np.zeros(3, np.float32), np.full(3, top, np.float32)

@@ -51,15 +51,19 @@ class WindowSegmenter:
         return embed_queries(words, self.encode_texts, self.cache)
 
     def query_embeddings(self, vocabulary: Vocabulary, text: np.ndarray | None = None) -> np.ndarray:
-        """(Q, D) float32 embeddings of ``vocabulary.queries``: ``text`` when given (its shape checked), else encoded."""
+        """(Q, D) float32 embeddings of ``vocabulary.queries``: ``text`` when given (shape checked), else encoded."""
         if text is None:
             text = self.encode_queries(vocabulary.queries)
         text = np.asarray(text, np.float32)
         if text.ndim != 2 or len(text) != len(vocabulary.queries):
-            raise ValueError(f"text has shape {text.shape}: expected one embedding per query ({len(vocabulary.queries)}, D)")
+            raise ValueError(
+                f"text has shape {text.shape}: expected one embedding per query ({len(vocabulary.queries)}, D)"
+            )
         return text
 
-    def averaged_logits(self, images: list[np.ndarray], text: np.ndarray, *, lam: float | None = None) -> list[np.ndarray]:
+    def averaged_logits(
+        self, images: list[np.ndarray], text: np.ndarray, *, lam: float | None = None
+    ) -> list[np.ndarray]:
         """RGB uint8 images (H, W, 3) -> per-image (Q, h, w) mean window logits at the working size
         (long side ``long_side``), before SPEC 2.6's resize back to the original size."""
         lam = self.default_lambda if lam is None else float(lam)

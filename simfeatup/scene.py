@@ -90,7 +90,9 @@ def touching_windows(height: int, width: int, box: Box, window: int, stride: int
     return [(sy, sy + h, sx, sx + w) for sy in ys for sx in xs]
 
 
-def averaged_block_logits(segmenter, reader: SceneReader, box: Box, text: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
+def averaged_block_logits(
+    segmenter, reader: SceneReader, box: Box, text: np.ndarray, lam: float
+) -> tuple[np.ndarray, np.ndarray]:
     """(Q, h, w) mean window logits of the block ``box`` and its (h, w) valid mask (SPEC 2.2, 2.6, 9).
 
     At every valid pixel the logits equal those of :func:`windows.averaged_logits` run on the
@@ -115,7 +117,12 @@ def averaged_block_logits(segmenter, reader: SceneReader, box: Box, text: np.nda
         pads = windows.padding(wy1 - wy0, segmenter.patch_size), windows.padding(wx1 - wx0, segmenter.patch_size)
     for start in range(0, len(boxes), segmenter.window_batch):
         batch = boxes[start : start + segmenter.window_batch]
-        cut = np.stack([windows.crop_and_pad(x, (by0 - ry0, by1 - ry0, bx0 - rx0, bx1 - rx0), pads) for by0, by1, bx0, bx1 in batch])
+        cut = np.stack(
+            [
+                windows.crop_and_pad(x, (by0 - ry0, by1 - ry0, bx0 - rx0, bx1 - rx0), pads)
+                for by0, by1, bx0, bx1 in batch
+            ]
+        )
         out = segmenter._window_logits(cut, text, lam)  # (B, Q, h', w')
         for b, window_out in zip(batch, out):
             windows.add_window(canvas, count, window_out, b, pads, origin=(y0, x0))
@@ -123,9 +130,17 @@ def averaged_block_logits(segmenter, reader: SceneReader, box: Box, text: np.nda
     return canvas, valid[y0 - ry0 : y1 - ry0, x0 - rx0 : x1 - rx0]
 
 
-def segment_scene(segmenter, reader: SceneReader, vocabulary, scoring: scores.Scoring | None = None, *,
-                  text: np.ndarray | None = None, block: int = DEFAULT_BLOCK, return_probs: bool = False,
-                  on_block: Callable[[int, int], None] | None = None) -> Iterator[SceneBlock]:
+def segment_scene(
+    segmenter,
+    reader: SceneReader,
+    vocabulary,
+    scoring: scores.Scoring | None = None,
+    *,
+    text: np.ndarray | None = None,
+    block: int = DEFAULT_BLOCK,
+    return_probs: bool = False,
+    on_block: Callable[[int, int], None] | None = None,
+) -> Iterator[SceneBlock]:
     """Segment a scene at native resolution (SPEC 9), yielding one :class:`SceneBlock` per block.
 
     ``segmenter``: a :class:`simfeatup.pipeline.WindowSegmenter` (torch or ONNX). ``scoring``
@@ -135,15 +150,19 @@ def segment_scene(segmenter, reader: SceneReader, vocabulary, scoring: scores.Sc
     :data:`NODATA_LABEL`, so a vocabulary has at most that many classes.
     """
     if len(vocabulary) > NODATA_LABEL:
-        raise ValueError(f"{len(vocabulary)} classes: a scene's labels hold at most {NODATA_LABEL} "
-                         f"(0..{NODATA_LABEL - 1}; {NODATA_LABEL} marks nodata)")
+        raise ValueError(
+            f"{len(vocabulary)} classes: a scene's labels hold at most {NODATA_LABEL} "
+            f"(0..{NODATA_LABEL - 1}; {NODATA_LABEL} marks nodata)"
+        )
     scoring = scoring or scores.Scoring(lam=segmenter.default_lambda)
     scoring.check(len(vocabulary))
     text = segmenter.query_embeddings(vocabulary, text)
     check_block(block, segmenter.stride)
     if min(reader.height, reader.width) < segmenter.patch_size:
-        raise SceneError(f"{getattr(reader, 'path', 'the scene')} is {reader.width}x{reader.height} pixels, smaller than "
-                         f"one {segmenter.patch_size}-pixel patch: nothing to segment")
+        raise SceneError(
+            f"{getattr(reader, 'path', 'the scene')} is {reader.width}x{reader.height} pixels, smaller than "
+            f"one {segmenter.patch_size}-pixel patch: nothing to segment"
+        )
     boxes = block_boxes(reader.height, reader.width, block)
     for done, box in enumerate(boxes, 1):
         logits, valid = averaged_block_logits(segmenter, reader, box, text, scoring.lam)

@@ -21,14 +21,24 @@ GEOTIFF_TAGS = (33550, 33922, 34264, 34735)
 
 def add_flags(p: argparse.ArgumentParser) -> None:
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--scene", action="store_true",
-                      help="segment every input as a scene: native resolution, block by block, labels as a georeferenced "
-                           f"<image>.tif (the default for GeoTIFFs larger than {LONG_SIDE} px)")
-    mode.add_argument("--image-mode", action="store_true",
-                      help=f"segment every input as the paper does (long side resized to {LONG_SIDE}), GeoTIFFs too")
-    p.add_argument("--block", type=_block, default=DEFAULT_BLOCK,
-                   help=f"scene mode: side of the blocks read and segmented at a time, a multiple of {STRIDE} (default "
-                        f"{DEFAULT_BLOCK}); memory grows with it, the labels do not change")
+    mode.add_argument(
+        "--scene",
+        action="store_true",
+        help="segment every input as a scene: native resolution, block by block, labels as a georeferenced "
+        f"<image>.tif (the default for GeoTIFFs larger than {LONG_SIDE} px)",
+    )
+    mode.add_argument(
+        "--image-mode",
+        action="store_true",
+        help=f"segment every input as the paper does (long side resized to {LONG_SIDE}), GeoTIFFs too",
+    )
+    p.add_argument(
+        "--block",
+        type=_block,
+        default=DEFAULT_BLOCK,
+        help=f"scene mode: side of the blocks read and segmented at a time, a multiple of {STRIDE} (default "
+        f"{DEFAULT_BLOCK}); memory grows with it, the labels do not change",
+    )
 
 
 def _block(text: str) -> int:
@@ -37,7 +47,9 @@ def _block(text: str) -> int:
     except ValueError:
         value = 0
     if value < STRIDE or value % STRIDE:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive multiple of the window stride {STRIDE}, e.g. {DEFAULT_BLOCK}")
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a positive multiple of the window stride {STRIDE}, e.g. {DEFAULT_BLOCK}"
+        )
     return value
 
 
@@ -76,13 +88,22 @@ def pick_scenes(args, images: list[Path], bands) -> list[Path]:
             continue
         height, width = imaging.image_size(path)
         if max(height, width) > LONG_SIDE:
-            logger.info("%s: a georeferenced %dx%d raster, larger than the working size %d: scene mode at native "
-                        "resolution (--image-mode for the paper's mode)", path.name, width, height, LONG_SIDE)
+            logger.info(
+                "%s: a georeferenced %dx%d raster, larger than the working size %d: scene mode at native "
+                "resolution (--image-mode for the paper's mode)",
+                path.name,
+                width,
+                height,
+                LONG_SIDE,
+            )
             scenes.append(path)
     for path in scenes:
         _check(path, bands, args.out)
     if scenes and (args.overlay or args.save_probs):
-        logger.warning("--overlay and --save-probs are not written for scenes yet: %d scene(s) get their label raster only", len(scenes))
+        logger.warning(
+            "--overlay and --save-probs are not written for scenes yet: %d scene(s) get their label raster only",
+            len(scenes),
+        )
     return scenes
 
 
@@ -107,7 +128,9 @@ def _check(path: Path, bands, out: Path) -> None:
         raise ValueError(f"{message}; or --image-mode to segment it as a picture") from None
 
 
-def segment_scenes(args, segmenter, scenes: list[Path], names: dict[Path, str], vocabulary, scoring, bands) -> list[Path]:
+def segment_scenes(
+    args, segmenter, scenes: list[Path], names: dict[Path, str], vocabulary, scoring, bands
+) -> list[Path]:
     """Write ``--out/NAME.tif`` for each scene; returns the scenes that could not be read (each logged)."""
     from tqdm import tqdm
 
@@ -124,8 +147,18 @@ def segment_scenes(args, segmenter, scenes: list[Path], names: dict[Path, str], 
                     logger.warning("%s has no CRS: %s is written without one", path, target.name)
                 blocks = scene.segment_scene(segmenter, reader, vocabulary, scoring, text=text, block=args.block)
                 total = len(scene.block_boxes(reader.height, reader.width, args.block))
-                with geo.LabelRaster(target, height=reader.height, width=reader.width, crs=reader.crs, transform=reader.transform,
-                                     classes=classes, block=args.block) as raster, tqdm(total=total, desc=path.name, unit="block") as bar:
+                with (
+                    geo.LabelRaster(
+                        target,
+                        height=reader.height,
+                        width=reader.width,
+                        crs=reader.crs,
+                        transform=reader.transform,
+                        classes=classes,
+                        block=args.block,
+                    ) as raster,
+                    tqdm(total=total, desc=path.name, unit="block") as bar,
+                ):
                     for b in blocks:
                         raster.write(b.y0, b.y1, b.x0, b.x1, b.labels)
                         bar.update(1)

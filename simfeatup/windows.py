@@ -101,5 +101,7 @@ def add_window(canvas: np.ndarray, count: np.ndarray, logits: np.ndarray, box: B
     cx0, cx1 = max(x0, ox), min(x1, ox + count.shape[1])
     if cy0 >= cy1 or cx0 >= cx1:
         return
-    canvas[:, cy0 - oy : cy1 - oy, cx0 - ox : cx1 - ox] += logits[:, top + cy0 - y0 : top + cy1 - y0, left + cx0 - x0 : left + cx1 - x0]
+    canvas[:, cy0 - oy : cy1 - oy, cx0 - ox : cx1 - ox] += logits[
+        :, top + cy0 - y0 : top + cy1 - y0, left + cx0 - x0 : left + cx1 - x0
+    ]
     count[cy0 - oy : cy1 - oy, cx0 - ox : cx1 - ox] += 1

@@ -194,13 +194,13 @@ def _evaluate(onnx_dir, tmp_path, *argv):
 
 
 def test_evaluate_problems_end_in_one_line_before_the_model_runs(onnx_dir, tmp_path, capsys, monkeypatch):
-    import simfeatup.cli
+    import simfeatup.cli_segment
 
     data = tmp_path / "data"
     _tile(data, "a", np.zeros((96, 128), np.uint8))
     _tile(data, "b", np.zeros((50, 60), np.uint8))  # the wrong size
     _tile(tmp_path / "bad", "b", np.full((96, 128), 7, np.uint8))  # another dataset's labels
-    monkeypatch.setattr(simfeatup.cli, "_segmenter", lambda *a: pytest.fail("the model must not be loaded"))
+    monkeypatch.setattr(simfeatup.cli_segment, "_segmenter", lambda *a: pytest.fail("the model must not be loaded"))
     base = ["--preset", "deepglobe", "--label-suffix", "_gt", "--onnx", str(onnx_dir)]
     a, b = str(data / "a.jpg"), str(data / "b.jpg")
     cases = [

@@ -256,6 +256,8 @@ def test_existing_output_is_refused_without_overwrite(tiny_segmenter, tmp_path):
     (tmp_path / "taken" / "file").write_text("keep me")
     with pytest.raises(ValueError, match="already exists"):
         export_onnx(tmp_path / "taken", segmenter=tiny_segmenter)
+    with pytest.raises(ValueError, match="not a model folder"):  # --overwrite replaces model folders only
+        export_onnx(tmp_path / "taken", segmenter=tiny_segmenter, overwrite=True)
     assert (tmp_path / "taken" / "file").read_text() == "keep me"
 
 

@@ -91,6 +91,7 @@ def test_a_bad_model_config_file_fails_in_one_line(tmp_path, capsys):
 
 def test_tiny_recipe_trains_checkpoints_and_resumes(tmp_path):
     run = tmp_path / "run"
+    import lightning.pytorch  # noqa: F401 -- Lightning adds its own filters when first imported; ours must not stay
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         filters = list(warnings.filters)
@@ -141,6 +142,11 @@ def test_tiny_recipe_trains_checkpoints_and_resumes(tmp_path):
         == 0
     )
     assert (out / "spacenet6_rotterdam.png").is_file()
+
+    # convert-weights on our own checkpoint keeps the backbone it was trained for (not ViT-B-16/openai)
+    assert simfeatup(["convert-weights", str(last), str(tmp_path / "from_ckpt.safetensors")]) == 0
+    converted = json.loads((tmp_path / "from_ckpt.json").read_text())["backbone"]
+    assert converted == json.loads((run / "upsampler.json").read_text())["backbone"]
 
 
 @pytest.mark.slow

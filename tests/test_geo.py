@@ -22,7 +22,6 @@ VOCAB = Vocabulary.from_spec("building,roof;road;tree")
 @pytest.fixture(scope="module")
 def segmenter():
     from conftest import TINY_CLIP
-
     from simfeatup.encoder import DenseCLIP
     from simfeatup.segmenter import Segmenter
 
@@ -34,8 +33,15 @@ def segmenter():
 
 def _write(path, data, **profile):
     """A GeoTIFF of ``data`` (C, H, W) in the sample's CRS."""
-    base = {"driver": "GTiff", "count": data.shape[0], "height": data.shape[1], "width": data.shape[2], "dtype": data.dtype,
-            "crs": "EPSG:32616", "transform": Affine(0.5, 0, 733601.0, 0, -0.5, 3725139.0)}
+    base = {
+        "driver": "GTiff",
+        "count": data.shape[0],
+        "height": data.shape[1],
+        "width": data.shape[2],
+        "dtype": data.dtype,
+        "crs": "EPSG:32616",
+        "transform": Affine(0.5, 0, 733601.0, 0, -0.5, 3725139.0),
+    }
     with rasterio.open(path, "w", **{**base, **profile}) as ds:
         ds.write(data)
     return path
@@ -50,38 +56,57 @@ def _with_nodata_border(tmp_path, width=40):
 
 
 def _segment_to(path, reader, segmenter, block):
-    with LabelRaster(path, height=reader.height, width=reader.width, crs=reader.crs, transform=reader.transform,
-                     classes=[",".join(c) for c in VOCAB.classes], block=block) as raster:
+    with LabelRaster(
+        path,
+        height=reader.height,
+        width=reader.width,
+        crs=reader.crs,
+        transform=reader.transform,
+        classes=[",".join(c) for c in VOCAB.classes],
+        block=block,
+    ) as raster:
         for b in segment_scene(segmenter, reader, VOCAB, text=segmenter.query_embeddings(VOCAB, _TEXT), block=block):
             raster.write(b.y0, b.y1, b.x0, b.x1, b.labels)
     return path
 
 
-_TEXT = torch.nn.functional.normalize(torch.randn(len(VOCAB.queries), 32, generator=torch.Generator().manual_seed(1)), dim=1).numpy()
+_TEXT = torch.nn.functional.normalize(
+    torch.randn(len(VOCAB.queries), 32, generator=torch.Generator().manual_seed(1)), dim=1
+).numpy()
 
 
 # ------------------------------------------------------------------ bands
-@pytest.mark.parametrize("colorinterp, bands, expected", [
-    (["red", "green", "blue"], None, (1, 2, 3)),
-    (["blue", "green", "red", "undefined"], None, (3, 2, 1)),  # tagged B, G, R, NIR
-    (["red", "green", "blue", "alpha"], None, (1, 2, 3)),
-    (["gray", "undefined", "undefined"], None, (1, 2, 3)),  # 3 untagged bands are R, G, B
-    (["gray"], None, (1, 1, 1)),
-    (["gray", "alpha"], None, (1, 1, 1)),
-    (["gray", "undefined", "undefined", "undefined"], (2, 1, 0), (3, 2, 1)),
-    (["red", "green", "blue"], (2, 1, 0), (3, 2, 1)),  # --bands wins over the tags
-])
+@pytest.mark.parametrize(
+    "colorinterp, bands, expected",
+    [
+        (["red", "green", "blue"], None, (1, 2, 3)),
+        (["blue", "green", "red", "undefined"], None, (3, 2, 1)),  # tagged B, G, R, NIR
+        (["red", "green", "blue", "alpha"], None, (1, 2, 3)),
+        (["gray", "undefined", "undefined"], None, (1, 2, 3)),  # 3 untagged bands are R, G, B
+        (["gray"], None, (1, 1, 1)),
+        (["gray", "alpha"], None, (1, 1, 1)),
+        (["gray", "undefined", "undefined", "undefined"], (2, 1, 0), (3, 2, 1)),
+        (["red", "green", "blue"], (2, 1, 0), (3, 2, 1)),  # --bands wins over the tags
+    ],
+)
 def test_bands_come_from_the_colour_interpretation_or_the_flag(colorinterp, bands, expected):
     assert choose_bands(colorinterp, bands, "x.tif") == expected
 
 
-@pytest.mark.parametrize("colorinterp, bands, message", [
-    (["gray", "undefined", "undefined", "undefined"], None, "x.tif has 4 bands and does not say which are red, green and blue: give --bands"),
-    (["gray", "undefined"], None, "x.tif has 2 bands"),
-    (["red", "green", "blue"], (0, 1, 3), "--bands 0,1,3 does not fit x.tif, which has 3 band"),
-    (["red", "green", "blue"], (0, 1), "give 3 indices in 0..2"),
-    (["palette"], None, "palette"),
-])
+@pytest.mark.parametrize(
+    "colorinterp, bands, message",
+    [
+        (
+            ["gray", "undefined", "undefined", "undefined"],
+            None,
+            "x.tif has 4 bands and does not say which are red, green and blue: give --bands",
+        ),
+        (["gray", "undefined"], None, "x.tif has 2 bands"),
+        (["red", "green", "blue"], (0, 1, 3), "--bands 0,1,3 does not fit x.tif, which has 3 band"),
+        (["red", "green", "blue"], (0, 1), "give 3 indices in 0..2"),
+        (["palette"], None, "palette"),
+    ],
+)
 def test_bands_that_cannot_be_chosen_are_refused_in_one_line(colorinterp, bands, message):
     with pytest.raises(SceneError, match=message) as err:
         choose_bands(colorinterp, bands, "x.tif")
@@ -107,7 +132,9 @@ def test_sixteen_bit_scenes_are_stretched_with_whole_scene_statistics(tmp_path):
             rgb, valid = reader.read(y0, y1, x0, x1)
             assert rgb.dtype == np.uint8 and valid.all()
             # the same limits in every block: a block's own percentiles would differ
-            np.testing.assert_array_equal(rgb, imaging.apply_stretch(np.repeat(raw[y0:y1, x0:x1, None], 3, axis=2), lo, hi))
+            np.testing.assert_array_equal(
+                rgb, imaging.apply_stretch(np.repeat(raw[y0:y1, x0:x1, None], 3, axis=2), lo, hi)
+            )
 
 
 def test_large_scenes_take_their_statistics_from_a_decimated_read(tmp_path, monkeypatch):
@@ -168,7 +195,9 @@ def test_label_raster_is_a_cog_in_the_scene_crs_with_nodata_kept(tmp_path, segme
     assert sorted(p.name for p in out.parent.iterdir()) == ["labels.tif"]  # no staging file left
     assert cog_validate(str(out)) == (True, [], [])
     with rasterio.open(source) as src, rasterio.open(out) as dst:
-        assert dst.crs == src.crs and dst.transform == src.transform and (dst.height, dst.width) == (src.height, src.width)
+        assert (
+            dst.crs == src.crs and dst.transform == src.transform and (dst.height, dst.width) == (src.height, src.width)
+        )
         labels, nodata_in = dst.read(1), src.read_masks(1) == 0
         assert dst.nodata == NODATA_LABEL and dst.profile["compress"] == "deflate" and dst.block_shapes == [(512, 512)]
         assert json.loads(dst.tags()["classes"]) == ["building,roof", "road", "tree"]
@@ -194,7 +223,9 @@ def test_overviews_pick_labels_never_average_them(tmp_path):
     labels = np.indices((1100, 700)).sum(axis=0) % 2 * 2  # 0/2 checkerboard: an average would make 1
     labels[:30] = NODATA_LABEL
     path = tmp_path / "big.tif"
-    with LabelRaster(path, height=1100, width=700, crs="EPSG:32616", transform=Affine.identity(), classes=["a", "b", "c"], block=448) as raster:
+    with LabelRaster(
+        path, height=1100, width=700, crs="EPSG:32616", transform=Affine.identity(), classes=["a", "b", "c"], block=448
+    ) as raster:
         for y0 in range(0, 1100, 448):
             for x0 in range(0, 700, 448):
                 raster.write(y0, min(y0 + 448, 1100), x0, min(x0 + 448, 700), labels[y0 : y0 + 448, x0 : x0 + 448])
@@ -219,7 +250,9 @@ def test_an_interrupted_write_leaves_nothing_under_the_final_name(tmp_path, monk
         monkeypatch.setattr(rasterio.shutil, "copy", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     for target in (path, old):
         with pytest.raises(KeyboardInterrupt):
-            with LabelRaster(target, height=500, width=500, crs=None, transform=Affine.identity(), classes=["a"], block=224) as raster:
+            with LabelRaster(
+                target, height=500, width=500, crs=None, transform=Affine.identity(), classes=["a"], block=224
+            ) as raster:
                 raster.write(0, 224, 0, 224, np.zeros((224, 224), np.uint8))
                 if where == "while writing blocks":
                     raise KeyboardInterrupt

@@ -35,7 +35,9 @@ def simfeatup(encoder):
     from simfeatup.upsampler import SimFeatUp
 
     torch.manual_seed(3)
-    return Segmenter(encoder, SimFeatUp(dim=encoder.embed_dim, patch_size=encoder.patch_size), window_batch=4, cache=False, **SMALL)
+    return Segmenter(
+        encoder, SimFeatUp(dim=encoder.embed_dim, patch_size=encoder.patch_size), window_batch=4, cache=False, **SMALL
+    )
 
 
 def _text(encoder, q=len(VOCAB.queries)):
@@ -58,8 +60,16 @@ def _whole_scene_logits(seg, reader, text, lam=-0.3):
     """SPEC 2.2 + 2.6 on the whole normalised scene as one image, nodata set to the mean colour."""
     x = imaging.normalise(reader.rgb)
     x[:, ~reader.valid] = 0
-    return windows.averaged_logits([x], text, lam, seg._window_logits, window=seg.window, stride=seg.stride,
-                                   patch=seg.patch_size, batch=seg.window_batch)[0]
+    return windows.averaged_logits(
+        [x],
+        text,
+        lam,
+        seg._window_logits,
+        window=seg.window,
+        stride=seg.stride,
+        patch=seg.patch_size,
+        batch=seg.window_batch,
+    )[0]
 
 
 def _stitched_logits(seg, reader, text, block, lam=-0.3):
@@ -71,18 +81,23 @@ def _stitched_logits(seg, reader, text, block, lam=-0.3):
     return out
 
 
-@pytest.mark.parametrize("hw, blocks, nodata", [
-    ((300, 500), (224, 336, 1792), False),
-    ((300, 500), (224, 448), True),
-    ((150, 200), (112, 224), False),  # smaller than one window: one padded window, as in image mode
-])
+@pytest.mark.parametrize(
+    "hw, blocks, nodata",
+    [
+        ((300, 500), (224, 336, 1792), False),
+        ((300, 500), (224, 448), True),
+        ((150, 200), (112, 224), False),  # smaller than one window: one padded window, as in image mode
+    ],
+)
 def test_block_logits_equal_whole_scene_logits(bilinear, encoder, hw, blocks, nodata):
     reader = _scene(*hw, nodata=nodata)
     text = _text(encoder)
     whole = _whole_scene_logits(bilinear, reader, text)
     for block in blocks:
         stitched = _stitched_logits(bilinear, reader, text, block)
-        np.testing.assert_allclose(stitched[:, reader.valid], whole[:, reader.valid], atol=1e-5, err_msg=f"block {block}")
+        np.testing.assert_allclose(
+            stitched[:, reader.valid], whole[:, reader.valid], atol=1e-5, err_msg=f"block {block}"
+        )
 
 
 @pytest.mark.parametrize("hw, nodata", [((60, 90), False), ((70, 100), True), ((40, 30), False)])
@@ -92,7 +107,9 @@ def test_block_logits_equal_whole_scene_logits_with_simfeatup(simfeatup, encoder
     whole = _whole_scene_logits(simfeatup, reader, text)
     for block in (24, 72):
         stitched = _stitched_logits(simfeatup, reader, text, block)
-        np.testing.assert_allclose(stitched[:, reader.valid], whole[:, reader.valid], atol=1e-5, err_msg=f"block {block}")
+        np.testing.assert_allclose(
+            stitched[:, reader.valid], whole[:, reader.valid], atol=1e-5, err_msg=f"block {block}"
+        )
 
 
 def test_labels_are_the_whole_scene_labels_and_nodata_stays_nodata(bilinear, encoder):
@@ -104,8 +121,16 @@ def test_labels_are_the_whole_scene_labels_and_nodata_stays_nodata(bilinear, enc
         labels = np.zeros((300, 500), np.uint8)
         probs = np.zeros((3, 300, 500), np.float32)
         progress = []
-        for b in segment_scene(bilinear, reader, VOCAB, scoring, text=text, block=block, return_probs=True,
-                               on_block=lambda done, total: progress.append((done, total))):
+        for b in segment_scene(
+            bilinear,
+            reader,
+            VOCAB,
+            scoring,
+            text=text,
+            block=block,
+            return_probs=True,
+            on_block=lambda done, total: progress.append((done, total)),
+        ):
             labels[b.y0 : b.y1, b.x0 : b.x1] = b.labels
             probs[:, b.y0 : b.y1, b.x0 : b.x1] = b.probs
         assert labels.dtype == np.uint8
@@ -166,7 +191,7 @@ def test_blocks_with_no_data_cost_no_model_call(bilinear, encoder, monkeypatch):
     valid[:, :224] = True  # the right half, block column 1 of 224-blocks, is nodata
     calls = []
     real = bilinear._window_logits
-    monkeypatch.setattr(bilinear, "_window_logits", lambda b, t, l: calls.append(len(b)) or real(b, t, l))
+    monkeypatch.setattr(bilinear, "_window_logits", lambda b, t, lam: calls.append(len(b)) or real(b, t, lam))
     blocks = list(segment_scene(bilinear, ArrayScene(rgb, valid), VOCAB, text=_text(encoder), block=224))
     assert all((b.labels == NODATA_LABEL).all() for b in blocks if b.x0 >= 224)
     assert all((b.labels != NODATA_LABEL).all() for b in blocks if b.x0 < 224)
@@ -175,11 +200,14 @@ def test_blocks_with_no_data_cost_no_model_call(bilinear, encoder, monkeypatch):
     assert sum(calls) == (2 + 1) * 2
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"block": 200}, "not a positive multiple of the window stride 112"),
-    ({"block": 0}, "not a positive multiple"),
-    ({"scoring": scores.Scoring(bg_idx=3)}, "bg_idx 3 is not a class index"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"block": 200}, "not a positive multiple of the window stride 112"),
+        ({"block": 0}, "not a positive multiple"),
+        ({"scoring": scores.Scoring(bg_idx=3)}, "bg_idx 3 is not a class index"),
+    ],
+)
 def test_bad_settings_are_refused(bilinear, encoder, kwargs, message):
     with pytest.raises(ValueError, match=message):
         next(segment_scene(bilinear, _scene(120, 130), VOCAB, text=_text(encoder), **kwargs))
@@ -207,10 +235,13 @@ def test_the_onnx_backend_streams_scenes_through_the_same_code(onnx_dir):
     np.testing.assert_allclose(stitched[:, reader.valid], whole[:, reader.valid], atol=1e-5)
 
 
-@pytest.mark.parametrize("modules, heavy", [
-    ("simfeatup.scene, simfeatup.scene_cli, simfeatup.cli", {"torch", "rasterio", "onnxruntime"}),
-    ("simfeatup.geo", {"torch", "rasterio"}),  # rasterio only once a raster is opened
-])
+@pytest.mark.parametrize(
+    "modules, heavy",
+    [
+        ("simfeatup.scene, simfeatup.scene_cli, simfeatup.cli", {"torch", "rasterio", "onnxruntime"}),
+        ("simfeatup.geo", {"torch", "rasterio"}),  # rasterio only once a raster is opened
+    ],
+)
 def test_scene_mode_imports_neither_torch_nor_rasterio(modules, heavy):
     import subprocess
     import sys

@@ -33,7 +33,12 @@ def _crop(tmp_path, name, rows, cols, count=None):
     with rasterio.open(SAMPLE) as src:
         window = rasterio.windows.Window(0, 0, cols, rows)
         data = src.read(window=window)
-        profile = {**src.profile, "height": rows, "width": cols, "tiled": False}  # a window at (0, 0): the same transform
+        profile = {
+            **src.profile,
+            "height": rows,
+            "width": cols,
+            "tiled": False,
+        }  # a window at (0, 0): the same transform
     if count:
         data = np.repeat(data, count, axis=0)
         profile["count"] = count
@@ -47,7 +52,10 @@ def test_a_georeferenced_raster_larger_than_the_working_size_becomes_a_scene(tin
     out = tmp_path / "out"
     with caplog.at_level(logging.INFO, logger="simfeatup"):
         assert main(["segment", str(SAMPLE), *CLASSES, "--out", str(out), *_args(tiny_weights)]) == 0
-    assert "a georeferenced 512x512 raster, larger than the working size 448: scene mode at native resolution" in caplog.text
+    assert (
+        "a georeferenced 512x512 raster, larger than the working size 448: scene mode at native resolution"
+        in caplog.text
+    )
     labels = out / "spacenet4_atlanta_pan.tif"
     assert sorted(p.name for p in out.iterdir()) == ["classes.json", "spacenet4_atlanta_pan.tif"]
     assert cog_validate(str(labels))[0]
@@ -87,7 +95,10 @@ def test_small_geotiffs_stay_in_image_mode_unless_scene_is_asked_for(tiny_weight
     assert main(["segment", str(small), *CLASSES, "--out", str(out), *_args(tiny_weights)]) == 0
     assert (out / "small.png").is_file() and not (out / "small.tif").exists()
     with caplog.at_level(logging.WARNING, logger="simfeatup"):
-        assert main(["segment", str(border), str(plain), *CLASSES, "--out", str(out), "--scene", *_args(tiny_weights)]) == 0
+        assert (
+            main(["segment", str(border), str(plain), *CLASSES, "--out", str(out), "--scene", *_args(tiny_weights)])
+            == 0
+        )
     assert "plain.png has no CRS: plain.tif is written without one" in caplog.text
     with rasterio.open(out / "border.tif") as ds:
         labels = ds.read(1)
@@ -99,7 +110,6 @@ def test_small_geotiffs_stay_in_image_mode_unless_scene_is_asked_for(tiny_weight
 
 def test_the_torch_free_runtime_segments_scenes_too(onnx_dir, tmp_path, monkeypatch):
     import test_runtime
-
     from simfeatup.extras import TORCH_MODULES
 
     # torch made unimportable in this python: CI's runtime-only venv has no geo extra
@@ -115,10 +125,13 @@ def test_the_torch_free_runtime_segments_scenes_too(onnx_dir, tmp_path, monkeypa
         np.testing.assert_array_equal(free.read(1), here.read(1))
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--bands", "0,1,5"], "--bands 0,1,5 does not fit"),
-    ([], "has 4 bands and does not say which are red, green and blue: give --bands"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--bands", "0,1,5"], "--bands 0,1,5 does not fit"),
+        ([], "has 4 bands and does not say which are red, green and blue: give --bands"),
+    ],
+)
 def test_band_problems_end_in_one_line_before_the_model_loads(tiny_weights, tmp_path, capsys, extra, message):
     four = _crop(tmp_path, "four.tif", 460, 470, count=4)
     out = tmp_path / "out"
@@ -127,11 +140,14 @@ def test_band_problems_end_in_one_line_before_the_model_loads(tiny_weights, tmp_
     assert not out.exists()  # refused before anything was written (or the model loaded)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--block", "200"], "not a positive multiple of the window stride 112"),
-    (["--block", "x"], "not a positive multiple"),
-    (["--scene", "--image-mode"], "not allowed with argument"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--block", "200"], "not a positive multiple of the window stride 112"),
+        (["--block", "x"], "not a positive multiple"),
+        (["--scene", "--image-mode"], "not allowed with argument"),
+    ],
+)
 def test_bad_scene_flags_are_refused_by_the_parser(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
         main(["segment", str(SAMPLE), *CLASSES, "--out", str(tmp_path / "o"), *argv])
@@ -159,8 +175,22 @@ def test_unreadable_scenes_are_reported_and_the_others_are_written(tiny_weights,
     broken = tmp_path / "broken.tif"
     broken.write_bytes(b"II*\x00" + b"\x00" * 100)  # not even a header
     out = tmp_path / "out"
-    assert main(["segment", str(truncated), str(broken), str(_crop(tmp_path, "piece.tif", 150, 240)), *CLASSES, "--out", str(out),
-                 "--scene", *_args(tiny_weights)]) == 2
+    assert (
+        main(
+            [
+                "segment",
+                str(truncated),
+                str(broken),
+                str(_crop(tmp_path, "piece.tif", 150, 240)),
+                *CLASSES,
+                "--out",
+                str(out),
+                "--scene",
+                *_args(tiny_weights),
+            ]
+        )
+        == 2
+    )
     assert "2 of 3 image(s) could not be segmented" in _one_line_error(capsys)
     assert "truncated.tif" in caplog.text and "cannot read" in caplog.text and "broken.tif" in caplog.text
     assert sorted(p.name for p in out.iterdir()) == ["classes.json", "piece.tif"]  # nothing half-written

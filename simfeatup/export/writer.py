@@ -50,8 +50,16 @@ def export_onnx(
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
     out_dir = Path(out_dir)
-    if out_dir.exists() and not (out_dir.is_dir() and (overwrite or not any(out_dir.iterdir()))):
-        raise ValueError(f"{out_dir} already exists; choose another --out or pass overwrite=True (--overwrite)")
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise ValueError(f"--out {out_dir} is a file: give the name of a folder to create")
+        if any(out_dir.iterdir()) and not overwrite:
+            raise ValueError(f"{out_dir} already exists and is not empty: choose another --out, or --overwrite")
+        if any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
+            raise ValueError(
+                f"{out_dir} is not a model folder (no {MANIFEST}): --overwrite only replaces model folders; "
+                "choose another --out"
+            )
 
     upsampler_info = {"kind": "bilinear"}
     if segmenter is None:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from simfeatup.atomic import remove_stale_temporaries
-from simfeatup.backbone import resolve
+from simfeatup.backbone import CHECKPOINT_KEY, resolve
 from simfeatup.constants import CLIP_MEAN, CLIP_STD
 from simfeatup.encoder import DenseCLIP
 from simfeatup.training.downsampler import AttentionDownsampler
@@ -47,7 +47,7 @@ LR = 1e-3
 CLIP_STEPS = 10
 CLIP_NORM = 1e-4
 ARTEFACT_NAME = "upsampler.safetensors"
-BACKBONE_KEY = "simfeatup_backbone"  # the Backbone record, in every checkpoint
+BACKBONE_KEY = CHECKPOINT_KEY
 
 
 class SimFeatUpModule(L.LightningModule):
