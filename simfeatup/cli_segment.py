@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -114,6 +115,7 @@ def segment(args) -> int:
     pictures = [i for i, path in enumerate(images) if path not in scenes]
     _output_folder(args.out, "--out")  # before the model loads: a wrong path must not cost a model load
     segmenter = _segmenter(args)
+    args.out.mkdir(parents=True, exist_ok=True)
     atomic.remove_stale_temporaries(args.out)  # what a killed earlier run left half-written
     colours = visualize.palette(len(vocabulary))
     legend = [
@@ -158,15 +160,16 @@ def segment(args) -> int:
 
 
 def _output_folder(folder: Path, flag: str) -> None:
-    """Create ``folder`` for outputs, or say in one line why it cannot be."""
+    """Say in one line why ``folder`` cannot hold outputs, before any slow work; creates nothing."""
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{flag} {folder} is a file, not a folder: give a folder (it is created if missing)")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(
-            f"{flag} {folder} cannot be created ({err.strerror}): choose a folder you can write to"
-        ) from None
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {folder} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {folder} cannot be created in {existing} (not writable): choose another folder")
 
 
 def evaluate(args) -> int:

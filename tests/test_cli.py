@@ -339,3 +339,16 @@ def test_convert_weights_records_the_models_patch_size(tmp_path, capsys):
     info = json.loads(dst.with_suffix(".json").read_text())
     assert info["backbone"]["patch_size"] == 14 and info["upsampler"]["patch_size"] == 14
     assert (info["backbone"]["model"], info["backbone"]["pretrained"]) == ("ViT-L-14", "openai")
+
+
+def test_an_out_that_is_a_file_is_refused_before_the_model_loads(images, tmp_path, capsys, monkeypatch):
+    import simfeatup.cli_segment
+
+    monkeypatch.setattr(simfeatup.cli_segment, "_segmenter", lambda *a: pytest.fail("the model must not be loaded"))
+    taken = tmp_path / "taken.png"
+    taken.write_bytes(b"keep me")
+    assert main(["segment", str(images / "rgb.png"), "--classes", "road;tree", "--out", str(taken)]) == 2
+    assert "is a file, not a folder" in _one_line_error(capsys)
+    assert main(["segment", str(images / "rgb.png"), "--classes", "road;tree", "--out", str(taken / "sub")]) == 2
+    assert "is a file, not a folder" in _one_line_error(capsys)
+    assert taken.read_bytes() == b"keep me"
