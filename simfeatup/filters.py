@@ -238,7 +238,8 @@ def tiles(T: int, d: int, device) -> Tiles:
     """A cached :class:`Tiles` with its indices on ``device``."""
     key = (T, d, str(device))
     if key not in _TILES:
-        _TILES[key] = Tiles(T, d).to(device)
+        with torch.inference_mode(False):  # cached indices must serve autograd too, wherever first built
+            _TILES[key] = Tiles(T, d).to(device)
     return _TILES[key]
 
 

@@ -285,3 +285,14 @@ def test_filter_backward_matches_autograd_through_the_plain_sum():
     ours = torch.autograd.grad((adaptive_filter(src, kernel) * weights).sum(), (src, kernel))
     plain = torch.autograd.grad((_naive_filter(src, kernel) * weights).sum(), (src, kernel))
     assert all(torch.allclose(a, b) for a, b in zip(ours, plain))
+
+
+def test_training_after_inference_in_one_process():
+    """The cached tile indices are built outside inference mode, so autograd can use them later."""
+    m = SimFeatUp(8, 16)
+    feats, guidance = torch.randn(1, 8, 3, 2), torch.randn(1, 3, 48, 32)
+    with torch.inference_mode():
+        m.eval()(feats, guidance)
+    m.train()
+    m(feats, guidance).sum().backward()
+    assert m.up.range_temp.grad is not None
