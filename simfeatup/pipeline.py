@@ -46,6 +46,11 @@ class WindowSegmenter:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ shared
+    @property
+    def geometry(self) -> dict:
+        """The window walk's settings, as :func:`simfeatup.windows.averaged_logits` takes them."""
+        return {"window": self.window, "stride": self.stride, "patch": self.patch_size, "batch": self.window_batch}
+
     def encode_queries(self, words: list[str]) -> np.ndarray:
         """Class words -> (Q, D) float32 query embeddings (SPEC 2, text side), through the cache."""
         return embed_queries(words, self.encode_texts, self.cache)
@@ -68,16 +73,8 @@ class WindowSegmenter:
         (long side ``long_side``), before SPEC 2.6's resize back to the original size."""
         lam = self.default_lambda if lam is None else float(lam)
         prepared = [imaging.preprocess(image, self.long_side) for image in images]
-        return windows.averaged_logits(
-            prepared,
-            np.asarray(text, np.float32),
-            lam,
-            self._window_logits,
-            window=self.window,
-            stride=self.stride,
-            patch=self.patch_size,
-            batch=self.window_batch,
-        )
+        text = np.asarray(text, np.float32)
+        return windows.averaged_logits(prepared, text, lam, self._window_logits, **self.geometry)
 
     def segment(
         self,

@@ -60,16 +60,7 @@ def _whole_scene_logits(seg, reader, text, lam=-0.3):
     """SPEC 2.2 + 2.6 on the whole normalised scene as one image, nodata set to the mean colour."""
     x = imaging.normalise(reader.rgb)
     x[:, ~reader.valid] = 0
-    return windows.averaged_logits(
-        [x],
-        text,
-        lam,
-        seg._window_logits,
-        window=seg.window,
-        stride=seg.stride,
-        patch=seg.patch_size,
-        batch=seg.window_batch,
-    )[0]
+    return windows.averaged_logits([x], text, lam, seg._window_logits, **seg.geometry)[0]
 
 
 def _stitched_logits(seg, reader, text, block, lam=-0.3):
