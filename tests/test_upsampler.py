@@ -263,13 +263,20 @@ def test_graph_form_tiles_compute_the_eager_sums(T, tokens):
 
 @pytest.mark.slow  # ~15-30 s: the dynamo export traces four steps at 224 x 224
 def test_onnx_export_runs_in_onnxruntime_at_224(tmp_path):
-    """SPEC 7: standard ops only; dim > h*w so the exported graph takes the operator path."""
-    ort = pytest.importorskip("onnxruntime")
+    """SPEC 7: standard ops only; dim > h*w so the exported graph takes the operator path.
+
+    What is exported is the upsampler's graph form, as export_onnx traces it (under no_grad)."""
+    import onnxruntime as ort
+
+    from simfeatup.export.graph_form import GraphUpsampler
+
     m = SimFeatUp(200, 16).eval()
     feats, guidance = torch.randn(2, 200, 14, 14), torch.randn(2, 3, 224, 224)
     batch = torch.export.Dim("batch", min=1, max=64)
-    torch.onnx.export(m, (feats, guidance), tmp_path / "up.onnx", dynamo=True, input_names=["feats", "guidance"],
-                      output_names=["out"], dynamic_shapes={"feats": {0: batch}, "guidance": {0: batch}})
+    with torch.no_grad():
+        torch.onnx.export(GraphUpsampler(m, 196).eval(), (feats, guidance), tmp_path / "up.onnx", dynamo=True,
+                          input_names=["feats", "guidance"], output_names=["out"],
+                          dynamic_shapes={"feats": {0: batch}, "guidance": {0: batch}})
     session = ort.InferenceSession(str(tmp_path / "up.onnx"), providers=["CPUExecutionProvider"])
     for b in (1, 2):
         (out,) = session.run(None, {"feats": feats[:b].numpy(), "guidance": guidance[:b].numpy()})
