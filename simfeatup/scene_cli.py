@@ -128,10 +128,62 @@ def _check(path: Path, bands, out: Path) -> None:
         raise ValueError(f"{message}; or --image-mode to segment it as a picture") from None
 
 
+class _LabelOutput:
+    """The label COG of a scene as a scene output: ``write(block)``, ``commit()``, ``abort()``."""
+
+    needs_probs = False
+
+    def __init__(self, target: Path, reader, classes: list[str], block: int):
+        from . import geo
+
+        self.path = target
+        self._raster = geo.LabelRaster(
+            target,
+            height=reader.height,
+            width=reader.width,
+            crs=reader.crs,
+            transform=reader.transform,
+            classes=classes,
+            block=block,
+        )
+
+    def write(self, b) -> None:
+        self._raster.write(b.y0, b.y1, b.x0, b.x1, b.labels)
+
+    def commit(self) -> None:
+        self._raster.commit()
+
+    def abort(self) -> None:
+        self._raster.abort()
+
+
+def scene_outputs(args, name: str, reader, classes: list[str]) -> list:
+    """Every file a scene is written to, each an object with ``needs_probs``, ``write(block)``,
+    ``commit()`` and ``abort()``; the label raster first. Nothing appears under a final name
+    before ``commit()``."""
+    return [_LabelOutput(args.out / f"{name}.tif", reader, classes, args.block)]
+
+
+def _write_scene(outputs: list, blocks, bar) -> None:
+    """Feed every block to every output, then commit them all; on any error abort them all."""
+    try:
+        for b in blocks:
+            for output in outputs:
+                output.write(b)
+            bar.update(1)
+        for output in outputs:
+            output.commit()
+    except BaseException:
+        for output in outputs:
+            output.abort()
+        raise
+
+
 def segment_scenes(
     args, segmenter, scenes: list[Path], names: dict[Path, str], vocabulary, scoring, bands
 ) -> list[Path]:
-    """Write ``--out/NAME.tif`` for each scene; returns the scenes that could not be read (each logged)."""
+    """Write ``--out/NAME.tif`` (and the other outputs asked for) for each scene; returns the
+    scenes that could not be read (each logged)."""
     from tqdm import tqdm
 
     from . import geo, scene
@@ -145,23 +197,19 @@ def segment_scenes(
             with geo.RasterScene(path, bands=bands, stretch=args.stretch) as reader:
                 if not reader.georeferenced:
                     logger.warning("%s has no CRS: %s is written without one", path, target.name)
-                blocks = scene.segment_scene(segmenter, reader, vocabulary, scoring, text=text, block=args.block)
+                outputs = scene_outputs(args, names[path], reader, classes)
+                blocks = scene.segment_scene(
+                    segmenter,
+                    reader,
+                    vocabulary,
+                    scoring,
+                    text=text,
+                    block=args.block,
+                    return_probs=any(o.needs_probs for o in outputs),
+                )
                 total = len(scene.block_boxes(reader.height, reader.width, args.block))
-                with (
-                    geo.LabelRaster(
-                        target,
-                        height=reader.height,
-                        width=reader.width,
-                        crs=reader.crs,
-                        transform=reader.transform,
-                        classes=classes,
-                        block=args.block,
-                    ) as raster,
-                    tqdm(total=total, desc=path.name, unit="block") as bar,
-                ):
-                    for b in blocks:
-                        raster.write(b.y0, b.y1, b.x0, b.x1, b.labels)
-                        bar.update(1)
+                with tqdm(total=total, desc=path.name, unit="block") as bar:
+                    _write_scene(outputs, blocks, bar)
         except geo.SceneError as err:
             logger.error("skipped: %s", err)
             failed.append(path)
