@@ -12,7 +12,7 @@ import math
 import sys
 from pathlib import Path
 
-from . import cli_segment, scene_cli
+from . import batches, cli_segment, scene_cli
 from .constants import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from .entry import UsageError, run_command, setup_logging
 
@@ -129,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
         "--save-probs", action="store_true", help="also write <image>_probs.npy (K, H, W) class probabilities"
     )
     _add_model_flags(p)
+    batches.add_flags(p)
     scene_cli.add_flags(p)
     p.set_defaults(func=cli_segment.segment)
 

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import scene_cli
+from . import batches, scene_cli
 from .entry import UsageError
 
 logger = logging.getLogger("simfeatup")
@@ -106,24 +106,56 @@ def _run_batches(args, segmenter, images, vocabulary, scoring, bands, *, desc, o
                 bar.update(1)
 
 
+def _image_outputs(args, name: str) -> dict[str, Path]:
+    """The files an input segmented as a picture is written to: its label map, and what the flags ask for."""
+    files = {"labels": args.out / f"{name}.png"}
+    if args.overlay:
+        files["overlay"] = args.out / f"{name}_overlay.jpg"
+    if args.save_probs:
+        files["probs"] = args.out / f"{name}_probs.npy"
+    return files
+
+
+def _unfinished(args, images: list[Path], scenes: list[Path], names: dict[Path, str]):
+    """``--skip-existing``: the inputs, and the scenes among them, some of whose outputs are missing."""
+    scene_set = set(scenes)
+
+    def planned(path: Path) -> list[Path]:
+        if path in scene_set:
+            return scene_cli.scene_output_paths(args, names[path])
+        return list(_image_outputs(args, names[path]).values())
+
+    images = batches.unfinished(images, planned, args.out)
+    left = set(images)
+    return images, [path for path in scenes if path in left]
+
+
 def segment(args) -> int:
     from . import atomic, visualize
 
     images, vocabulary, scoring, bands = _inputs(args)
-    stems = _output_names(images)
-    scenes = scene_cli.pick_scenes(args, images, bands if args.bands else None)
-    pictures = [i for i, path in enumerate(images) if path not in scenes]
+    names = dict(zip(images, _output_names(images)))  # over all inputs: no two shards write one name
+    images = batches.take_shard(images, batches.resolve_shard(args.shard_index, args.num_shards))
+    classes = [",".join(c) for c in vocabulary.classes]
     _output_folder(args.out, "--out")  # before the model loads: a wrong path must not cost a model load
+    batches.legend_to_write(args.out, classes, overwrite=args.overwrite)  # another run's legend: refused here
+    scenes = scene_cli.pick_scenes(args, images)
+    if args.skip_existing:
+        images, scenes = _unfinished(args, images, scenes, names)
+    if not images:  # an array task with no inputs left, or a finished batch
+        if args.out.is_dir():
+            batches.write_legend(args.out, classes, overwrite=args.overwrite)
+        logger.info("nothing left to segment into %s", args.out)
+        return 0
+    scene_cli.check_scenes(args, scenes, names, bands if args.bands else None)
     segmenter = _segmenter(args)
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # e.g. a read-only file system, which the permission bits do not show
+        raise UsageError(f"--out {args.out} cannot be created ({err.strerror}): choose another folder") from None
     atomic.remove_stale_temporaries(args.out)  # what a killed earlier run left half-written
+    batches.write_legend(args.out, classes, overwrite=args.overwrite)
     colours = visualize.palette(len(vocabulary))
-    legend = [
-        {"index": k, "class": line, "color": colours[k].tolist()}
-        for k, line in enumerate(",".join(c) for c in vocabulary.classes)
-    ]
-    with atomic.atomic_write(args.out / "classes.json") as tmp:
-        tmp.write_text(json.dumps(legend, indent=2) + "\n")
 
     failed = []
 
@@ -131,29 +163,27 @@ def segment(args) -> int:
         logger.error("skipped: %s", err)
         failed.append(path)
 
-    pictures_only = [images[i] for i in pictures]
-    batches = (
-        _run_batches(args, segmenter, pictures_only, vocabulary, scoring, bands, desc="segment", on_error=skip,
+    scene_set = set(scenes)
+    pictures = [path for path in images if path not in scene_set]
+    segmented = (
+        _run_batches(args, segmenter, pictures, vocabulary, scoring, bands, desc="segment", on_error=skip,
                      return_probs=args.save_probs)
         if pictures else ()
     )
-    for j, image, result in batches:
-        name = stems[pictures[j]]
-        visualize.save_atomic(visualize.label_image(result.labels, colours), args.out / f"{name}.png")
-        if args.overlay:
-            visualize.save_atomic(visualize.overlay(image, result.labels, colours), args.out / f"{name}_overlay.jpg")
-        if args.save_probs:
+    for j, image, result in segmented:
+        files = _image_outputs(args, names[pictures[j]])
+        visualize.save_atomic(visualize.label_image(result.labels, colours), files["labels"])
+        if "overlay" in files:
+            visualize.save_atomic(visualize.overlay(image, result.labels, colours), files["overlay"])
+        if "probs" in files:
             import numpy as np
 
-            from .atomic import atomic_write
-
-            with atomic_write(args.out / f"{name}_probs.npy") as tmp, open(tmp, "wb") as f:
+            with atomic.atomic_write(files["probs"]) as tmp, open(tmp, "wb") as f:
                 np.save(f, result.probs.astype(np.float16))
-    names = dict(zip(images, stems))
     scene_bands = bands if args.bands else None  # scenes pick R, G, B from their own band tags otherwise
     failed += scene_cli.segment_scenes(args, segmenter, scenes, names, vocabulary, scoring, scene_bands)
     done = len(images) - len(failed)
-    logger.info("wrote %d label map(s) to %s (legend: %s)", done, args.out, args.out / "classes.json")
+    logger.info("wrote %d label map(s) to %s (legend: %s)", done, args.out, args.out / batches.LEGEND)
     if failed:
         raise UsageError(f"{len(failed)} of {len(images)} image(s) could not be segmented (see the messages above)")
     return 0

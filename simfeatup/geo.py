@@ -92,6 +92,9 @@ class RasterScene:
             self.height, self.width = ds.height, ds.width
             self.crs, self.transform = ds.crs, ds.transform
             self.indexes = choose_bands([c.name for c in ds.colorinterp], bands, self.path)
+            self.ground_control = None  # what locates a raster without CRS and geotransform (label rasters cannot)
+            if self.crs is None and self.transform.is_identity:
+                self.ground_control = "ground control points" if ds.gcps[0] else "RPCs" if ds.rpcs else None
         except BaseException:
             self._ds.close()
             raise

@@ -39,6 +39,11 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         help=f"scene mode: side of the blocks read and segmented at a time, a multiple of {STRIDE} (default "
         f"{DEFAULT_BLOCK}); memory grows with it, the labels do not change",
     )
+    p.add_argument(
+        "--require-crs",
+        action="store_true",
+        help="refuse scenes without a coordinate reference system (default: warn and write their labels without one)",
+    )
 
 
 def _block(text: str) -> int:
@@ -67,14 +72,10 @@ def is_geotiff(path: Path) -> bool:
         return False
 
 
-def pick_scenes(args, images: list[Path], bands) -> list[Path]:
-    """The inputs to segment in scene mode, each opened and its bands checked before the model loads.
+def pick_scenes(args, images: list[Path]) -> list[Path]:
+    """The inputs to segment in scene mode (``--scene``, else large GeoTIFFs; none with ``--image-mode``).
 
-    A band choice that does not fit stops the run here; an unreadable scene is reported when
-    its turn comes, and the others are still segmented.
-
-    ``bands``: 0-based (R, G, B) from ``--bands``, or None for the rasters' own colour tags.
-    """
+    Reads TIFF headers only; :func:`check_scenes` opens them."""
     from . import imaging
 
     if args.image_mode:
@@ -86,7 +87,10 @@ def pick_scenes(args, images: list[Path], bands) -> list[Path]:
             continue
         if not is_geotiff(path):
             continue
-        height, width = imaging.image_size(path)
+        try:
+            height, width = imaging.image_size(path)
+        except imaging.ImageError:
+            continue  # image mode reports it with the other unreadable inputs
         if max(height, width) > LONG_SIDE:
             logger.info(
                 "%s: a georeferenced %dx%d raster, larger than the working size %d: scene mode at native "
@@ -97,21 +101,30 @@ def pick_scenes(args, images: list[Path], bands) -> list[Path]:
                 LONG_SIDE,
             )
             scenes.append(path)
+    return scenes
+
+
+def check_scenes(args, scenes: list[Path], names: dict[Path, str], bands) -> None:
+    """Open each scene and check its bands before the model loads.
+
+    A band choice that does not fit stops the run here; an unreadable scene is reported when
+    its turn comes, and the others are still segmented.
+
+    ``bands``: 0-based (R, G, B) from ``--bands``, or None for the rasters' own colour tags.
+    """
     for path in scenes:
-        _check(path, bands, args.out)
+        _check(path, bands, scene_output_paths(args, names[path]))
     if scenes and (args.overlay or args.save_probs):
         logger.warning(
             "--overlay and --save-probs are not written for scenes yet: %d scene(s) get their label raster only",
             len(scenes),
         )
-    return scenes
 
 
-def _check(path: Path, bands, out: Path) -> None:
+def _check(path: Path, bands, targets: list[Path]) -> None:
     from .extras import missing_extra
 
-    target = out / f"{path.stem}.tif"
-    if target.resolve() == path.resolve():
+    if any(target.resolve() == path.resolve() for target in targets):
         raise ValueError(f"{path}'s labels would overwrite it: choose another --out folder")
     try:
         from . import geo
@@ -133,18 +146,26 @@ class _LabelOutput:
 
     needs_probs = False
 
-    def __init__(self, target: Path, reader, classes: list[str], block: int):
+    @staticmethod
+    def wanted(args) -> bool:
+        return True
+
+    @staticmethod
+    def target(args, name: str) -> Path:
+        return args.out / f"{name}.tif"
+
+    def __init__(self, args, name: str, reader, classes: list[str]):
         from . import geo
 
-        self.path = target
+        self.path = self.target(args, name)
         self._raster = geo.LabelRaster(
-            target,
+            self.path,
             height=reader.height,
             width=reader.width,
             crs=reader.crs,
             transform=reader.transform,
             classes=classes,
-            block=block,
+            block=args.block,
         )
 
     def write(self, b) -> None:
@@ -157,20 +178,40 @@ class _LabelOutput:
         self._raster.abort()
 
 
+# Every kind of file a scene can be written to, the label raster first. A kind says whether the flags
+# ask for it (``wanted(args)``) and where it goes (``target(args, name)``) without opening anything, and is
+# built as ``kind(args, name, reader, classes)`` with ``path``, ``needs_probs``, ``write``, ``commit``, ``abort``.
+SCENE_OUTPUTS: list[type] = [_LabelOutput]
+
+
+def scene_output_paths(args, name: str) -> list[Path]:
+    """The final files :func:`scene_outputs` writes for scene ``name`` (what ``--skip-existing`` looks for)."""
+    return [kind.target(args, name) for kind in SCENE_OUTPUTS if kind.wanted(args)]
+
+
 def scene_outputs(args, name: str, reader, classes: list[str]) -> list:
-    """Every file a scene is written to, each an object with ``needs_probs``, ``write(block)``,
+    """Every file a scene is written to, each an object with ``path``, ``needs_probs``, ``write(block)``,
     ``commit()`` and ``abort()``; the label raster first. Nothing appears under a final name
     before ``commit()``."""
-    return [_LabelOutput(args.out / f"{name}.tif", reader, classes, args.block)]
+    return [kind(args, name, reader, classes) for kind in SCENE_OUTPUTS if kind.wanted(args)]
 
 
-def _write_scene(outputs: list, blocks, bar) -> None:
-    """Feed every block to every output, then commit them all; on any error abort them all."""
+def _write_scene(outputs: list, blocks, bar, path: Path) -> None:
+    """Feed every block to every output, then commit them all; on any error abort them all.
+
+    A scene without a single valid pixel is refused (SceneError) before anything is committed."""
+    from .scene import SceneError
+
     try:
+        has_data = False
         for b in blocks:
+            has_data = has_data or bool(b.valid.any())
             for output in outputs:
                 output.write(b)
             bar.update(1)
+        if not has_data:
+            raise SceneError(f"{path} has no valid pixel (all of it is nodata): nothing to segment; check its nodata "
+                             "value or mask (gdalinfo)")
         for output in outputs:
             output.commit()
     except BaseException:
@@ -179,11 +220,31 @@ def _write_scene(outputs: list, blocks, bar) -> None:
         raise
 
 
+def _check_georeferencing(args, reader, target: Path) -> None:
+    """Refuse what the label raster could not carry over; without a CRS: warn, or refuse with ``--require-crs``.
+
+    The label raster reuses the scene's CRS and geotransform as they are (same pixel grid, scale 1),
+    so rotated and skewed geotransforms are kept exactly; ground control points and RPCs are not."""
+    from .scene import SceneError
+
+    if reader.ground_control:
+        raise SceneError(
+            f"{reader.path} is located by {reader.ground_control}, not a geotransform, and its label raster could "
+            "not carry them: warp it to a grid first (gdalwarp), or --image-mode"
+        )
+    if reader.georeferenced:
+        return
+    if args.require_crs:
+        raise SceneError(f"{reader.path} has no CRS (--require-crs): georeference it, or leave out --require-crs")
+    logger.warning("%s has no CRS: %s is written without one", reader.path, target.name)
+
+
 def segment_scenes(
     args, segmenter, scenes: list[Path], names: dict[Path, str], vocabulary, scoring, bands
 ) -> list[Path]:
-    """Write ``--out/NAME.tif`` (and the other outputs asked for) for each scene; returns the
-    scenes that could not be read (each logged)."""
+    """Write ``--out/NAME.tif`` (and the other outputs asked for) for each scene; returns the scenes
+    that could not be segmented (unreadable, no data, no CRS with ``--require-crs``: each logged in
+    one line, the others still segmented)."""
     from tqdm import tqdm
 
     from . import geo, scene
@@ -191,12 +252,12 @@ def segment_scenes(
     text = segmenter.query_embeddings(vocabulary)
     classes = [",".join(synonyms) for synonyms in vocabulary.classes]
     failed = []
-    for path in scenes:
-        target = args.out / f"{names[path]}.tif"
+    for i, path in enumerate(scenes, 1):
+        step = f"scene {i}/{len(scenes)}"
+        target = scene_output_paths(args, names[path])[0]
         try:
             with geo.RasterScene(path, bands=bands, stretch=args.stretch) as reader:
-                if not reader.georeferenced:
-                    logger.warning("%s has no CRS: %s is written without one", path, target.name)
+                _check_georeferencing(args, reader, target)
                 outputs = scene_outputs(args, names[path], reader, classes)
                 blocks = scene.segment_scene(
                     segmenter,
@@ -208,11 +269,13 @@ def segment_scenes(
                     return_probs=any(o.needs_probs for o in outputs),
                 )
                 total = len(scene.block_boxes(reader.height, reader.width, args.block))
-                with tqdm(total=total, desc=path.name, unit="block") as bar:
-                    _write_scene(outputs, blocks, bar)
+                with tqdm(total=total, desc=f"{step} {path.name}", unit="block") as bar:
+                    _write_scene(outputs, blocks, bar, path)
         except geo.SceneError as err:
-            logger.error("skipped: %s", err)
+            logger.error("%s skipped: %s", step, err)
             failed.append(path)
             continue
-        logger.info("%s: %dx%d labels at native resolution in %s", path.name, reader.width, reader.height, target)
+        logger.info(
+            "%s: %s: %dx%d labels at native resolution in %s", step, path.name, reader.width, reader.height, target
+        )
     return failed
