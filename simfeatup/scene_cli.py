@@ -39,6 +39,37 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         help=f"scene mode: side of the blocks read and segmented at a time, a multiple of {STRIDE} (default "
         f"{DEFAULT_BLOCK}); memory grows with it, the labels do not change",
     )
+    p.add_argument(
+        "--vector",
+        choices=("gpkg", "geojson"),
+        help="scene mode: also write one polygon per connected region of a class, as <image>.gpkg (the scene's "
+        "CRS) or <image>.geojson (RFC 7946, longitude/latitude)",
+    )
+    p.add_argument(
+        "--min-area",
+        type=_not_negative,
+        default=0.0,
+        help="with --vector: drop regions smaller than this, in m2 (projected CRS), square degrees (geographic) "
+        "or pixels (no CRS); default 0",
+    )
+    p.add_argument(
+        "--simplify",
+        type=_not_negative,
+        default=0.0,
+        metavar="TOLERANCE",
+        help="with --vector: simplify the polygons by this tolerance in CRS units, neighbours keeping their shared "
+        "borders (default 0: pixel edges)",
+    )
+
+
+def _not_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
+    return value
 
 
 def _block(text: str) -> int:
@@ -77,7 +108,9 @@ def pick_scenes(args, images: list[Path], bands) -> list[Path]:
     """
     from . import imaging
 
+    _check_vector_flags(args)
     if args.image_mode:
+        _warn_no_polygons(args, images)
         return []
     scenes = []
     for path in images:
@@ -98,7 +131,8 @@ def pick_scenes(args, images: list[Path], bands) -> list[Path]:
             )
             scenes.append(path)
     for path in scenes:
-        _check(path, bands, args.out)
+        _check(path, bands, args.out, args.vector)
+    _warn_no_polygons(args, [p for p in images if p not in scenes])
     if scenes and (args.overlay or args.save_probs):
         logger.warning(
             "--overlay and --save-probs are not written for scenes yet: %d scene(s) get their label raster only",
@@ -107,7 +141,31 @@ def pick_scenes(args, images: list[Path], bands) -> list[Path]:
     return scenes
 
 
-def _check(path: Path, bands, out: Path) -> None:
+def _check_vector_flags(args) -> None:
+    """--min-area and --simplify need --vector; --vector needs shapely and pyogrio (the geo extra)."""
+    from .extras import missing_extra
+
+    if not args.vector:
+        if args.min_area or args.simplify:
+            raise ValueError("--min-area and --simplify shape polygons: add --vector gpkg or --vector geojson")
+        return
+    try:
+        import pyogrio  # noqa: F401
+        import shapely  # noqa: F401
+    except ModuleNotFoundError as err:
+        message = missing_extra(err, "--vector")
+        if message is None:
+            raise
+        raise ValueError(message) from None
+
+
+def _warn_no_polygons(args, pictures: list[Path]) -> None:
+    if args.vector and pictures:
+        logger.warning("--vector writes polygons for scenes only: %d image(s) in image mode get none (--scene makes "
+                       "them scenes)", len(pictures))
+
+
+def _check(path: Path, bands, out: Path, vector: str | None = None) -> None:
     from .extras import missing_extra
 
     target = out / f"{path.stem}.tif"
@@ -116,7 +174,10 @@ def _check(path: Path, bands, out: Path) -> None:
     try:
         from . import geo
 
-        geo.RasterScene(path, bands=bands).close()
+        with geo.RasterScene(path, bands=bands) as reader:
+            if vector == "geojson" and not reader.georeferenced:
+                raise ValueError(f"{path} has no CRS and GeoJSON is longitude/latitude (RFC 7946): use --vector gpkg "
+                                 "for polygons in pixel coordinates")
     except geo.BandsError:
         raise
     except geo.SceneError:
@@ -161,7 +222,16 @@ def scene_outputs(args, name: str, reader, classes: list[str]) -> list:
     """Every file a scene is written to, each an object with ``needs_probs``, ``write(block)``,
     ``commit()`` and ``abort()``; the label raster first. Nothing appears under a final name
     before ``commit()``."""
-    return [_LabelOutput(args.out / f"{name}.tif", reader, classes, args.block)]
+    outputs = [_LabelOutput(args.out / f"{name}.tif", reader, classes, args.block)]
+    if args.vector:
+        from .vector import FORMATS, VectorOutput
+
+        outputs.append(VectorOutput(
+            args.out / f"{name}{FORMATS[args.vector][1]}", args.vector, height=reader.height, width=reader.width,
+            crs=reader.crs, transform=reader.transform, classes=classes, min_area=args.min_area,
+            simplify=args.simplify,
+        ))
+    return outputs
 
 
 def _write_scene(outputs: list, blocks, bar) -> None:
