@@ -59,8 +59,7 @@ class RegionPolygons:
 
         labels = np.asarray(labels, np.uint8)
         h, w = labels.shape
-        ids = np.full((h, w), -1, np.int64)  # piece of each pixel (global index), -1 at nodata
-        local = np.zeros((h, w), np.int32)  # 1-based within the block, for the polygonizer
+        local = np.zeros((h, w), np.int32)  # piece of each pixel, 1-based within the block; 0 at nodata
         offset, count = len(self._pieces), 0
         classes = []
         for k in np.unique(labels):
@@ -72,7 +71,6 @@ class RegionPolygons:
             classes += [int(k)] * (n - 1)
             count += n - 1
         valid = local > 0
-        ids[valid] = local[valid] - 1 + offset
         rings, piece_of_ring, order = [], [], np.zeros(count, np.int64)
         found = shapes(local, mask=valid, connectivity=4, transform=Affine.translation(x0, y0))
         for n, (geometry, value) in enumerate(found):  # one polygon per piece: shell, then holes
@@ -97,10 +95,11 @@ class RegionPolygons:
         for edge, at, shared in edges:
             if not shared:
                 continue
-            strip = (ids[at], labels[at]) if edge[0] == "row" else (ids[:, at], labels[:, at])
+            pieces_at, labels_at = (local[at], labels[at]) if edge[0] == "row" else (local[:, at], labels[:, at])
+            strip = (np.where(pieces_at > 0, pieces_at.astype(np.int64) - 1 + offset, -1), labels_at.copy())
             other = self._strips.pop(edge, None)
             if other is None:
-                self._strips[edge] = (strip[0].copy(), strip[1].copy())
+                self._strips[edge] = strip
             else:
                 self._join(strip, other)
 
@@ -232,6 +231,7 @@ class VectorOutput:
         names = np.array([self.classes[k] for k in classes], dtype=object)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "The filename extension should be", RuntimeWarning)  # the .partial
+            warnings.filterwarnings("ignore", "'crs' was not provided", UserWarning)  # the caller says so
             pyogrio.raw.write(
                 str(tmp),
                 np.array(shapely.to_wkb(polygons), dtype=object) if len(polygons) else np.zeros(0, object),
