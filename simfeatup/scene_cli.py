@@ -68,7 +68,7 @@ def _not_negative(text: str) -> float:
     except ValueError:
         value = -1.0
     if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0")
     return value
 
 

@@ -225,8 +225,8 @@ def _one_line_error(capsys):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--vector", "gpkg", "--min-area", "-1"], "'-1' is not a number >= 0"),
-        (["--vector", "gpkg", "--simplify", "x"], "'x' is not a number >= 0"),
+        (["--vector", "gpkg", "--min-area", "-1"], "'-1' is not a finite number >= 0"),
+        (["--vector", "gpkg", "--simplify", "x"], "'x' is not a finite number >= 0"),
         (["--vector", "shp"], "invalid choice: 'shp'"),
     ],
 )
