@@ -44,6 +44,37 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="refuse scenes without a coordinate reference system (default: warn and write their labels without one)",
     )
+    p.add_argument(
+        "--vector",
+        choices=("gpkg", "geojson"),
+        help="scene mode: also write one polygon per connected region of a class, as <image>.gpkg (the scene's "
+        "CRS) or <image>.geojson (RFC 7946, longitude/latitude)",
+    )
+    p.add_argument(
+        "--min-area",
+        type=_not_negative,
+        default=0.0,
+        help="with --vector: drop regions smaller than this, in m2 (projected CRS), square degrees (geographic) "
+        "or pixels (no CRS); default 0",
+    )
+    p.add_argument(
+        "--simplify",
+        type=_not_negative,
+        default=0.0,
+        metavar="TOLERANCE",
+        help="with --vector: simplify the polygons by this tolerance in CRS units, neighbours keeping their shared "
+        "borders (default 0: pixel edges)",
+    )
+
+
+def _not_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0")
+    return value
 
 
 def _block(text: str) -> int:
@@ -78,7 +109,9 @@ def pick_scenes(args, images: list[Path]) -> list[Path]:
     Reads TIFF headers only; :func:`check_scenes` opens them."""
     from . import imaging
 
+    _check_vector_flags(args)
     if args.image_mode:
+        _warn_no_polygons(args, images)
         return []
     scenes = []
     for path in images:
@@ -101,6 +134,7 @@ def pick_scenes(args, images: list[Path]) -> list[Path]:
                 LONG_SIDE,
             )
             scenes.append(path)
+    _warn_no_polygons(args, [p for p in images if p not in scenes])
     return scenes
 
 
@@ -113,7 +147,7 @@ def check_scenes(args, scenes: list[Path], names: dict[Path, str], bands) -> Non
     ``bands``: 0-based (R, G, B) from ``--bands``, or None for the rasters' own colour tags.
     """
     for path in scenes:
-        _check(path, bands, scene_output_paths(args, names[path]))
+        _check(path, bands, scene_output_paths(args, names[path]), args.vector)
     if scenes and (args.overlay or args.save_probs):
         logger.warning(
             "--overlay and --save-probs are not written for scenes yet: %d scene(s) get their label raster only",
@@ -121,7 +155,31 @@ def check_scenes(args, scenes: list[Path], names: dict[Path, str], bands) -> Non
         )
 
 
-def _check(path: Path, bands, targets: list[Path]) -> None:
+def _check_vector_flags(args) -> None:
+    """--min-area and --simplify need --vector; --vector needs shapely and pyogrio (the geo extra)."""
+    from .extras import missing_extra
+
+    if not args.vector:
+        if args.min_area or args.simplify:
+            raise ValueError("--min-area and --simplify shape polygons: add --vector gpkg or --vector geojson")
+        return
+    try:
+        import pyogrio  # noqa: F401
+        import shapely  # noqa: F401
+    except ModuleNotFoundError as err:
+        message = missing_extra(err, "--vector")
+        if message is None:
+            raise
+        raise ValueError(message) from None
+
+
+def _warn_no_polygons(args, pictures: list[Path]) -> None:
+    if args.vector and pictures:
+        logger.warning("--vector writes polygons for scenes only: %d image(s) in image mode get none (--scene makes "
+                       "them scenes)", len(pictures))
+
+
+def _check(path: Path, bands, targets: list[Path], vector: str | None = None) -> None:
     from .extras import missing_extra
 
     if any(target.resolve() == path.resolve() for target in targets):
@@ -129,7 +187,10 @@ def _check(path: Path, bands, targets: list[Path]) -> None:
     try:
         from . import geo
 
-        geo.RasterScene(path, bands=bands).close()
+        with geo.RasterScene(path, bands=bands) as reader:
+            if vector == "geojson" and not reader.georeferenced:
+                raise ValueError(f"{path} has no CRS and GeoJSON is longitude/latitude (RFC 7946): use --vector gpkg "
+                                 "for polygons in pixel coordinates")
     except geo.BandsError:
         raise
     except geo.SceneError:
@@ -153,6 +214,10 @@ class _LabelOutput:
     @staticmethod
     def target(args, name: str) -> Path:
         return args.out / f"{name}.tif"
+
+    @classmethod
+    def open(cls, args, name: str, reader, classes: list[str]) -> "_LabelOutput":
+        return cls(args, name, reader, classes)
 
     def __init__(self, args, name: str, reader, classes: list[str]):
         from . import geo
@@ -178,10 +243,41 @@ class _LabelOutput:
         self._raster.abort()
 
 
+class _VectorOutput:
+    """``--vector``: the scene's polygons (:class:`simfeatup.vector.VectorOutput`) as a scene output kind."""
+
+    @staticmethod
+    def wanted(args) -> bool:
+        return bool(args.vector)
+
+    @staticmethod
+    def target(args, name: str) -> Path:
+        from .vector import FORMATS
+
+        return args.out / f"{name}{FORMATS[args.vector][1]}"
+
+    @classmethod
+    def open(cls, args, name: str, reader, classes: list[str]):
+        from .vector import VectorOutput
+
+        return VectorOutput(
+            cls.target(args, name),
+            args.vector,
+            height=reader.height,
+            width=reader.width,
+            crs=reader.crs,
+            transform=reader.transform,
+            classes=classes,
+            min_area=args.min_area,
+            simplify=args.simplify,
+        )
+
+
 # Every kind of file a scene can be written to, the label raster first. A kind says whether the flags
-# ask for it (``wanted(args)``) and where it goes (``target(args, name)``) without opening anything, and is
-# built as ``kind(args, name, reader, classes)`` with ``path``, ``needs_probs``, ``write``, ``commit``, ``abort``.
-SCENE_OUTPUTS: list[type] = [_LabelOutput]
+# ask for it (``wanted(args)``) and where it goes (``target(args, name)``) without opening anything;
+# ``kind.open(args, name, reader, classes)`` gives the output: ``path``, ``needs_probs``, ``write``,
+# ``commit``, ``abort``.
+SCENE_OUTPUTS: list[type] = [_LabelOutput, _VectorOutput]
 
 
 def scene_output_paths(args, name: str) -> list[Path]:
@@ -193,7 +289,7 @@ def scene_outputs(args, name: str, reader, classes: list[str]) -> list:
     """Every file a scene is written to, each an object with ``path``, ``needs_probs``, ``write(block)``,
     ``commit()`` and ``abort()``; the label raster first. Nothing appears under a final name
     before ``commit()``."""
-    return [kind(args, name, reader, classes) for kind in SCENE_OUTPUTS if kind.wanted(args)]
+    return [kind.open(args, name, reader, classes) for kind in SCENE_OUTPUTS if kind.wanted(args)]
 
 
 def _write_scene(outputs: list, blocks, bar, path: Path) -> None:
