@@ -117,11 +117,9 @@ def segment(args) -> int:
     segmenter = _segmenter(args)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic.remove_stale_temporaries(args.out)  # what a killed earlier run left half-written
-    colours = visualize.palette(len(vocabulary))
-    legend = [
-        {"index": k, "class": line, "color": colours[k].tolist()}
-        for k, line in enumerate(",".join(c) for c in vocabulary.classes)
-    ]
+    lines = [",".join(c) for c in vocabulary.classes]
+    colours = visualize.palette(lines)
+    legend = [{"index": k, "class": line, "color": colours[k].tolist()} for k, line in enumerate(lines)]
     with atomic.atomic_write(args.out / "classes.json") as tmp:
         tmp.write_text(json.dumps(legend, indent=2) + "\n")
 
@@ -141,7 +139,8 @@ def segment(args) -> int:
         name = stems[pictures[j]]
         visualize.save_atomic(visualize.label_image(result.labels, colours), args.out / f"{name}.png")
         if args.overlay:
-            visualize.save_atomic(visualize.overlay(image, result.labels, colours), args.out / f"{name}_overlay.jpg")
+            picture = visualize.overlay(image, result.labels, lines, colours)
+            visualize.save_atomic(picture, args.out / f"{name}_overlay.jpg")
         if args.save_probs:
             import numpy as np
 
