@@ -2,7 +2,9 @@
 
 Scene mode is chosen with ``--scene``, and by default for georeferenced GeoTIFFs larger than
 the working size; ``--image-mode`` keeps the paper's mode for everything. Each scene becomes
-``NAME.tif`` in ``--out``: a Cloud-Optimised GeoTIFF of labels (:class:`simfeatup.geo.LabelRaster`).
+``NAME.tif`` in ``--out``: a Cloud-Optimised GeoTIFF of labels (:class:`simfeatup.geo.LabelRaster`);
+``--save-probs`` adds ``NAME_probs.tif`` (:class:`simfeatup.geo.ProbRaster`), ``--overlay``
+``NAME_overlay.jpg`` (:class:`simfeatup.visualize.SceneOverlay`).
 Light at import (the parser adds the flags): numpy, rasterio and the model come in later.
 """
 from __future__ import annotations
@@ -99,11 +101,6 @@ def pick_scenes(args, images: list[Path], bands) -> list[Path]:
             scenes.append(path)
     for path in scenes:
         _check(path, bands, args.out)
-    if scenes and (args.overlay or args.save_probs):
-        logger.warning(
-            "--overlay and --save-probs are not written for scenes yet: %d scene(s) get their label raster only",
-            len(scenes),
-        )
     return scenes
 
 
@@ -157,11 +154,75 @@ class _LabelOutput:
         self._raster.abort()
 
 
+class _ProbsOutput:
+    """``--save-probs``: a scene's class probabilities, a K-band uint8 COG (:class:`simfeatup.geo.ProbRaster`)."""
+
+    needs_probs = True
+
+    def __init__(self, target: Path, reader, classes: list[str], block: int):
+        from . import geo
+
+        self.path = target
+        self._raster = geo.ProbRaster(
+            target,
+            height=reader.height,
+            width=reader.width,
+            crs=reader.crs,
+            transform=reader.transform,
+            classes=classes,
+            block=block,
+        )
+
+    def write(self, b) -> None:
+        self._raster.write_probs(b.y0, b.y1, b.x0, b.x1, b.probs, b.valid)
+
+    def commit(self) -> None:
+        self._raster.commit()
+
+    def abort(self) -> None:
+        self._raster.abort()
+
+
+class _OverlayOutput:
+    """``--overlay``: the scene decimated to a viewable size, labels blended, a legend below
+    (:class:`simfeatup.visualize.SceneOverlay`); each block's RGB is read again from ``reader``."""
+
+    needs_probs = False
+
+    def __init__(self, target: Path, reader, classes: list[str]):
+        from . import visualize
+
+        self.path, self._reader = target, reader
+        self._overlay = visualize.SceneOverlay(reader.height, reader.width, classes)
+
+    def write(self, b) -> None:
+        rgb, valid = self._reader.read(b.y0, b.y1, b.x0, b.x1)
+        self._overlay.add(b.y0, b.x0, rgb, valid & b.valid, b.labels)
+
+    def commit(self) -> None:
+        from . import visualize
+
+        visualize.save_atomic(self._overlay.image(), self.path)
+
+    def abort(self) -> None:
+        pass  # nothing is written before commit()
+
+
 def scene_outputs(args, name: str, reader, classes: list[str]) -> list:
     """Every file a scene is written to, each an object with ``needs_probs``, ``write(block)``,
     ``commit()`` and ``abort()``; the label raster first. Nothing appears under a final name
     before ``commit()``."""
-    return [_LabelOutput(args.out / f"{name}.tif", reader, classes, args.block)]
+    outputs = [_LabelOutput(args.out / f"{name}.tif", reader, classes, args.block)]
+    try:
+        if args.save_probs:
+            outputs.append(_ProbsOutput(args.out / f"{name}_probs.tif", reader, classes, args.block))
+        if args.overlay:
+            outputs.append(_OverlayOutput(args.out / f"{name}_overlay.jpg", reader, classes))
+    except BaseException:  # the outputs already made hold staging files
+        for output in outputs:
+            output.abort()
+        raise
+    return outputs
 
 
 def _write_scene(outputs: list, blocks, bar) -> None:
