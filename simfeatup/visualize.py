@@ -185,9 +185,9 @@ class SceneOverlay:
         h, w = labels.shape
         rows, row_cells, row_centres, centre_rows = self._cells(y0, y0 + h, self.height)
         cols, col_cells, col_centres, centre_cols = self._cells(x0, x0 + w, self.width)
-        weight = valid.astype(np.float32)
-        sums = np.add.reduceat(np.add.reduceat(rgb * weight[..., None], rows, axis=0), cols, axis=1)
-        counts = np.add.reduceat(np.add.reduceat(weight, rows, axis=0), cols, axis=1)
+        masked = np.where(valid[..., None], rgb, 0).astype(np.uint8)  # no float copy of the block
+        sums = np.add.reduceat(np.add.reduceat(masked, rows, axis=0, dtype=np.float32), cols, axis=1)
+        counts = np.add.reduceat(np.add.reduceat(valid, rows, axis=0, dtype=np.float32), cols, axis=1)
         cells = np.ix_(row_cells, col_cells)
         self._sum[cells] += sums
         self._count[cells] += counts
