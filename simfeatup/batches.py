@@ -152,7 +152,7 @@ def legend(classes: list[str]) -> list[dict]:
     """The legend entries of ``classes`` (class lines): index, class line, palette colour."""
     from .visualize import palette
 
-    colours = palette(len(classes))
+    colours = palette(classes)
     return [{"index": k, "class": line, "color": colours[k].tolist()} for k, line in enumerate(classes)]
 
 

@@ -123,10 +123,16 @@ def _parser() -> argparse.ArgumentParser:
     _add_vocabulary_flags(p)
     p.add_argument("--out", type=Path, required=True, help="output folder for <image>.png label maps")
     p.add_argument(
-        "--overlay", action="store_true", help="also write <image>_overlay.jpg (labels blended over the image)"
+        "--overlay",
+        action="store_true",
+        help="also write <image>_overlay.jpg: labels blended over the image, a legend below (scenes: decimated "
+        "to a viewable size)",
     )
     p.add_argument(
-        "--save-probs", action="store_true", help="also write <image>_probs.npy (K, H, W) class probabilities"
+        "--save-probs",
+        action="store_true",
+        help="also write <image>_probs.npy, (K, H, W) float16 class probabilities (scenes: <image>_probs.tif, "
+        "one scaled uint8 band per class)",
     )
     _add_model_flags(p)
     batches.add_flags(p)

@@ -155,7 +155,7 @@ def segment(args) -> int:
         raise UsageError(f"--out {args.out} cannot be created ({err.strerror}): choose another folder") from None
     atomic.remove_stale_temporaries(args.out)  # what a killed earlier run left half-written
     batches.write_legend(args.out, classes, overwrite=args.overwrite)
-    colours = visualize.palette(len(vocabulary))
+    colours = visualize.palette(classes)
 
     failed = []
 
@@ -174,7 +174,7 @@ def segment(args) -> int:
         files = _image_outputs(args, names[pictures[j]])
         visualize.save_atomic(visualize.label_image(result.labels, colours), files["labels"])
         if "overlay" in files:
-            visualize.save_atomic(visualize.overlay(image, result.labels, colours), files["overlay"])
+            visualize.save_atomic(visualize.overlay(image, result.labels, classes, colours), files["overlay"])
         if "probs" in files:
             import numpy as np
 

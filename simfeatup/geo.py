@@ -1,4 +1,4 @@
-"""Rasters in scene mode (SPEC 9): a windowed scene reader and the label Cloud-Optimised GeoTIFF.
+"""Rasters in scene mode (SPEC 9): a windowed scene reader, the label and probability Cloud-Optimised GeoTIFFs.
 
 rasterio is the ``geo`` extra (``pip install "simfeatup[geo]"``) and is imported inside the
 functions, so the rest of simfeatup works without it. The reader never holds the whole scene:
@@ -23,6 +23,8 @@ from .scene import SceneError
 COG_TILE = 512
 # GeoTIFF tiles are multiples of this (TIFF 6.0); stride-aligned blocks (112 = 7 x 16) are.
 TIFF_TILE_MULTIPLE = 16
+# The probability raster stores round(p * PROB_SCALE): 0..254, one step below its nodata 255.
+PROB_SCALE = NODATA_LABEL - 1
 
 
 class BandsError(SceneError):
@@ -161,12 +163,11 @@ def overview_factors(height: int, width: int, tile: int = COG_TILE) -> list[int]
     return factors
 
 
-class LabelRaster:
-    """A scene's labels as a Cloud-Optimised GeoTIFF (SPEC 9), written block by block.
+class CogRaster:
+    """A Cloud-Optimised GeoTIFF of ``count`` uint8 bands, written block by block (SPEC 9).
 
-    uint8 class indices with ``crs`` and ``transform``, nodata :data:`NODATA_LABEL`, the palette
-    of :func:`simfeatup.visualize.palette` as colour table (nodata transparent), the class lines
-    as JSON in the ``classes`` tag; DEFLATE, 512-pixel tiles, nearest-neighbour overviews.
+    ``crs``, ``transform`` and nodata :data:`NODATA_LABEL`; DEFLATE, 512-pixel tiles, overviews
+    made with :attr:`overview_resampling`. Subclasses say what the bands are in :meth:`_describe`.
 
     Blocks go to a tiled intermediate whose tiles are the blocks (``block`` pixels: no tile is
     written twice) under a staging name. :meth:`commit` adds the overviews, copies it with GDAL's
@@ -175,11 +176,13 @@ class LabelRaster:
     both staging files when it raises.
     """
 
-    def __init__(self, path: str | Path, *, height: int, width: int, crs, transform, classes: list[str], block: int):
+    overview_resampling = "nearest"
+
+    def __init__(self, path: str | Path, *, height: int, width: int, count: int, crs, transform, block: int):
         import rasterio
 
         self.path = Path(path)
-        self.height, self.width = height, width
+        self.height, self.width, self.count = height, width, count
         self._tiles = atomic.AtomicFile(self.path)
         self._final: atomic.AtomicFile | None = None
         tile = block if block % TIFF_TILE_MULTIPLE == 0 else COG_TILE
@@ -187,7 +190,7 @@ class LabelRaster:
             "driver": "GTiff",
             "height": height,
             "width": width,
-            "count": 1,
+            "count": count,
             "dtype": "uint8",
             "crs": crs,
             "transform": transform,
@@ -199,24 +202,23 @@ class LabelRaster:
             "zlevel": 1,
             "bigtiff": "if_safer",
         }
-        colours = visualize.palette(len(classes))
         try:
             with _quiet():
                 self._ds = rasterio.open(self._tiles.tmp, "w", **profile)
-            self._ds.write_colormap(
-                1, {**{k: (*map(int, c), 255) for k, c in enumerate(colours)}, NODATA_LABEL: (0, 0, 0, 0)}
-            )
-            self._ds.update_tags(classes=json.dumps(list(classes)))
-            self._ds.set_band_description(1, "class")
+            self._describe(self._ds)
         except BaseException:
             self._tiles.abort()
             raise
 
-    def write(self, y0: int, y1: int, x0: int, x1: int, labels: np.ndarray) -> None:
-        """Labels (y1 - y0, x1 - x0) of rows y0..y1-1, columns x0..x1-1."""
+    def _describe(self, ds) -> None:
+        """Colour tables, band descriptions, tags: called once on the open intermediate."""
+
+    def write(self, y0: int, y1: int, x0: int, x1: int, data: np.ndarray) -> None:
+        """Rows y0..y1-1, columns x0..x1-1 of every band: uint8 (count, h, w), or (h, w) for one band."""
         from rasterio.windows import Window
 
-        self._ds.write(np.asarray(labels, np.uint8), 1, window=Window(x0, y0, x1 - x0, y1 - y0))
+        data = np.asarray(data, np.uint8)
+        self._ds.write(data[None] if data.ndim == 2 else data, window=Window(x0, y0, x1 - x0, y1 - y0))
 
     def commit(self) -> Path:
         import rasterio.shutil
@@ -225,7 +227,7 @@ class LabelRaster:
         try:
             factors = overview_factors(self.height, self.width)
             if factors:
-                self._ds.build_overviews(factors, Resampling.nearest)  # class indices: never averaged
+                self._ds.build_overviews(factors, Resampling[self.overview_resampling])
             self._ds.close()
             self._final = atomic.AtomicFile(self.path)
             with _quiet():
@@ -251,7 +253,7 @@ class LabelRaster:
         if self._final is not None:
             self._final.abort()
 
-    def __enter__(self) -> "LabelRaster":
+    def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -259,3 +261,60 @@ class LabelRaster:
             self.commit()
         else:
             self.abort()
+
+
+class LabelRaster(CogRaster):
+    """A scene's labels as a :class:`CogRaster` (SPEC 9): one band of class indices.
+
+    The palette of :func:`simfeatup.visualize.palette` is its colour table (nodata transparent),
+    the class lines are JSON in its ``classes`` tag; overviews pick labels, never average them.
+    """
+
+    def __init__(self, path: str | Path, *, height: int, width: int, crs, transform, classes: list[str], block: int):
+        self.classes = list(classes)
+        super().__init__(path, height=height, width=width, count=1, crs=crs, transform=transform, block=block)
+
+    def _describe(self, ds) -> None:
+        colours = visualize.palette(self.classes)
+        ds.write_colormap(1, {**{k: (*map(int, c), 255) for k, c in enumerate(colours)}, NODATA_LABEL: (0, 0, 0, 0)})
+        ds.update_tags(classes=json.dumps(self.classes))
+        ds.set_band_description(1, "class")
+
+
+def quantise_probs(probs: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """(K, h, w) probabilities -> uint8: round(p * PROB_SCALE), :data:`NODATA_LABEL` where not ``valid``."""
+    out = np.empty(probs.shape, np.uint8)
+    for k, band in enumerate(probs):  # band by band: no (K, h, w) float temporary
+        out[k] = np.rint(np.clip(band, 0, 1) * PROB_SCALE)
+        out[k][~valid] = NODATA_LABEL
+    return out
+
+
+class ProbRaster(CogRaster):
+    """A scene's class probabilities as a :class:`CogRaster`: one band per class line (its description).
+
+    Values are p scaled to 0..PROB_SCALE and rounded, :data:`NODATA_LABEL` at nodata; GDAL's
+    band scale (1 / PROB_SCALE) and the ``probability`` tag say so. Overviews average.
+    """
+
+    overview_resampling = "average"
+
+    def __init__(self, path: str | Path, *, height: int, width: int, crs, transform, classes: list[str], block: int):
+        self.classes = list(classes)
+        super().__init__(
+            path, height=height, width=width, count=len(self.classes), crs=crs, transform=transform, block=block
+        )
+
+    def _describe(self, ds) -> None:
+        for k, line in enumerate(self.classes, 1):
+            ds.set_band_description(k, line)
+        ds.scales = [1 / PROB_SCALE] * len(self.classes)
+        ds.offsets = [0.0] * len(self.classes)
+        ds.update_tags(
+            classes=json.dumps(self.classes),
+            probability=f"value / {PROB_SCALE}, rounded to the nearest step; {NODATA_LABEL} = nodata",
+        )
+
+    def write_probs(self, y0: int, y1: int, x0: int, x1: int, probs: np.ndarray, valid: np.ndarray) -> None:
+        """(K, h, w) float probabilities and the (h, w) valid mask of rows y0..y1-1, columns x0..x1-1."""
+        self.write(y0, y1, x0, x1, quantise_probs(probs, valid))

@@ -2,7 +2,9 @@
 
 Scene mode is chosen with ``--scene``, and by default for georeferenced GeoTIFFs larger than
 the working size; ``--image-mode`` keeps the paper's mode for everything. Each scene becomes
-``NAME.tif`` in ``--out``: a Cloud-Optimised GeoTIFF of labels (:class:`simfeatup.geo.LabelRaster`).
+``NAME.tif`` in ``--out``: a Cloud-Optimised GeoTIFF of labels (:class:`simfeatup.geo.LabelRaster`);
+``--save-probs`` adds ``NAME_probs.tif`` (:class:`simfeatup.geo.ProbRaster`), ``--overlay``
+``NAME_overlay.jpg`` (:class:`simfeatup.visualize.SceneOverlay`).
 Light at import (the parser adds the flags): numpy, rasterio and the model come in later.
 """
 from __future__ import annotations
@@ -148,11 +150,6 @@ def check_scenes(args, scenes: list[Path], names: dict[Path, str], bands) -> Non
     """
     for path in scenes:
         _check(path, bands, scene_output_paths(args, names[path]), args.vector)
-    if scenes and (args.overlay or args.save_probs):
-        logger.warning(
-            "--overlay and --save-probs are not written for scenes yet: %d scene(s) get their label raster only",
-            len(scenes),
-        )
 
 
 def _check_vector_flags(args) -> None:
@@ -206,6 +203,7 @@ class _LabelOutput:
     """The label COG of a scene as a scene output: ``write(block)``, ``commit()``, ``abort()``."""
 
     needs_probs = False
+    raster = "LabelRaster"  # the simfeatup.geo class that writes it
 
     @staticmethod
     def wanted(args) -> bool:
@@ -223,7 +221,7 @@ class _LabelOutput:
         from . import geo
 
         self.path = self.target(args, name)
-        self._raster = geo.LabelRaster(
+        self._raster = getattr(geo, self.raster)(
             self.path,
             height=reader.height,
             width=reader.width,
@@ -273,11 +271,66 @@ class _VectorOutput:
         )
 
 
+class _ProbsOutput(_LabelOutput):
+    """``--save-probs``: a scene's class probabilities, a K-band uint8 COG (:class:`simfeatup.geo.ProbRaster`)."""
+
+    needs_probs = True
+    raster = "ProbRaster"
+
+    @staticmethod
+    def wanted(args) -> bool:
+        return bool(args.save_probs)
+
+    @staticmethod
+    def target(args, name: str) -> Path:
+        return args.out / f"{name}_probs.tif"
+
+    def write(self, b) -> None:
+        self._raster.write_probs(b.y0, b.y1, b.x0, b.x1, b.probs, b.valid)
+
+
+class _OverlayOutput:
+    """``--overlay``: the scene decimated to a viewable size, labels blended, a legend below
+    (:class:`simfeatup.visualize.SceneOverlay`); each block's RGB is read again from ``reader``."""
+
+    needs_probs = False
+
+    @staticmethod
+    def wanted(args) -> bool:
+        return bool(args.overlay)
+
+    @staticmethod
+    def target(args, name: str) -> Path:
+        return args.out / f"{name}_overlay.jpg"
+
+    @classmethod
+    def open(cls, args, name: str, reader, classes: list[str]) -> "_OverlayOutput":
+        return cls(cls.target(args, name), reader, classes)
+
+    def __init__(self, target: Path, reader, classes: list[str]):
+        from . import visualize
+
+        self.path, self._reader = target, reader
+        self._overlay = visualize.SceneOverlay(reader.height, reader.width, classes)
+
+    def write(self, b) -> None:
+        rgb, valid = self._reader.read(b.y0, b.y1, b.x0, b.x1)
+        self._overlay.add(b.y0, b.x0, rgb, valid & b.valid, b.labels)
+
+    def commit(self) -> None:
+        from . import visualize
+
+        visualize.save_atomic(self._overlay.image(), self.path)
+
+    def abort(self) -> None:
+        pass  # nothing is written before commit()
+
+
 # Every kind of file a scene can be written to, the label raster first. A kind says whether the flags
 # ask for it (``wanted(args)``) and where it goes (``target(args, name)``) without opening anything;
 # ``kind.open(args, name, reader, classes)`` gives the output: ``path``, ``needs_probs``, ``write``,
 # ``commit``, ``abort``.
-SCENE_OUTPUTS: list[type] = [_LabelOutput, _VectorOutput]
+SCENE_OUTPUTS: list[type] = [_LabelOutput, _ProbsOutput, _VectorOutput, _OverlayOutput]
 
 
 def scene_output_paths(args, name: str) -> list[Path]:
@@ -289,7 +342,16 @@ def scene_outputs(args, name: str, reader, classes: list[str]) -> list:
     """Every file a scene is written to, each an object with ``path``, ``needs_probs``, ``write(block)``,
     ``commit()`` and ``abort()``; the label raster first. Nothing appears under a final name
     before ``commit()``."""
-    return [kind.open(args, name, reader, classes) for kind in SCENE_OUTPUTS if kind.wanted(args)]
+    outputs = []
+    try:
+        for kind in SCENE_OUTPUTS:
+            if kind.wanted(args):
+                outputs.append(kind.open(args, name, reader, classes))
+    except BaseException:  # the outputs already made hold staging files
+        for output in outputs:
+            output.abort()
+        raise
+    return outputs
 
 
 def _write_scene(outputs: list, blocks, bar, path: Path) -> None:

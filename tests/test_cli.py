@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from simfeatup.cli import main
+from simfeatup.visualize import palette
 
 
 @pytest.fixture
@@ -57,11 +58,14 @@ def test_segment_writes_palette_label_maps_and_overlays(tiny_weights, images, tm
         label = Image.open(out / f"{f.stem}.png")
         assert label.mode == "P" and label.size == Image.open(f).size
         assert np.asarray(label).max() <= 2
-        assert (out / f"{f.stem}_overlay.jpg").is_file()
+        overlay = Image.open(out / f"{f.stem}_overlay.jpg")
+        # the picture, then its legend (wider than a small picture: the longest class name fits)
+        assert overlay.width >= label.width and overlay.height > label.height
         probs = np.load(out / f"{f.stem}_probs.npy")
         assert probs.shape == (3, label.size[1], label.size[0])
     legend = json.loads((out / "classes.json").read_text())
     assert [c["class"] for c in legend] == ["building,roof", "road", "water"]
+    assert [c["color"] for c in legend] == palette(["building,roof", "road", "water"]).tolist()  # one palette
 
 
 def test_segment_with_preset(tiny_weights, images, tmp_path):

@@ -11,12 +11,23 @@ from rio_cogeo.cogeo import cog_validate
 
 from simfeatup import imaging
 from simfeatup.constants import NODATA_LABEL
-from simfeatup.geo import LabelRaster, RasterScene, SceneError, choose_bands, overview_factors
+from simfeatup.geo import (
+    PROB_SCALE,
+    LabelRaster,
+    ProbRaster,
+    RasterScene,
+    SceneError,
+    choose_bands,
+    overview_factors,
+    quantise_probs,
+)
 from simfeatup.scene import segment_scene
+from simfeatup.visualize import palette
 from simfeatup.vocabulary import Vocabulary
 
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "geo" / "spacenet4_atlanta_pan.tif"
 VOCAB = Vocabulary.from_spec("building,roof;road;tree")
+CLASSES = [",".join(c) for c in VOCAB.classes]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +73,7 @@ def _segment_to(path, reader, segmenter, block):
         width=reader.width,
         crs=reader.crs,
         transform=reader.transform,
-        classes=[",".join(c) for c in VOCAB.classes],
+        classes=CLASSES,
         block=block,
     ) as raster:
         for b in segment_scene(segmenter, reader, VOCAB, text=segmenter.query_embeddings(VOCAB, _TEXT), block=block):
@@ -201,9 +212,47 @@ def test_label_raster_is_a_cog_in_the_scene_crs_with_nodata_kept(tmp_path, segme
         labels, nodata_in = dst.read(1), src.read_masks(1) == 0
         assert dst.nodata == NODATA_LABEL and dst.profile["compress"] == "deflate" and dst.block_shapes == [(512, 512)]
         assert json.loads(dst.tags()["classes"]) == ["building,roof", "road", "tree"]
-        assert dst.colormap(1)[1][:3] == (230, 159, 0) and dst.colormap(1)[NODATA_LABEL][3] == 0  # nodata transparent
+        # the palette of every other output (a road is grey), nodata transparent
+        assert dst.colormap(1)[1] == (110, 110, 110, 255) and dst.colormap(1)[NODATA_LABEL][3] == 0
+        assert [dst.colormap(1)[k][:3] for k in range(3)] == [tuple(c) for c in palette(CLASSES).tolist()]
     np.testing.assert_array_equal(labels == NODATA_LABEL, nodata_in)
     assert set(np.unique(labels[~nodata_in])) <= {0, 1, 2}
+
+
+def test_probability_raster_has_a_band_per_class_in_the_scene_crs(tmp_path, segmenter):
+    source = _with_nodata_border(tmp_path)
+    path = tmp_path / "out" / "probs.tif"
+    labels = np.zeros((512, 512), np.uint8)
+    probs = np.zeros((3, 512, 512), np.float32)
+    text = segmenter.query_embeddings(VOCAB, _TEXT)
+    with RasterScene(source) as reader:
+        with ProbRaster(
+            path, height=512, width=512, crs=reader.crs, transform=reader.transform, classes=CLASSES, block=224
+        ) as raster:
+            for b in segment_scene(segmenter, reader, VOCAB, text=text, block=224, return_probs=True):
+                raster.write_probs(b.y0, b.y1, b.x0, b.x1, b.probs, b.valid)
+                labels[b.y0 : b.y1, b.x0 : b.x1], probs[:, b.y0 : b.y1, b.x0 : b.x1] = b.labels, b.probs
+    assert sorted(p.name for p in path.parent.iterdir()) == ["probs.tif"]
+    assert cog_validate(str(path)) == (True, [], [])
+    with rasterio.open(source) as src, rasterio.open(path) as dst:
+        assert dst.crs == src.crs and dst.transform == src.transform and dst.shape == src.shape
+        assert dst.count == 3 and dst.dtypes == ("uint8",) * 3 and dst.nodata == NODATA_LABEL
+        assert dst.descriptions == tuple(CLASSES) and json.loads(dst.tags()["classes"]) == CLASSES
+        assert dst.scales == (1 / PROB_SCALE,) * 3 and "value / 254" in dst.tags()["probability"]
+        stored, nodata_in = dst.read(), src.read_masks(1) == 0
+    assert (stored[:, nodata_in] == NODATA_LABEL).all() and (stored[:, ~nodata_in] <= PROB_SCALE).all()
+    p = stored[:, ~nodata_in] / PROB_SCALE
+    np.testing.assert_allclose(p, probs[:, ~nodata_in], atol=0.5 / PROB_SCALE + 1e-6)  # rounded, not floored
+    top2 = np.sort(probs[:, ~nodata_in], axis=0)[-2:]
+    confident = top2[1] - top2[0] > 1 / PROB_SCALE  # rounding cannot swap the two best there
+    assert confident.mean() > 0.5
+    np.testing.assert_array_equal(stored[:, ~nodata_in].argmax(0)[confident], labels[~nodata_in][confident])
+
+
+def test_quantised_probabilities_keep_the_nodata_value():
+    probs = np.array([[[0.0, 0.5], [1.0, 0.3]], [[1.0, 0.5], [0.0, 0.7]]], np.float32)
+    valid = np.array([[True, True], [True, False]])
+    np.testing.assert_array_equal(quantise_probs(probs, valid), [[[0, 127], [254, 255]], [[254, 127], [0, 255]]])
 
 
 def test_block_size_does_not_change_the_written_labels(tmp_path, segmenter):

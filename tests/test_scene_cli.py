@@ -194,3 +194,39 @@ def test_unreadable_scenes_are_reported_and_the_others_are_written(tiny_weights,
     assert "2 of 3 image(s) could not be segmented" in _one_line_error(capsys)
     assert "truncated.tif" in caplog.text and "cannot read" in caplog.text and "broken.tif" in caplog.text
     assert sorted(p.name for p in out.iterdir()) == ["classes.json", "piece.tif"]  # nothing half-written
+
+
+def test_a_scene_gets_a_probability_raster_and_an_overlay_with_a_legend(tiny_weights, tmp_path):
+    from simfeatup.visualize import NODATA_COLOUR, palette
+
+    scene = tmp_path / "scene.tif"
+    shutil.copy(SAMPLE, scene)
+    with rasterio.open(scene, "r+") as ds:
+        data = ds.read()
+        data[:, :, :60] = 0  # the sample's nodata value
+        ds.write(data)
+    out = tmp_path / "out"
+    argv = ["segment", str(scene), *CLASSES, "--out", str(out), "--overlay", "--save-probs", "--block", "448"]
+    assert main([*argv, *_args(tiny_weights)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "classes.json", "scene.tif", "scene_overlay.jpg", "scene_probs.tif"
+    ]
+    with rasterio.open(scene) as src, rasterio.open(out / "scene_probs.tif") as pr:
+        labels = rasterio.open(out / "scene.tif").read(1)
+        assert pr.crs == src.crs and pr.transform == src.transform and pr.shape == src.shape
+        assert pr.count == 3 and pr.descriptions == ("building,roof", "road", "tree") and pr.nodata == NODATA_LABEL
+        probs = pr.read()
+    nodata = labels == NODATA_LABEL
+    assert nodata[:, :60].all() and not nodata[:, 60:].any()
+    assert (probs[:, nodata] == NODATA_LABEL).all() and (probs[:, ~nodata] < NODATA_LABEL).all()
+    top2 = np.sort(probs[:, ~nodata], axis=0)[-2:].astype(int)
+    confident = top2[1] - top2[0] >= 2  # two rounding steps apart: the stored order is the true one
+    assert confident.mean() > 0.5
+    np.testing.assert_array_equal(probs[:, ~nodata].argmax(0)[confident], labels[~nodata][confident])
+
+    picture = np.asarray(Image.open(out / "scene_overlay.jpg").convert("RGB")).astype(int)
+    assert picture.shape[1] == 512 and 512 < picture.shape[0] < 600  # the scene (no decimation needed), a legend
+    assert (np.abs(picture[:512, :50] - NODATA_COLOUR) <= 12).all()  # nodata neutral, not tinted (JPEG noise)
+    strip = picture[512:].reshape(-1, 3)
+    for colour in palette(["building,roof", "road", "tree"]):  # a swatch per class (JPEG: nearly exact)
+        assert (np.abs(strip - colour).max(axis=1) <= 12).sum() >= 25
