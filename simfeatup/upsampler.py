@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import filters
 from .atomic import atomic_write
 from .filters import adaptive_filter, pointwise, range_logits, reflect_pad
 from .interp import bicubic_resize
@@ -131,6 +132,20 @@ class JBUStep(nn.Module):
         src = bicubic_resize(source, guide.shape[-2:])
         return adaptive_filter(reflect_pad(src, self.radius), self.kernel(guide))
 
+    def forward_tiled(self, source: torch.Tensor, guide: torch.Tensor, tiles: filters.Tiles) -> torch.Tensor:
+        """The same step channels-last, for inference and the ONNX graph form.
+
+        source (B, h, w, C), guide (B, H, W, 3) already pooled -> (B, H, W, C). The range logits
+        and the filter are the tiled matmuls of ``tiles`` (whose tile side divides H and W), so
+        nothing is permuted between steps.
+        """
+        r = self.radius
+        key = pointwise(self.range_proj, guide, dim=-1)  # (B, H, W, key_dim)
+        logits = tiles.range_logits(key, reflect_pad(key, r, dims=(1, 2)))  # (B, h', w', T*T, d*d)
+        k = self.kernel_from_range(logits, tiles.split(guide), dim=-1)
+        src = bicubic_resize(source, guide.shape[1:3], channels_last=True)
+        return tiles.filter(reflect_pad(src, r, dims=(1, 2)), k.to(src.dtype))
+
 
 class SimFeatUp(nn.Module):
     """SimFeatUp upsampler: ceil(log2(patch)) JBU steps, then out + 0.1 * conv1x1(dropout(out)).
@@ -178,57 +193,91 @@ class SimFeatUp(nn.Module):
             return [self.up] * self.n_steps
         return [getattr(self, f"up{i}") for i in range(1, self.n_steps + 1)]
 
+    def _sizes(self, h: int, w: int, guidance: torch.Tensor) -> list[tuple[int, int]]:
+        """Output size of every step: the token grid doubled, then the pixel grid."""
+        return [(h << i, w << i) for i in range(1, self.n_steps)] + [tuple(guidance.shape[-2:])]
+
+    def _autograd(self, *tensors: torch.Tensor) -> bool:
+        """Whether a gradient may be asked for: then the steps run channels-first with their backward."""
+        if not torch.is_grad_enabled():
+            return False
+        return any(t.requires_grad for t in tensors) or any(p.requires_grad for p in self.parameters())
+
     def _upsample(self, x: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
-        """The JBU steps alone: x (B, C, h, w) -> (B, C, H, W); linear in x for a fixed guidance."""
-        H, W = guidance.shape[-2:]
-        h, w = x.shape[-2:]
-        sizes = [(h << i, w << i) for i in range(1, self.n_steps)] + [(H, W)]
-        for step, size in zip(self.steps(), sizes):
+        """The JBU steps alone, channels-first: x (B, C, h, w) -> (B, C, H, W); linear in x for a fixed guidance."""
+        guidance = guidance.to(x.dtype)
+        if not self._autograd(x, guidance):
+            return self._upsample_tiled(x.permute(0, 2, 3, 1), guidance).permute(0, 3, 1, 2)
+        for step, size in zip(self.steps(), self._sizes(*x.shape[-2:], guidance)):
             x = step(x, pool_guidance(guidance, size))
         return x
 
-    def forward(self, feats: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+    def _upsample_tiled(self, x: torch.Tensor, guidance: torch.Tensor, tiles=None) -> torch.Tensor:
+        """The JBU steps channels-last (:meth:`JBUStep.forward_tiled`): x (B, h, w, K) -> (B, H, W, K).
+
+        ``tiles``: one :class:`simfeatup.filters.Tiles` per step. The graph form passes tiles of
+        one token's pixels (static sides for every window size); eager, each step takes the
+        largest side <= ``filters.TILE`` that divides its output.
+        """
+        sizes = self._sizes(*x.shape[1:3], guidance)
+        for i, (step, size) in enumerate(zip(self.steps(), sizes)):
+            t = tiles[i] if tiles is not None else filters.tiles(filters.tile_side(*size, filters.TILE), step.diameter,
+                                                                 x.device)
+            x = step.forward_tiled(x, pool_guidance(guidance, size).permute(0, 2, 3, 1), t)
+        return x
+
+    def forward(self, feats: torch.Tensor, guidance: torch.Tensor, *, tiles=None, operator=None) -> torch.Tensor:
         """feats (B, C, h, w) patch features; guidance (B, 3, h*p, w*p) CLIP-normalised RGB.
 
-        Returns (B, C, h*p, w*p) in feats' dtype.
+        Returns (B, C, h*p, w*p) in feats' dtype. ``tiles`` and ``operator`` are the graph form's
+        (:mod:`simfeatup.export.graph_form`): its tiles per step and its operator-or-direct choice,
+        made once for every window size; by default the operator is used when h*w < C.
         """
         self._check(feats, guidance)
         B, C, h, w = feats.shape
         H, W = guidance.shape[-2:]
         x = self._mix_channels(feats)
-        if h * w < C:
-            op = self._operator(x, guidance)  # (B, n, H, W)
-            out = torch.bmm(x.flatten(2), op.flatten(2)).view(B, C, H, W)
+        if h * w < C if operator is None else operator:
+            u = self._operator(x, guidance, tiles)  # (B, H, W, n)
+            out = (x.flatten(2) @ u.reshape(B, H * W, -1).transpose(1, 2)).view(B, C, H, W)
+        elif tiles is None:
+            out = self._upsample(x, guidance)
         else:
-            out = self._upsample(x, guidance.to(x.dtype))
+            out = self._upsample_tiled(x.permute(0, 2, 3, 1), guidance.to(x.dtype), tiles).permute(0, 3, 1, 2)
         return out + self.bias().to(out.dtype).view(1, C, 1, 1)
 
-    def cosine_logits(self, feats: torch.Tensor, guidance: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def cosine_logits(
+        self, feats: torch.Tensor, guidance: torch.Tensor, text: torch.Tensor, *, tiles=None, operator=None
+    ) -> torch.Tensor:
         """<f / |f|, t> of the upsampled features f = forward(feats, guidance) for text (Q, C).
 
         Returns (B, Q, H, W) float32. With fewer tokens than channels (ViT-B/16: 196 < 512) f is
         never built: :func:`factored_cosine` scores the operator's h*w columns instead.
+        ``tiles``, ``operator``: as in :meth:`forward`.
         """
         self._check(feats, guidance)
         B, C, h, w = feats.shape
         H, W = guidance.shape[-2:]
-        if h * w >= C:
-            return torch.einsum("bchw,qc->bqhw", F.normalize(self(feats, guidance).float(), dim=1), text.float())
+        if not (h * w < C if operator is None else operator):
+            f = self(feats, guidance, tiles=tiles, operator=False)
+            return torch.einsum("bchw,qc->bqhw", F.normalize(f.float(), dim=1), text.float())
         x = self._mix_channels(feats)
-        op = self._operator(x, guidance)  # (B, n, H, W)
-        u = op.flatten(2).transpose(1, 2)  # (B, H*W, n)
-        return factored_cosine(x.flatten(2), u, self.bias(), text).reshape(B, -1, H, W)
+        u = self._operator(x, guidance, tiles)  # (B, H, W, n)
+        return factored_cosine(x.flatten(2), u.reshape(B, H * W, -1), self.bias(), text).reshape(B, -1, H, W)
 
-    def _operator(self, x: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
-        """The steps applied to the h*w unit images: (B, n, H, W), the columns of the linear map.
+    def _operator(self, x: torch.Tensor, guidance: torch.Tensor, tiles=None) -> torch.Tensor:
+        """The steps applied to the h*w unit images: (B, H, W, n), the rows of the linear map per pixel.
 
         Every step is one image-dependent linear map, identical for every channel (SPEC 3), so
         with n < C running it on the n unit images and mixing them into C channels is cheaper.
         """
         B, _, h, w = x.shape
         n = h * w
-        basis = torch.eye(n, dtype=x.dtype, device=x.device).view(1, n, h, w).expand(B, n, h, w)
-        return self._upsample(basis, guidance.to(x.dtype))
+        guidance = guidance.to(x.dtype)
+        eye = torch.eye(n, dtype=x.dtype, device=x.device)
+        if tiles is None and self._autograd(x, guidance):
+            return self._upsample(eye.view(1, n, h, w).expand(B, n, h, w), guidance).permute(0, 2, 3, 1)
+        return self._upsample_tiled(eye.view(1, h, w, n).expand(B, h, w, n), guidance, tiles)
 
     def bias(self) -> torch.Tensor:
         """(C,) what the final fixup adds to every pixel: 0.1 * its conv's bias (SPEC 3)."""
