@@ -14,6 +14,8 @@ from pathlib import Path
 
 import open_clip
 import torch
+from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+from open_clip.pretrained import has_hf_hub
 from open_clip.transformer import QuickGELU
 from safetensors import SafetensorError
 
@@ -21,6 +23,9 @@ from simfeatup.backbone import Backbone, WeightsUnavailableError, file_sha256
 from simfeatup.constants import CLIP_MEAN, CLIP_STD
 
 logger = logging.getLogger(__name__)
+
+PROBE_TIMEOUT = 3.0  # seconds for the one request that tells whether weights can be downloaded at all
+OFFLINE_DEMO = "python train/fit.py --config configs/train/tiny.yaml"  # trains without any download
 
 
 def build_clip(backbone: Backbone, weights_path=None, *, seed: int = 0, cache_dir=None):
@@ -127,9 +132,18 @@ def _resolve_weights(model: str, pretrained: str, cache_dir) -> tuple[Path, dict
     """Tag or file -> (local checkpoint path, tag registry entry or {})."""
     tag_cfg = open_clip.get_pretrained_cfg(model, pretrained)
     if tag_cfg:
+        cached = _hub_cache_hit(tag_cfg, cache_dir)
+        if cached is not None:  # no network at all: not even the hub client's freshness check
+            logger.debug("CLIP weights %s/%s from the Hugging Face cache: %s", model, pretrained, cached)
+            return cached, tag_cfg
+        source = _download_source(tag_cfg, cache_dir)
+        if source is not None:  # to be fetched: fail at once, never in the hub client's retry loop
+            why = _offline_reason() or _unreachable(source)
+            if why:
+                raise WeightsUnavailableError(_weights_message(model, pretrained, why, tag_cfg))
         try:
             path = open_clip.download_pretrained(tag_cfg, cache_dir=cache_dir)
-        except (OSError, RuntimeError, ValueError) as err:  # offline, HTTP, missing hub file
+        except (OSError, RuntimeError, ValueError) as err:  # HTTP errors, missing hub file, a dropped connection
             raise WeightsUnavailableError(_weights_message(model, pretrained, _fetch_reason(err), tag_cfg)) from err
         if not path:
             raise WeightsUnavailableError(
@@ -154,11 +168,79 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.endswith("/constants.pkl") for name in zf.namelist())
 
 
+def _hub_file(tag_cfg: dict) -> tuple[str, list[str]] | None:
+    """(repo, file names open_clip tries in order) of a tag that open_clip fetches from the hub."""
+    hub = tag_cfg.get("hf_hub", "")
+    if not hub or tag_cfg.get("file") or not has_hf_hub():
+        return None
+    # open_clip's convention: "org/repo/" means the default file, "org/repo/file.pt" names one;
+    # a .safetensors twin is preferred when the hub has one (open_clip.pretrained).
+    repo, filename = os.path.split(hub)
+    filename = filename or HF_WEIGHTS_NAME
+    if filename == HF_WEIGHTS_NAME:
+        return repo, [HF_SAFE_WEIGHTS_NAME, filename]
+    if filename.endswith((".bin", ".pth")):
+        return repo, [filename[:-4] + ".safetensors", filename]
+    return repo, [filename]
+
+
+def _hub_cache_hit(tag_cfg: dict, cache_dir) -> Path | None:
+    """The tag's weights file when the Hugging Face cache already holds it (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    hub = _hub_file(tag_cfg)
+    for name in hub[1] if hub else ():
+        found = try_to_load_from_cache(hub[0], name, cache_dir=cache_dir)
+        if isinstance(found, str) and Path(found).is_file():
+            return Path(found)
+    return None
+
+
+def _download_source(tag_cfg: dict, cache_dir) -> str | None:
+    """The URL open_clip would download the tag's weights from, or None when it needs no network."""
+    if tag_cfg.get("file"):
+        return None
+    if _hub_file(tag_cfg):
+        from huggingface_hub import constants
+
+        return constants.ENDPOINT
+    url = tag_cfg.get("url", "")
+    target = Path(cache_dir or Path.home() / ".cache" / "clip") / os.path.basename(url)  # open_clip's location
+    return url if url and not target.is_file() else None
+
+
+def _offline_reason() -> str | None:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return f"not in the local cache ({_cache_location()}) and HF_HUB_OFFLINE=1 is set"
+    return None
+
+
+def _unreachable(url: str) -> str | None:
+    """Why ``url``'s server cannot be reached, from one short request (None: it answered)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=PROBE_TIMEOUT):
+            return None
+    except urllib.error.HTTPError:  # any HTTP answer: the server is there, the download can start
+        return None
+    except (OSError, ValueError) as err:  # refused, no route, DNS, timeout (URLError is an OSError)
+        reason = getattr(err, "reason", err)
+        return (
+            f"not in the local cache ({_cache_location()}) and {url} cannot be reached "
+            f"({_short(reason if isinstance(reason, Exception) else err, 80)})"
+        )
+
+
+def _cache_location() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
 def _fetch_reason(err: Exception) -> str:
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    if offline:
-        return "not in the local cache and HF_HUB_OFFLINE is set"
-    return f"download failed ({_short(err)})"
+    return _offline_reason() or f"download failed ({_short(err)})"
 
 
 def _weights_message(model: str, pretrained: str, why: str, tag_cfg: dict | None = None, local: bool = False) -> str:
@@ -172,10 +254,16 @@ def _weights_message(model: str, pretrained: str, why: str, tag_cfg: dict | None
         # open_clip's convention: "org/repo/" means the default file, "org/repo/file.pt" names one.
         repo, filename = os.path.split(hub)
         filename = filename or "open_clip_pytorch_model.bin"
-        where = f" (open_clip fetches {filename} from https://huggingface.co/{repo} into the Hugging Face cache)"
+        from huggingface_hub import constants
+
+        where = f" (open_clip fetches {filename} from {constants.ENDPOINT}/{repo} into the Hugging Face cache)"
     elif (tag_cfg or {}).get("url"):
         where = f" (open_clip downloads {tag_cfg['url']} into ~/.cache/clip)"
-    fix = f"pass a local file, e.g. --pretrained /path/to/{model}.bin{where}, or run once with network access"
+    fix = (
+        f"pass a local weights file with --pretrained FILE, e.g. /path/to/{model}.bin{where}; or run once with "
+        "network access (afterwards HF_HUB_OFFLINE=1 uses the cached weights without trying the network); "
+        f"or try the offline demo, {OFFLINE_DEMO} (a random backbone: its results are meaningless)"
+    )
     return f"{head} Fix: {fix}."
 
 

@@ -1,10 +1,34 @@
-"""Shared fixtures: tiny randomly initialised open_clip models, offline, CPU."""
+"""Shared fixtures: tiny randomly initialised open_clip models, offline, CPU, caches in a temporary folder."""
+import atexit
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pytest
-import torch
+# Where the user's caches are (what tests must never write into), then every cache simfeatup and
+# its libraries use pointed at a folder of this session, before any of them is imported (the Hugging
+# Face hub reads its variables at import). Subprocesses of the tests inherit them.
+USER_CACHES = {
+    "simfeatup": Path(os.environ.get("SIMFEATUP_CACHE") or Path.home() / ".cache" / "simfeatup"),
+    "huggingface": Path(os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                        / "huggingface"),
+}
+TEST_CACHE = Path(tempfile.mkdtemp(prefix="simfeatup-test-cache-"))
+atexit.register(shutil.rmtree, TEST_CACHE, ignore_errors=True)
+for variable, folder in (
+    ("XDG_CACHE_HOME", TEST_CACHE),  # the default root of the ones below
+    ("SIMFEATUP_CACHE", TEST_CACHE / "simfeatup"),  # simfeatup.cache: text embeddings
+    ("HF_HOME", TEST_CACHE / "huggingface"),  # open_clip's weights downloads (huggingface_hub)
+    ("HF_HUB_CACHE", TEST_CACHE / "huggingface" / "hub"),
+    ("TORCH_HOME", TEST_CACHE / "torch"),  # torch.hub
+):
+    os.environ[variable] = str(folder)
+os.environ.pop("HUGGINGFACE_HUB_CACHE", None)  # an older spelling that would win over HF_HUB_CACHE
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # A 2-block ViT-B/16-shaped CLIP (patch 16, 224 input, 14x14 grid) small enough for CPU tests.
 TINY_CLIP = {
@@ -51,7 +75,6 @@ def tiny_weights(tmp_path_factory):
 @pytest.fixture(scope="session")
 def artefacts(tiny_weights, tmp_path_factory):
     """A SimFeatUp artefact for the registered tiny model, and its verified ONNX export."""
-    from simfeatup.export import export_onnx
     from simfeatup.upsampler import SimFeatUp, save_upsampler
 
     name, weights = tiny_weights
@@ -63,9 +86,74 @@ def artefacts(tiny_weights, tmp_path_factory):
             p.add_(0.3 * torch.randn_like(p))
     path = folder / "upsampler.safetensors"
     save_upsampler(up, path, backbone={"model": name, "pretrained": str(weights)})
-    return path, export_onnx(folder / "onnx", upsampler=path)
+    # the session's one export, through the script as users run it
+    out = folder / "onnx"
+    assert load_script("export/to_onnx.py").main(
+        ["--upsampler", str(path), "--model", name, "--pretrained", str(weights), "--out", str(out)]
+    ) == 0
+    return path, out
 
 
 @pytest.fixture(scope="session")
 def onnx_dir(artefacts):
     return artefacts[1]
+
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_RECIPE = REPO / "configs" / "train" / "tiny.yaml"
+
+
+def load_script(path: str):
+    """A script of the checkout (train/fit.py, export/to_onnx.py) as a module, loaded as it runs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(Path(path).stem, REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_fit():
+    return load_script("train/fit.py")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The session's one training run: the tiny recipe for 2 steps, started as a user would, from a
+    folder outside the checkout with the recipe's own (bundled) shards and the default logger.
+
+    Returns (run folder, simfeatup's log records as text, the warnings raised, whether the
+    process's warning filters were the same after the run).
+    """
+    import logging
+    import sys
+    import warnings
+
+    import lightning.pytorch  # noqa: F401 -- Lightning adds its own filters when first imported; ours must not stay
+
+    fit = load_fit()
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    run = elsewhere / "run"
+    records: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: records.append(record.getMessage())
+    log = logging.getLogger("simfeatup")
+    log.addHandler(handler)
+    cwd, argv = os.getcwd(), sys.argv
+    os.chdir(elsewhere)
+    sys.argv = ["train/fit.py"]  # pytest's own flags must not look like extra arguments
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            filters = list(warnings.filters)
+            code = fit.main(
+                ["--config", str(TINY_RECIPE), "--trainer.default_root_dir", str(run), "--trainer.max_steps", "2",
+                 "--trainer.enable_progress_bar", "false"]
+            )
+            same_filters = warnings.filters == filters
+    finally:
+        os.chdir(cwd)
+        sys.argv = argv
+        log.removeHandler(handler)
+    assert code == 0
+    return run, "\n".join(records), caught, same_filters

@@ -89,3 +89,52 @@ def test_importing_simfeatup_leaves_the_warning_filters_alone():
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+
+
+# The imports every run pays, with or without network (~3 s on an idle 2-core machine, more when it is busy):
+# timed before the command starts, so the test times what the network does.
+TIMED = (
+    "import runpy, sys, time\n"
+    "import simfeatup.entry; simfeatup.entry.setup_logging()  # as every entry point starts\n"
+    "import lightning.pytorch, open_clip, simfeatup.encoder\n"
+    "sys.argv = {argv!r}\n"
+    "start = time.monotonic()\n"
+    "try:\n"
+    "    {start}\n"
+    "finally:\n"
+    "    sys.stderr.write(f'seconds: {{time.monotonic() - start:.2f}}\\n')\n"
+)
+
+
+@pytest.mark.parametrize(
+    "target, argv, flag",
+    [
+        ("train/fit.py", [], "--model.pretrained FILE"),  # the quick start: ViT-B-16 / openai
+        ("simfeatup.cli", ["segment", SAMPLE, "--classes", "road;tree", "--out", "OUT"], "--pretrained FILE"),
+    ],
+    ids=["fit", "segment"],
+)
+def test_unreachable_hub_and_no_cached_weights_end_in_one_line_at_once(tmp_path, target, argv, flag):
+    """No HF_HUB_OFFLINE, an endpoint nobody answers, an empty Hugging Face cache: no retry loop."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_HUB_CACHE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
+    start = (
+        f"runpy.run_path({target!r}, run_name='__main__')"
+        if target.endswith(".py")
+        else f"runpy.run_module({target!r}, run_name='__main__')"
+    )
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    code = TIMED.format(argv=[target, *argv], start=start)
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    *lines, timing = [line for line in done.stderr.strip().splitlines() if not LOG_RECORD.match(line)]
+    assert float(timing.removeprefix("seconds: ")) < 10, done.stderr
+    assert len(lines) == 1, done.stderr
+    [line] = lines
+    assert line.startswith(("fit: error: ", "simfeatup segment: error: ")) and "ViT-B-16" in line, line
+    assert "http://127.0.0.1:9 cannot be reached" in line and flag in line and "HF_HUB_OFFLINE=1" in line
+    assert ("--model.pretrained" in line) == (target == "train/fit.py")  # this command's flag, never the other's
+    assert "python train/fit.py --config configs/train/tiny.yaml" in line and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()

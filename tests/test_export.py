@@ -1,7 +1,5 @@
 """ONNX export: export-form pieces vs torch, whole exports verified by onnxruntime, failure paths."""
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -10,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import load_script
 from simfeatup.backbone import Backbone, file_sha256
 from simfeatup.encoder import DenseCLIP
 from simfeatup.export import OnnxExportError, export_onnx, verify_onnx, writer
@@ -20,8 +19,6 @@ from simfeatup.model_folder import MERGES, sha256
 from simfeatup.runtime import session_options
 from simfeatup.segmenter import Segmenter
 from simfeatup.upsampler import SimFeatUp
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _perturbed(module, scale=0.3):
@@ -37,7 +34,7 @@ def _perturbed(module, scale=0.3):
 def tiny_segmenter():
     """Features wider (256) than the 196 tokens of a window: SimFeatUp's operator path, as ViT-B/16.
 
-    (test_runtime exports the 32-wide conftest model: the direct path.)"""
+    (The session's export, conftest's ``artefacts``, is the 32-wide model: the direct path.)"""
     from conftest import TINY_CLIP
 
     torch.manual_seed(0)
@@ -47,26 +44,20 @@ def tiny_segmenter():
 
 @pytest.fixture(scope="module")
 def upsampler_dir(tiny_segmenter, tmp_path_factory):
+    """A second whole export (slow tests only): the operator path's graph."""
     return export_onnx(tmp_path_factory.mktemp("onnx") / "tiny_up", segmenter=tiny_segmenter)
 
 
-def _to_onnx_main():
-    spec = importlib.util.spec_from_file_location("to_onnx", REPO / "export" / "to_onnx.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 @pytest.fixture(scope="module")
-def bilinear_dir(tiny_weights, tmp_path_factory):
-    """The script as a user runs it: registered tiny model + weights file, bilinear."""
-    name, weights = tiny_weights
-    out = tmp_path_factory.mktemp("onnx") / "tiny_bilinear"
-    assert (
-        _to_onnx_main()(["--upsampler", "bilinear", "--model", name, "--pretrained", str(weights), "--out", str(out)])
-        == 0
-    )
-    return out
+def session_segmenter(artefacts, tiny_weights):
+    """The torch segmenter the session's export (conftest ``onnx_dir``) was made from."""
+    from simfeatup.segmenter import build_segmenter
+
+    return build_segmenter(artefacts[0], model=tiny_weights[0], pretrained=str(tiny_weights[1])).eval()
+
+
+def _to_onnx_main():
+    return load_script("export/to_onnx.py").main
 
 
 # ------------------------------------------------------------------ export-form pieces, eager
@@ -100,7 +91,9 @@ def test_pos_embed_export_form_matches_dense_clip(hw):
 
 
 @pytest.mark.parametrize("dim", [32, 300])  # direct path (32 < 196 tokens) and operator path
-@pytest.mark.parametrize("hw", [(14, 14), (1, 14), (3, 5), (2, 2)])
+@pytest.mark.parametrize(
+    "hw", [pytest.param((14, 14), marks=pytest.mark.slow), (1, 14), (3, 5), (2, 2)]  # a whole window: ~15-70 s
+)
 def test_graph_upsampler_matches_simfeatup(dim, hw):
     torch.manual_seed(0)
     up = _perturbed(SimFeatUp(dim, 16)).eval()
@@ -117,19 +110,17 @@ def test_graph_upsampler_matches_simfeatup(dim, hw):
 
 
 # ------------------------------------------------------------------ whole exports
-def test_bilinear_export_writes_a_complete_verified_folder(bilinear_dir, tiny_weights):
-    manifest = json.loads((bilinear_dir / "manifest.json").read_text())
-    assert sorted(manifest["files"]) == sorted(p.name for p in bilinear_dir.iterdir() if p.name != "manifest.json")
+def test_script_export_writes_a_complete_verified_folder(onnx_dir, tiny_weights):
+    """The session's export: the script, as a user runs it, with the registered tiny model + weights file."""
+    manifest = json.loads((onnx_dir / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == sorted(p.name for p in onnx_dir.iterdir() if p.name != "manifest.json")
     for name, digest in manifest["files"].items():
-        assert sha256(bilinear_dir / name) == digest
+        assert sha256(onnx_dir / name) == digest
     assert {"image.onnx.data", "text.onnx.data", MERGES} <= set(manifest["files"])  # external-data layout
     pre = manifest["preprocessing"]
     assert (pre["long_side"], pre["window"], pre["stride"], pre["patch"]) == (448, 224, 112, 16)
-    assert (
-        manifest["logit_scale"] == 50.0
-        and manifest["default_lambda"] == -0.3
-        and manifest["upsampler"] == {"kind": "bilinear"}
-    )
+    assert manifest["logit_scale"] == 50.0 and manifest["default_lambda"] == -0.3
+    assert manifest["upsampler"]["kind"] == "simfeatup"  # its provenance: test_runtime
     assert manifest["model"] == {
         **Backbone(
             model=tiny_weights[0],
@@ -143,7 +134,7 @@ def test_bilinear_export_writes_a_complete_verified_folder(bilinear_dir, tiny_we
     assert manifest["exporter"]["versions"]["torch"] and manifest["opset"] >= 18
     report = manifest["verification"]
     assert report["max_abs_logit_diff"] <= FP32_TOLERANCE and any(c.startswith("sample") for c in report["cases"])
-    assert not list(bilinear_dir.parent.glob(".*tmp"))  # the temporary folder was renamed, not copied
+    assert not list(onnx_dir.parent.glob(".*tmp"))  # the temporary folder was renamed, not copied
 
 
 @pytest.mark.slow
@@ -173,6 +164,7 @@ def test_model_config_with_weights_file_exports_those_weights(tmp_path, tiny_cli
     assert any(a.shape == embedding.shape and np.array_equal(a, embedding) for a in stored)
 
 
+@pytest.mark.slow  # a second whole export (~100-200 s)
 def test_operator_path_graph_never_materialises_the_feature_map(upsampler_dir, tiny_segmenter):
     """The logits come from the low-rank form: no (B, 256, H, W) value in the graph."""
     model = onnx.shape_inference.infer_shapes(onnx.load(str(upsampler_dir / "image.onnx"), load_external_data=False))
@@ -182,48 +174,62 @@ def test_operator_path_graph_never_materialises_the_feature_map(upsampler_dir, t
         assert not (full_res and 256 in dims), (value.name, dims)  # NCHW or channels-last
 
 
-def test_input_dims_are_symbolic(upsampler_dir):
-    model = onnx.load(str(upsampler_dir / "image.onnx"), load_external_data=False)
+def test_input_dims_are_symbolic(onnx_dir):
+    model = onnx.load(str(onnx_dir / "image.onnx"), load_external_data=False)
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
     assert dims["windows"][1] == 3 and all(isinstance(d, str) for d in (dims["windows"][0], *dims["windows"][2:]))
     assert isinstance(dims["text"][0], str) and dims["lam"] == []
 
 
-@pytest.mark.parametrize("shape", [(2, 224, 224), (2, 224, 96), (1, 16, 224), (3, 80, 112)])
-def test_upsampler_graph_matches_torch_at_several_sizes(upsampler_dir, tiny_segmenter, shape):
+SIZES = [(2, 224, 224), (2, 224, 96), (1, 16, 224), (3, 80, 112)]
+
+
+def _graph_matches_torch(folder, segmenter, shape):
     B, H, W = shape
     rng = np.random.default_rng(H * W)
     windows = rng.standard_normal((B, 3, H, W)).astype(np.float32)
-    text = rng.standard_normal((4, 256)).astype(np.float32)
+    text = rng.standard_normal((4, segmenter.encoder.embed_dim)).astype(np.float32)
     text /= np.linalg.norm(text, axis=1, keepdims=True)
-    session = ort.InferenceSession(
-        str(upsampler_dir / "image.onnx"), session_options(), providers=["CPUExecutionProvider"]
-    )
+    session = ort.InferenceSession(str(folder / "image.onnx"), session_options(), providers=["CPUExecutionProvider"])
     for lam in (0.0, -0.3):
         got = session.run(None, {"windows": windows, "text": text, "lam": np.asarray(lam, np.float32)})[0]
         with torch.no_grad():
-            ref = tiny_segmenter.window_logits(torch.from_numpy(windows), torch.from_numpy(text), lam).numpy()
+            ref = segmenter.window_logits(torch.from_numpy(windows), torch.from_numpy(text), lam).numpy()
         assert got.shape == (B, 4, H, W)
         assert np.abs(got - ref).max() <= FP32_TOLERANCE
 
 
-def test_text_graph_matches_encoder(bilinear_dir, tiny_weights):
+@pytest.mark.parametrize("shape", SIZES)
+def test_graph_matches_torch_at_several_sizes(onnx_dir, session_segmenter, shape):
+    _graph_matches_torch(onnx_dir, session_segmenter, shape)
+
+
+@pytest.mark.slow  # a second whole export (~100-200 s)
+@pytest.mark.parametrize("shape", SIZES)
+def test_operator_path_graph_matches_torch_at_several_sizes(upsampler_dir, tiny_segmenter, shape):
+    _graph_matches_torch(upsampler_dir, tiny_segmenter, shape)
+
+
+def test_text_graph_matches_encoder(onnx_dir, tiny_weights):
     name, weights = tiny_weights
     encoder = DenseCLIP.from_pretrained(name, str(weights))
     tokens = encoder.tokenize(["a photo of a road.", "forêt", "道路", "x " * 100])
     session = ort.InferenceSession(
-        str(bilinear_dir / "text.onnx"), session_options(), providers=["CPUExecutionProvider"]
+        str(onnx_dir / "text.onnx"), session_options(), providers=["CPUExecutionProvider"]
     )
     got = session.run(None, {"tokens": tokens.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, encoder.encode_text(tokens).numpy(), atol=1e-5)
 
 
-def test_fp16_export_reports_and_bounds_its_error(tiny_segmenter, tmp_path, caplog):
+@pytest.mark.slow  # a whole export (~30-120 s)
+def test_fp16_bilinear_export_reports_and_bounds_its_error(tiny_segmenter, tmp_path, caplog):
     bilinear = Segmenter(tiny_segmenter.encoder, None).eval()
     with caplog.at_level("INFO", logger="simfeatup.export"):
         out = export_onnx(tmp_path / "half", segmenter=bilinear, dtype="fp16", samples=[])
-    report = json.loads((out / "manifest.json").read_text())["verification"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["upsampler"] == {"kind": "bilinear"} and manifest["dtype"] == "fp16"
+    report = manifest["verification"]
     assert 0 < report["max_abs_logit_diff"] <= FP16_TOLERANCE
     assert "fp16 image graph: max |logit diff|" in caplog.text
     assert next(tiny_segmenter.parameters()).dtype == torch.float32  # the caller's model is untouched
@@ -241,14 +247,12 @@ def test_failed_export_removes_everything(tiny_segmenter, tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_verification_catches_a_graph_of_another_model(upsampler_dir):
+def test_verification_catches_a_graph_of_another_model(onnx_dir):
     from conftest import TINY_CLIP
 
-    other = Segmenter(
-        DenseCLIP.from_config({**TINY_CLIP, "embed_dim": 256}, seed=1), _perturbed(SimFeatUp(256, 16))
-    ).eval()
+    other = Segmenter(DenseCLIP.from_config(TINY_CLIP, seed=1), _perturbed(SimFeatUp(32, 16))).eval()
     with pytest.raises(OnnxExportError, match="disagrees with torch"):
-        verify_onnx(upsampler_dir, other, samples=[])
+        verify_onnx(onnx_dir, other, samples=[])
 
 
 def test_existing_output_is_refused_without_overwrite(tiny_segmenter, tmp_path):
@@ -261,6 +265,7 @@ def test_existing_output_is_refused_without_overwrite(tiny_segmenter, tmp_path):
     assert (tmp_path / "taken" / "file").read_text() == "keep me"
 
 
+@pytest.mark.slow  # traces the whole image graph before the opset is refused (~15-70 s)
 def test_an_opset_the_exporter_cannot_write_is_refused(tiny_segmenter, tmp_path):
     bilinear = Segmenter(tiny_segmenter.encoder, None).eval()
     with pytest.raises(ValueError, match="--opset 9: the exporter could only write opset"):

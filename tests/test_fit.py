@@ -1,6 +1,5 @@
 """train/fit.py end to end through the real LightningCLI on CPU with the tiny recipe."""
 import csv
-import importlib.util
 import io
 import json
 import os
@@ -9,12 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import load_fit
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "train" / "tiny.yaml"
@@ -23,14 +23,7 @@ TRAIN_SHARDS = str(SAMPLES / "train-{000000..000003}.tar")
 VAL_SHARDS = str(SAMPLES / "val-000000.tar")
 
 
-def _load_fit():
-    spec = importlib.util.spec_from_file_location("train_fit", ROOT / "train" / "fit.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fit = _load_fit()
+fit = load_fit()
 
 
 @pytest.fixture(autouse=True)
@@ -89,14 +82,32 @@ def test_a_bad_model_config_file_fails_in_one_line(tmp_path, capsys):
     assert len(errors) == 1 and "cfg.json: missing vision_cfg, text_cfg" in errors[0] and "--model.model" in err
 
 
-def test_tiny_recipe_trains_checkpoints_and_resumes(tmp_path):
-    run = tmp_path / "run"
-    import lightning.pytorch  # noqa: F401 -- Lightning adds its own filters when first imported; ours must not stay
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        filters = list(warnings.filters)
-        assert fit.main(tiny_args(run, "--trainer.max_steps", "2")) == 0
-        assert warnings.filters == filters  # the run's own filters ended with it
+def test_whole_numbers_stay_batch_counts_and_fractions_shares(tmp_path):
+    """limit_val_batches: 1 in tiny.yaml is one batch (lightning's float-first annotation made it 100 %)."""
+    from simfeatup.training.cli import SimFeatUpCLI
+
+    base = ["--config", str(TINY), "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"]
+    trainer = SimFeatUpCLI(args=base).trainer
+    assert type(trainer.limit_val_batches) is int and trainer.limit_val_batches == 1
+    limits = ["--trainer.limit_val_batches", "0.5", "--trainer.limit_train_batches", "3"]
+    trainer = SimFeatUpCLI(args=[*base, *limits]).trainer
+    assert (trainer.limit_val_batches, trainer.limit_train_batches) == (0.5, 3)
+    assert type(trainer.limit_train_batches) is int
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_shard_path_is_one_line_naming_it_and_the_current_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert fit.main(["--config", str(TINY), "--data.train_shards", "nowhere/train-{000000..000001}.tar"]) == 2
+    err = capsys.readouterr().err
+    [line] = [line for line in err.splitlines() if line.startswith("fit: error: ")]
+    assert "not found: nowhere/train-000000.tar" in line and f"(current directory: {tmp_path})" in line
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []  # no empty run folder left behind
+
+
+def test_tiny_recipe_trains_from_any_folder_and_checkpoints(tiny_run):
+    run, log, caught, same_filters = tiny_run
+    assert same_filters  # the run's own filters ended with it
     # The two warnings every run triggers by design are silenced while it runs.
     assert not [
         w
@@ -109,8 +120,26 @@ def test_tiny_recipe_trains_checkpoints_and_resumes(tmp_path):
     assert not any(k.startswith("backbone.") for k in ckpt["state_dict"])
     info = json.loads((run / "upsampler.json").read_text())
     assert info["training"]["steps"] == 2 and info["backbone"]["feature_source"] == "final"
+    # the recipe's shard paths are relative to the recipe, not to the folder it was run from
     assert info["training"]["data"]["train_shards"] == TRAIN_SHARDS
+    assert info["training"]["data"]["val_shards"] == VAL_SHARDS
     assert (run / "upsampler.safetensors").stat().st_size > 0
+    assert sorted(p.name for p in run.parent.iterdir()) == ["run"]  # nothing written into the working folder
+
+
+def test_the_end_of_a_run_says_where_its_results_are(tiny_run):
+    run, log, _, _ = tiny_run
+    assert f"upsampler: {run / 'upsampler.safetensors'}" in log
+    assert f"checkpoints: {run / 'checkpoints'}" in log
+    assert f"tensorboard --logdir {run / 'lightning_logs'}" in log
+    assert list((run / "lightning_logs").glob("version_0/events.out.tfevents.*"))  # where that command looks
+
+
+def test_resume_continues_the_step_count_and_the_artefact_serves_segment(tmp_path):
+    run = tmp_path / "run"
+    last = run / "checkpoints" / "last.ckpt"
+    assert fit.main(tiny_args(run, "--trainer.max_steps", "2")) == 0
+    assert _ckpt_step(last) == 2
 
     # Resume: the step counter continues from 2, it does not restart at 0.
     assert fit.main(tiny_args(run, "--trainer.max_steps", "4", "--ckpt_path", "last")) == 0

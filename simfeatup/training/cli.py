@@ -5,21 +5,33 @@ Config keys (YAML or ``--key value``): ``model.*`` (SimFeatUpModule), ``data.*``
 always on, saving ``last.ckpt``), ``ckpt_path`` ("last" resumes) and ``seed_everything``.
 Checkpoints go to ``<trainer.default_root_dir>/checkpoints`` so that ``--ckpt_path last``
 finds them again in a new process; the upsampler artefact goes to ``default_root_dir``.
+Relative local shard paths written in a recipe file are relative to that file (the bundled
+recipes name the bundled samples so, from any working directory); on the command line, to the
+current directory.
 """
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
+import lightning.pytorch as pl
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 
+from simfeatup.training.data import expand_urls
 from simfeatup.training.datamodule import ShardDataModule
-from simfeatup.training.module import SimFeatUpModule
+from simfeatup.training.module import ARTEFACT_NAME, SimFeatUpModule
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_SUBDIR = "checkpoints"
+SHARD_KEYS = ("train_shards", "val_shards")  # the data.* keys that hold shard specs
 
 
 @contextmanager
@@ -44,6 +56,31 @@ def checkpoint_dir(default_root_dir: str | None) -> str:
     return os.path.join(default_root_dir or os.getcwd(), CHECKPOINT_SUBDIR)
 
 
+class Trainer(pl.Trainer):
+    """lightning's Trainer with its batch limits typed int-first for the parser.
+
+    lightning annotates them ``float | int | None``, so the parser turned ``limit_val_batches: 1``
+    (one batch) into 1.0 (every batch). Whole numbers stay batch counts, fractions shares.
+    """
+
+    def __init__(
+        self,
+        *,
+        limit_train_batches: int | float | None = None,
+        limit_val_batches: int | float | None = None,
+        limit_test_batches: int | float | None = None,
+        limit_predict_batches: int | float | None = None,
+        **kwargs,
+    ):
+        super().__init__(
+            limit_train_batches=limit_train_batches,
+            limit_val_batches=limit_val_batches,
+            limit_test_batches=limit_test_batches,
+            limit_predict_batches=limit_predict_batches,
+            **kwargs,
+        )
+
+
 class SimFeatUpCLI(LightningCLI):
     """Parse and instantiate; ``.fit()`` then trains (``run=False``: no subcommands to type)."""
 
@@ -53,6 +90,7 @@ class SimFeatUpCLI(LightningCLI):
             "plugins": [{"class_path": "simfeatup.training.checkpoint.AtomicCheckpointIO"}],
             **kwargs.pop("trainer_defaults", {}),
         }
+        kwargs.setdefault("trainer_class", Trainer)
         super().__init__(
             SimFeatUpModule,
             ShardDataModule,
@@ -74,6 +112,61 @@ class SimFeatUpCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True})
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
 
+    def before_instantiate_classes(self) -> None:
+        """Shard paths resolved and checked before anything is built or any run folder is made."""
+        data = self.config["data"]
+        for key, value in recipe_relative_shards(self.config, data).items():
+            data[key] = value
+        for key in SHARD_KEYS:
+            if data.get(key):
+                expand_urls(data[key])  # ValueError naming the missing path and the current directory
+
     def fit(self) -> None:
         with expected_warnings():
             self.trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=self.config.ckpt_path)
+        if self.trainer.is_global_zero:
+            log_results(self.trainer, self.model)
+
+
+def recipe_relative_shards(config, data) -> dict[str, str]:
+    """The data.* shard specs that came from a recipe file, made absolute against that file's folder.
+
+    The recipes are the default config file and every ``--config`` file, read in the order the
+    parser applied them; a value is the recipe's when the last file that sets it has this very
+    value (a command-line value that overrides it is left as given). URLs, ``pipe:`` and absolute
+    paths are left alone; ``::``-joined lists are resolved part by part.
+    """
+    files = [config.get("__default_config__"), *(config.get("config") or [])]
+    files = [f for item in files for f in (item if isinstance(item, list) else [item]) if f is not None]
+    source: dict[str, tuple[str, Path]] = {}
+    for file in files:
+        path = Path(str(getattr(file, "absolute", file)))
+        recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for key in SHARD_KEYS:
+            value = (recipe.get("data") or {}).get(key)
+            if isinstance(value, str):
+                source[key] = (value, path.parent)
+    resolved = {}
+    for key, (value, folder) in source.items():
+        if data.get(key) == value:
+            resolved[key] = "::".join(_beside(part.strip(), folder) for part in value.split("::"))
+    return resolved
+
+
+def _beside(spec: str, folder: Path) -> str:
+    local = spec.removeprefix("file:")
+    if "://" in spec or spec.startswith("pipe:") or os.path.isabs(os.path.expanduser(local)):
+        return spec
+    return os.path.normpath(folder / local)
+
+
+def log_results(trainer: pl.Trainer, module: SimFeatUpModule) -> None:
+    """Where a finished run left its results, and how to look at its previews."""
+    root = Path(module.hparams.artefact_dir or trainer.default_root_dir)
+    logger.info("upsampler: %s (give it to simfeatup segment --upsampler)", root / ARTEFACT_NAME)
+    checkpoints = trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else None
+    if checkpoints:
+        logger.info("checkpoints: %s (resume: the same command plus --ckpt_path last)", checkpoints)
+    board = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+    if board is not None:
+        logger.info("losses and previews: tensorboard --logdir %s", board.root_dir)

@@ -64,7 +64,7 @@ def expand_urls(spec: str) -> list[str]:
         shown = ", ".join(missing[:3]) + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else "")
         raise ValueError(
             f"shards {spec!r}: "
-            + (f"not found: {shown}" if missing else "no shard matches")
+            + (f"not found: {shown} (current directory: {os.getcwd()})" if missing else "no shard matches")
             + " -- give a brace pattern like 'shards/train-{000000..000009}.tar', a folder of .tar files or URLs"
         )
     return urls

@@ -7,6 +7,7 @@ recipe ``configs/train/quickstart.yaml`` of the checkout this package lives in i
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from simfeatup.entry import run_command, setup_logging
@@ -28,5 +29,17 @@ def _fit(argv: list[str] | None) -> None:
     try:
         SimFeatUpCLI(args=argv, parser_kwargs={"default_config_files": [str(QUICKSTART)]}).fit()
     except BackboneError as err:  # unavailable weights, unreadable model config: its advice names segment's flags
-        raise BackboneError(f"{err} Here the backbone is --model.model (an open_clip name or a model config .json) "
-                            "and --model.pretrained (a tag or a local weights file).") from None
+        raise BackboneError(fit_flags(str(err))) from None
+
+
+# segment's backbone flags (which the shared backbone messages name) -> this command's
+_BACKBONE_FLAGS = re.compile(r"(?<![\w.-])--(model|pretrained|attention)(?![\w.-])")
+
+
+def fit_flags(message: str) -> str:
+    """A backbone message with fit's flags: ``--pretrained`` -> ``--model.pretrained`` and so on."""
+    translated = _BACKBONE_FLAGS.sub(lambda m: f"--model.{m.group(1)}", message)
+    if translated == message:  # it names no flag: say which ones set the backbone here
+        translated += (" Here the backbone is --model.model (an open_clip name or a model config .json) "
+                       "and --model.pretrained (a tag or a local weights file).")
+    return translated
