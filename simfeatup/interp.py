@@ -37,17 +37,26 @@ def bicubic_matrix(n_out, n_in: int, scale, like: torch.Tensor) -> torch.Tensor:
     return (coef[..., None] * onehot).sum(1)
 
 
-def bicubic_resize(x: torch.Tensor, size, *, channels_last: bool = False) -> torch.Tensor:
+def bicubic_resize(x: torch.Tensor, size, *, channels_last: bool = False, pad: int = 0) -> torch.Tensor:
     """``F.interpolate(x, size, mode="bicubic", align_corners=False)`` as two matmuls.
 
     x (B, C, h, w), or (B, h, w, C) with ``channels_last``; returns the same layout at ``size``.
-    The weights are computed in float32 (at least) and cast to x's dtype.
+    The weights are computed in float32 (at least) and cast to x's dtype. ``pad``: the result
+    reflect-padded by ``pad`` on every side (:func:`simfeatup.filters.reflect_pad`), made by
+    the matmuls themselves: the rows of the weights are picked by the mirror index, so the
+    padded values are the same dot products, with no copy of the resized map.
     """
+    from .filters import mirror_index
+
     H, W = size
     h, w = (x.shape[1], x.shape[2]) if channels_last else (x.shape[-2], x.shape[-1])
     one = x.new_ones((), dtype=torch.promote_types(x.dtype, torch.float32))
     mh = bicubic_matrix(H, h, (one * h) / (one * H), one).to(x.dtype)  # (H, h)
     mw = bicubic_matrix(W, w, (one * w) / (one * W), one).to(x.dtype)  # (W, w)
+    if pad:
+        mh = mh.index_select(0, mirror_index(H, pad, x.device))  # (H + 2 pad, h)
+        mw = mw.index_select(0, mirror_index(W, pad, x.device))
+        H, W = H + 2 * pad, W + 2 * pad
     if not channels_last:
         return mh @ x @ mw.T  # (B, C, H, W)
     B, _, _, C = x.shape

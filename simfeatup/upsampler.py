@@ -129,8 +129,8 @@ class JBUStep(nn.Module):
 
     def forward(self, source: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
         """source (B, C, h, w), guide (B, 3, H, W) already pooled -> (B, C, H, W)."""
-        src = bicubic_resize(source, guide.shape[-2:])
-        return adaptive_filter(reflect_pad(src, self.radius), self.kernel(guide))
+        src_pad = bicubic_resize(source, guide.shape[-2:], pad=self.radius)
+        return adaptive_filter(src_pad, self.kernel(guide))
 
     def forward_tiled(self, source: torch.Tensor, guide: torch.Tensor, tiles: filters.Tiles) -> torch.Tensor:
         """The same step channels-last, for inference and the ONNX graph form.
@@ -143,8 +143,8 @@ class JBUStep(nn.Module):
         key = pointwise(self.range_proj, guide, dim=-1)  # (B, H, W, key_dim)
         logits = tiles.range_logits(key, reflect_pad(key, r, dims=(1, 2)))  # (B, h', w', T*T, d*d)
         k = self.kernel_from_range(logits, tiles.split(guide), dim=-1)
-        src = bicubic_resize(source, guide.shape[1:3], channels_last=True)
-        return tiles.filter(reflect_pad(src, r, dims=(1, 2)), k.to(src.dtype))
+        src_pad = bicubic_resize(source, guide.shape[1:3], channels_last=True, pad=r)
+        return tiles.filter(src_pad, k.to(src_pad.dtype))
 
 
 class SimFeatUp(nn.Module):
