@@ -72,7 +72,6 @@ def taps(src: int, dst: int, *, rows: bool) -> Taps:
     if not rows:  # columns outside the image take the border pixel whole
         outside = (start < 0) | (start >= src - 1)
         frac[outside] = 0
-        start = np.clip(start, 0, src - 1)
     first = np.clip(start, 0, src - 1)
     second = np.clip(start + 1, 0, src - 1)
     one = np.float32(COEF_ONE)
