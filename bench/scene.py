@@ -8,9 +8,14 @@ The scenes are real aerial texture at realistic sizes: the bundled samples (Spac
 and NEON Yellowstone) cut into a 1200 x 1200 mosaic, mirrored across every edge to fill the
 scene (no seam jumps), written as tiled, DEFLATE-compressed GeoTIFFs in UTM 16N at 0.5 m into a
 temporary folder. The model is a random CLIP exported to ONNX (nothing is downloaded; speed does
-not depend on the weights): by default a 4-block, width-256 ViT with patch 16 (the window and
-token geometry of ViT-B/16, a twelfth of its blocks' cost) plus SimFeatUp, so that 8192^2 (about
-6,000 windows) runs in minutes on 2 cores; ``--model vit-b-16`` exports the full architecture.
+not depend on the weights), ViT-B/16's patch, window and token grid throughout:
+
+- ``tiny`` (default): the tests' 2-block, width-64 CLIP without the upsampler (bilinear). Its
+  windows cost milliseconds, so 8192^2 (about 6,000 window evaluations) runs in minutes on 2
+  cores, and the scene machinery itself (reads, window averaging, scoring, the COG), where a
+  cost growing with the scene would show, is most of the time measured.
+- ``small``: a 4-block, width-256 CLIP plus SimFeatUp (seconds per window on 2 shared cores);
+  ``vit-b-16``: the full architecture plus SimFeatUp. Both take hours at 8192^2 on 2 cores.
 
 Each size runs in a fresh process (read, segment and write the label COG, as ``simfeatup
 segment --scene`` does, timed after the model is loaded and the queries encoded). Peak RSS is the
@@ -40,7 +45,12 @@ ORIGIN = (733601.0, 3725139.0)  # UTM 16N (Atlanta), as the bundled GeoTIFF
 CRS = "EPSG:32616"
 WRITE_ROWS = 512
 
-# A ViT with ViT-B/16's patch, window and token grid at a fraction of its width and depth.
+# CLIPs with ViT-B/16's patch, window and token grid at a fraction of its width and depth.
+TINY_CLIP = {  # as tests/conftest.py
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
 SMALL_CLIP = {
     "embed_dim": 128,
     "vision_cfg": {"image_size": 224, "layers": 4, "width": 256, "patch_size": 16, "head_width": 64},
@@ -91,7 +101,7 @@ def write_scene(path: Path, size: int) -> None:
 
 
 def export_model(out: Path, model: str) -> Path:
-    """A random CLIP + random SimFeatUp exported and verified as an ONNX model folder."""
+    """A random CLIP (+ random SimFeatUp but for ``tiny``) exported and verified as an ONNX model folder."""
     import torch
 
     from simfeatup.encoder import DenseCLIP
@@ -104,9 +114,11 @@ def export_model(out: Path, model: str) -> Path:
         from bench.e2e import build_torch
 
         segmenter = build_torch()
-    else:
+    elif model == "small":
         encoder = DenseCLIP.from_config(SMALL_CLIP)
         segmenter = Segmenter(encoder, SimFeatUp(encoder.embed_dim, encoder.patch_size), cache=False).eval()
+    else:
+        segmenter = Segmenter(DenseCLIP.from_config(TINY_CLIP), None, cache=False).eval()
     return export_onnx(out, segmenter=segmenter)
 
 
@@ -171,7 +183,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--block", type=int, default=1792, help="scene mode's --block (a multiple of 112)")
     parser.add_argument("--window-batch", type=int, default=1, help="windows per onnxruntime call")
     parser.add_argument("--scale", type=float, default=1.0, help="resample the scenes by this first (--scale)")
-    parser.add_argument("--model", choices=["small", "vit-b-16"], default="small", help="random CLIP architecture")
+    parser.add_argument("--model", choices=["tiny", "small", "vit-b-16"], default="tiny", help="random CLIP")
     parser.add_argument("--model-dir", type=Path, help="reuse an exported folder (from a previous run's --keep)")
     parser.add_argument("--keep", type=Path, help="export the model into this folder and keep it")
     args = parser.parse_args(argv)
@@ -197,7 +209,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     base = results[0]
     per_mp = [r["seconds"] / (r["pixels"] / 1e6) for r in results]
     print(
-        f"\nscene mode, onnxruntime {ort.__version__}, random {args.model} CLIP + SimFeatUp, block {args.block}, "
+        f"\nscene mode, onnxruntime {ort.__version__}, random {args.model} CLIP"
+        f"{'' if args.model == 'tiny' else ' + SimFeatUp'}, block {args.block}, "
         f"window batch {args.window_batch}, {base['queries']} queries, scale {args.scale:g}; "
         f"{os.cpu_count()} CPUs, load average {load[0]:.1f} at start, {end_load[0]:.1f} at end"
     )
