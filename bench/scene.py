@@ -152,9 +152,10 @@ def child(scene_path: str, model_dir: str, out: str, block: int, window_batch: i
                              transform=reader.transform, classes=classes, block=block) as labels:
             for b in scene.segment_scene(segmenter, reader, vocabulary, Scoring(prob_thd=0.1), text=text, block=block):
                 labels.write(b.y0, b.y1, b.x0, b.x1, b.labels)
+            segmented = _peak_kib()  # before the COG is assembled (overviews, copy) on leaving the block
     seconds = time.perf_counter() - started
-    return {"pixels": reader.height * reader.width, "seconds": seconds, "loaded_kib": loaded, "peak_kib": _peak_kib(),
-            "queries": len(vocabulary.queries)}
+    return {"pixels": reader.height * reader.width, "seconds": seconds, "loaded_kib": loaded,
+            "segmented_kib": segmented, "peak_kib": _peak_kib(), "queries": len(vocabulary.queries)}
 
 
 def run_size(size: int, work: Path, model_dir: Path, args) -> dict:
