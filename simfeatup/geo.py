@@ -154,6 +154,26 @@ class RasterScene:
         self.close()
 
 
+def pixel_size_m(crs, transform) -> tuple[float, float]:
+    """(y, x) ground size of a pixel in metres, from a projected CRS and the geotransform.
+
+    ValueError (a reason, without the file's name) when there is none: no CRS, no geotransform,
+    a geographic CRS (pixel sizes in degrees) or a CRS whose units are unknown.
+    """
+    if crs is None:
+        raise ValueError("has no CRS")
+    if transform is None or transform.is_identity:
+        raise ValueError("has no geotransform")
+    if crs.is_geographic:
+        raise ValueError(f"has a geographic CRS ({crs.to_string()}): its pixel sizes are in degrees, not metres")
+    try:
+        _, to_metres = crs.linear_units_factor
+    except Exception:  # pyproj/GDAL raise their own types for CRSs without linear units
+        raise ValueError(f"has a CRS ({crs.to_string()}) whose units are not lengths") from None
+    size_y, size_x = math.hypot(transform.b, transform.e), math.hypot(transform.a, transform.d)
+    return size_y * to_metres, size_x * to_metres
+
+
 def overview_factors(height: int, width: int, tile: int = COG_TILE) -> list[int]:
     """Decimation factors 2, 4, 8, ... until one ``tile`` holds the whole level (GDAL's COG default)."""
     factors, factor = [], 1

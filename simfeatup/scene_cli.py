@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 
 from .constants import DEFAULT_BLOCK, LONG_SIDE, STRIDE
@@ -67,6 +68,21 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         help="with --vector: simplify the polygons by this tolerance in CRS units, neighbours keeping their shared "
         "borders (default 0: pixel edges)",
     )
+    resolution = p.add_mutually_exclusive_group()
+    resolution.add_argument(
+        "--gsd",
+        type=_positive,
+        metavar="METRES",
+        help="scene mode: resample every scene to this ground sample distance (pixel size in metres; needs a "
+        "projected CRS) before segmenting; labels come out at it",
+    )
+    resolution.add_argument(
+        "--scale",
+        type=_positive,
+        metavar="S",
+        help="scene mode: resample every scene by S (0.5: half the pixels per side) before segmenting",
+    )
+
 
 
 def _not_negative(text: str) -> float:
@@ -89,6 +105,60 @@ def _block(text: str) -> int:
             f"{text!r} is not a positive multiple of the window stride {STRIDE}, e.g. {DEFAULT_BLOCK}"
         )
     return value
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
+def scene_scale(args, reader) -> tuple[float, float] | None:
+    """(y, x) factors by which ``--gsd`` / ``--scale`` resample ``reader`` (SPEC 9), None for native resolution.
+
+    ``--gsd`` needs the raster's pixel size in metres: without it, one line says to use ``--scale``.
+    """
+    if args.scale is not None:
+        return args.scale, args.scale
+    if args.gsd is None:
+        return None
+    from . import geo
+
+    try:
+        size_y, size_x = geo.pixel_size_m(reader.crs, reader.transform)
+    except ValueError as err:
+        raise ValueError(
+            f"--gsd {args.gsd:g}: {reader.path} {err}, so its pixel size in metres is unknown: use --scale S "
+            "instead (S = its pixel size / the one wanted; 0.5 halves the pixels per side)"
+        ) from None
+    return size_y / args.gsd, size_x / args.gsd
+
+
+def working_scene(args, raster):
+    """``raster`` resampled by :func:`scene_scale` (a :class:`simfeatup.resample.ResampledScene`), or
+    ``raster`` itself at native resolution; and the resolution in words, for the log."""
+    from . import geo
+    from .resample import ResampledScene, scaled_size
+
+    try:
+        size_y, size_x = geo.pixel_size_m(raster.crs, raster.transform)
+    except ValueError:
+        size_y = size_x = None
+    scale = scene_scale(args, raster)
+    height, width = (raster.height, raster.width) if scale is None else scaled_size(raster.height, raster.width, *scale)
+    if (height, width) == (raster.height, raster.width):
+        reader, words = raster, "native resolution"
+    else:
+        reader, words = ResampledScene(raster, height, width), f"scale {scale[1]:g}"
+    if size_x is not None:  # the working GSD, per axis when the pixels are not square
+        gsd_y, gsd_x = size_y * raster.height / height, size_x * raster.width / width
+        gsd = f"{gsd_x:.3g}" if f"{gsd_x:.3g}" == f"{gsd_y:.3g}" else f"{gsd_x:.3g} x {gsd_y:.3g}"
+        words += f", GSD {gsd} m"
+    return reader, words
 
 
 def is_geotiff(path: Path) -> bool:
@@ -128,15 +198,22 @@ def pick_scenes(args, images: list[Path]) -> list[Path]:
             continue  # image mode reports it with the other unreadable inputs
         if max(height, width) > LONG_SIDE:
             logger.info(
-                "%s: a georeferenced %dx%d raster, larger than the working size %d: scene mode at native "
-                "resolution (--image-mode for the paper's mode)",
+                "%s: a georeferenced %dx%d raster, larger than the working size %d: scene mode at %s "
+                "(--image-mode for the paper's mode)",
                 path.name,
                 width,
                 height,
                 LONG_SIDE,
+                "native resolution" if args.gsd is None and args.scale is None else "the --gsd / --scale resolution",
             )
             scenes.append(path)
     _warn_no_polygons(args, [p for p in images if p not in scenes])
+    if (args.gsd is not None or args.scale is not None) and len(scenes) < len(images):
+        logger.warning(
+            "--gsd and --scale apply to scenes only: %d image(s) are segmented at the working size %d",
+            len(images) - len(scenes),
+            LONG_SIDE,
+        )
     return scenes
 
 
@@ -149,7 +226,7 @@ def check_scenes(args, scenes: list[Path], names: dict[Path, str], bands) -> Non
     ``bands``: 0-based (R, G, B) from ``--bands``, or None for the rasters' own colour tags.
     """
     for path in scenes:
-        _check(path, bands, scene_output_paths(args, names[path]), args.vector)
+        _check(path, bands, scene_output_paths(args, names[path]), args)
 
 
 def _check_vector_flags(args) -> None:
@@ -176,7 +253,7 @@ def _warn_no_polygons(args, pictures: list[Path]) -> None:
                        "them scenes)", len(pictures))
 
 
-def _check(path: Path, bands, targets: list[Path], vector: str | None = None) -> None:
+def _check(path: Path, bands, targets: list[Path], args) -> None:
     from .extras import missing_extra
 
     if any(target.resolve() == path.resolve() for target in targets):
@@ -185,7 +262,8 @@ def _check(path: Path, bands, targets: list[Path], vector: str | None = None) ->
         from . import geo
 
         with geo.RasterScene(path, bands=bands) as reader:
-            if vector == "geojson" and not reader.georeferenced:
+            scene_scale(args, reader)  # a --gsd that cannot apply stops the run here, not after the model loads
+            if args.vector == "geojson" and not reader.georeferenced:
                 raise ValueError(f"{path} has no CRS and GeoJSON is longitude/latitude (RFC 7946): use --vector gpkg "
                                  "for polygons in pixel coordinates")
     except geo.BandsError:
@@ -414,8 +492,12 @@ def segment_scenes(
         step = f"scene {i}/{len(scenes)}"
         target = scene_output_paths(args, names[path])[0]
         try:
-            with geo.RasterScene(path, bands=bands, stretch=args.stretch) as reader:
-                _check_georeferencing(args, reader, target)
+            with geo.RasterScene(path, bands=bands, stretch=args.stretch) as raster:
+                _check_georeferencing(args, raster, target)
+                reader, resolution = working_scene(args, raster)
+                if reader is not raster:
+                    logger.info("%s: resampled from %dx%d to %dx%d (%s)", path.name, raster.width, raster.height,
+                                reader.width, reader.height, resolution)
                 outputs = scene_outputs(args, names[path], reader, classes)
                 blocks = scene.segment_scene(
                     segmenter,
@@ -434,6 +516,6 @@ def segment_scenes(
             failed.append(path)
             continue
         logger.info(
-            "%s: %s: %dx%d labels at native resolution in %s", step, path.name, reader.width, reader.height, target
+            "%s: %s: %dx%d labels at %s in %s", step, path.name, reader.width, reader.height, resolution, target
         )
     return failed
