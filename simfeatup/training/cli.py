@@ -16,6 +16,7 @@ from typing import Iterator
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from simfeatup.training.checkpoint import newest_checkpoint, warn_if_epochs_cap_steps
 from simfeatup.training.datamodule import ShardDataModule
 from simfeatup.training.module import SimFeatUpModule
 
@@ -68,12 +69,16 @@ class SimFeatUpCLI(LightningCLI):
             "--ckpt_path",
             type=str | None,
             default=None,
-            help='checkpoint to resume from; "last" = the newest last.ckpt of this run directory',
+            help='checkpoint to resume from; "last" = the newest complete checkpoint of this run directory',
         )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
 
     def fit(self) -> None:
+        ckpt_path = self.config.ckpt_path
+        if ckpt_path == "last":  # Lightning's "last" is the newest last*.ckpt, even when a step checkpoint is newer
+            ckpt_path = newest_checkpoint(self.trainer.checkpoint_callback.dirpath)
+        warn_if_epochs_cap_steps(self.trainer, self.datamodule)
         with expected_warnings():
-            self.trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=self.config.ckpt_path)
+            self.trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)

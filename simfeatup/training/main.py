@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from simfeatup.entry import run_command, setup_logging
+from simfeatup.entry import UsageError, run_command, setup_logging
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "train" / "quickstart.yaml"
 
@@ -30,3 +30,8 @@ def _fit(argv: list[str] | None) -> None:
     except BackboneError as err:  # unavailable weights, unreadable model config: its advice names segment's flags
         raise BackboneError(f"{err} Here the backbone is --model.model (an open_clip name or a model config .json) "
                             "and --model.pretrained (a tag or a local weights file).") from None
+    except ValueError as err:  # raised in a DataLoader worker, it arrives wrapped in that worker's traceback
+        lines = str(err).strip().splitlines()
+        if "Original Traceback" not in str(err):
+            raise
+        raise UsageError(lines[-1].split(": ", 1)[-1]) from None
