@@ -203,6 +203,10 @@ def _error_line(args: list, capsys, monkeypatch) -> str:
     from simfeatup.training.main import main
 
     monkeypatch.setattr(sys, "argv", ["train/fit.py"])
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):  # Lightning's handlers keep the stderr
+        for handler in logging.getLogger(name).handlers:  # of the test that imported it: give them this one's
+            if isinstance(handler, logging.StreamHandler):
+                monkeypatch.setattr(handler, "stream", sys.stderr)
     code = main(args)
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err[-3000:]
