@@ -141,6 +141,20 @@ def test_checkpoints_load_with_weights_only_whatever_lightning_asks(in_tmp, monk
     assert not (in_tmp / MARK).exists()
 
 
+def test_a_checkpoint_of_another_architecture_is_refused_in_one_line(tiny_clip_cfg):
+    from simfeatup.backbone import CHECKPOINT_KEY
+    from simfeatup.training.module import SimFeatUpModule
+
+    trained = SimFeatUpModule(clip_config=tiny_clip_cfg)
+    state = {k: v for k, v in trained.state_dict().items() if not k.startswith("backbone.")}
+    ckpt = {"state_dict": state, CHECKPOINT_KEY: trained.backbone.backbone.to_dict()}
+    other = SimFeatUpModule(clip_config=tiny_clip_cfg, radius=3)
+    with pytest.raises(ValueError, match=r"holds another model's weights \(upsampler\..* differ\); resume with the "
+                                         r"--model\.\* settings") as err:
+        other.on_load_checkpoint(ckpt)
+    assert "\n" not in str(err.value)
+
+
 # ------------------------------------------------------------------------------ item 7: resume from the newest
 def test_resume_takes_the_newest_complete_checkpoint(tmp_path, caplog):
     from simfeatup.training.checkpoint import AtomicCheckpointIO, newest_checkpoint
