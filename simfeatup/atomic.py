@@ -9,7 +9,8 @@ Temporary names are ``.NAME.HOST.PID.TOKEN.partial`` (``.NAME.HOST.PID.TOKEN.old
 folder moved aside while ``atomic_dir`` swaps it): hidden, so ``ls`` and shell globs skip
 them, and ending in ``.partial``, so nothing looking for ``*.tar`` or ``*.ckpt`` picks one
 up. The writer's host and process id in the name let :func:`remove_stale_temporaries` tell a
-leftover of a killed run from a file another run is writing right now.
+leftover of a killed run from a file another run is writing right now; every writer here runs
+it (:func:`sweep_once`) on the first write into a folder, so a rerun clears what a kill left.
 """
 from __future__ import annotations
 
