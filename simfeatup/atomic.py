@@ -9,7 +9,8 @@ Temporary names are ``.NAME.HOST.PID.TOKEN.partial`` (``.NAME.HOST.PID.TOKEN.old
 folder moved aside while ``atomic_dir`` swaps it): hidden, so ``ls`` and shell globs skip
 them, and ending in ``.partial``, so nothing looking for ``*.tar`` or ``*.ckpt`` picks one
 up. The writer's host and process id in the name let :func:`remove_stale_temporaries` tell a
-leftover of a killed run from a file another run is writing right now.
+leftover of a killed run from a file another run is writing right now; every writer here runs
+it (:func:`sweep_once`) on the first write into a folder, so a rerun clears what a kill left.
 """
 from __future__ import annotations
 
@@ -53,6 +54,22 @@ def _claim(target: Path, create: Callable[[Path], None]) -> Path:
     raise FileExistsError(f"no free temporary name beside {target}")
 
 
+_SWEPT: set[str] = set()  # folders this process has cleared of stale temporaries
+
+
+def sweep_once(folder: str | os.PathLike) -> list[Path]:
+    """:func:`remove_stale_temporaries` of ``folder`` the first time this process writes there.
+
+    Every ``atomic_write``/``atomic_dir`` calls it for its target's folder, so whatever a killed
+    run left half-written is removed by the next run that writes beside it.
+    """
+    key = os.path.abspath(folder)
+    if key in _SWEPT:
+        return []
+    _SWEPT.add(key)
+    return remove_stale_temporaries(folder)
+
+
 def _create_file(path: Path) -> None:
     # 0o666 through the umask: the permissions a plain open() gives (mkstemp's would be 0600).
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
@@ -70,6 +87,7 @@ class AtomicFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        sweep_once(self.path.parent)
         self.tmp = _claim(self.path, _create_file)
 
     def commit(self) -> Path:
@@ -123,6 +141,7 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
     path = Path(path)
     _check_replaceable(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_once(path.parent)
     staging = _claim(path, lambda p: os.mkdir(p, 0o777))
     try:
         yield staging

@@ -19,6 +19,7 @@ from open_clip.pretrained import has_hf_hub
 from open_clip.transformer import QuickGELU
 from safetensors import SafetensorError
 
+from simfeatup import safe_load
 from simfeatup.backbone import Backbone, WeightsUnavailableError, file_sha256
 from simfeatup.constants import CLIP_MEAN, CLIP_STD
 
@@ -105,22 +106,24 @@ def _clip_from_config(config: dict):
 
 
 def _load_weights(clip, checkpoint: Path, label: str, pretrained: str | None, tag_cfg: dict) -> None:
-    """open_clip's own loader (the one create_model uses): strict keys and shapes, weights_only=True."""
+    """open_clip's own loader (the one create_model uses): strict keys and shapes, weights_only=True.
+
+    A torch.save file is first read by `safe_load.load`, so one that is damaged or holds code is
+    refused in our words, and open_clip never reaches its fallback of loading without weights_only.
+    """
+    local = not tag_cfg
     try:
-        open_clip.load_checkpoint(clip, str(checkpoint), strict=True, weights_only=True)
+        if checkpoint.suffix not in (".safetensors", ".npz", ".npy"):  # what open_clip reads without torch.load
+            safe_load.load(checkpoint, fix="" if local else "delete it from the cache to download it again")
+        with safe_load.quiet():
+            open_clip.load_checkpoint(clip, str(checkpoint), strict=True, weights_only=True)
+    except safe_load.TorchFileError as err:
+        why = f"{checkpoint.name}: {str(err).removeprefix(f'{checkpoint}: ')}"
+        raise WeightsUnavailableError(_weights_message(label, pretrained, why, tag_cfg, local=local)) from None
     except (RuntimeError, OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
-        # truncated/garbled files, pickles of objects, and key or shape mismatches (another model's file).
-        if isinstance(err, pickle.UnpicklingError):  # torch's advice (weights_only=False) is not ours to give
-            if "Unsupported global" in str(err):
-                why = (
-                    "the pickle holds more than tensors, torch.load(weights_only=True) refused it; "
-                    "re-save its state_dict"
-                )
-            else:
-                why = f"{checkpoint.name} is not a readable PyTorch checkpoint (corrupt, truncated or another format)"
-        else:
-            why = f"cannot read {checkpoint.name}: {_short(err)}"
-        raise WeightsUnavailableError(_weights_message(label, pretrained, why, tag_cfg, local=not tag_cfg)) from err
+        # garbled safetensors files, and key or shape mismatches (another model's file)
+        why = f"cannot read {checkpoint.name}: {_short(err)}"
+        raise WeightsUnavailableError(_weights_message(label, pretrained, why, tag_cfg, local=local)) from err
 
 
 def runs_quick_gelu(clip) -> bool:

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 import re
-import zipfile
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from simfeatup import safe_load
 from simfeatup.backbone import (
     CHECKPOINT_KEY,
     Backbone,
@@ -63,19 +62,9 @@ def _read_source(src: Path) -> tuple[dict[str, torch.Tensor], str, dict | None]:
 
 def _load_state_dict(src: Path) -> tuple[dict[str, torch.Tensor], str, dict | None]:
     try:
-        obj = torch.load(src, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only" not in str(e).lower() or not zipfile.is_zipfile(src):
-            raise CheckpointError(f"{src}: not a PyTorch checkpoint (unreadable by torch.load)") from None
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        what = f" (e.g. {found.group(1)})" if found else ""
-        raise CheckpointError(
-            f"{src}: torch.load(weights_only=True) refused it: the file holds pickled Python objects beyond "
-            f"tensors{what}, and loading those could run code; re-save its state_dict alone from a trusted session"
-        ) from None
-    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{src}: not a PyTorch checkpoint ({first})") from None
+        obj = safe_load.load(src, fix="convert a Lightning checkpoint or a state dict of the upsampler")
+    except safe_load.TorchFileError as err:
+        raise CheckpointError(str(err)) from None
     lightning = isinstance(obj, dict) and "state_dict" in obj
     state = obj["state_dict"] if lightning else obj
     # our own training checkpoints carry the record of the backbone they were trained for

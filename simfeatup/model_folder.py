@@ -2,18 +2,25 @@
 
 One home for the format (written by :mod:`simfeatup.export`, read by :mod:`simfeatup.runtime`
 and by anyone's own consumer); imports neither torch nor onnxruntime.
+
+The manifest protects the folder: ``files`` holds the sha256 of every other file, and
+``manifest_sha256`` that of the manifest itself (:func:`manifest_digest`: its JSON without that
+key, keys sorted, separators ``,`` and ``:``, ASCII), so an edited window or stride is refused
+like a modified graph. Every field the runtime computes with is checked (:func:`read_manifest`),
+and against the graphs' own inputs and outputs (:func:`check_graph_io`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import numbers
 from pathlib import Path
 
 from .constants import CLIP_MEAN, CLIP_STD, LOGIT_SCALE
 
 FORMAT = "simfeatup-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest carries its own checksum
 MANIFEST = "manifest.json"
 IMAGE_GRAPH = "image.onnx"
 TEXT_GRAPH = "text.onnx"
@@ -36,7 +43,16 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON, without its own ``manifest_sha256``."""
+    content = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
 def write_manifest(folder: Path, manifest: dict) -> None:
+    """Write ``manifest.json`` with its ``manifest_sha256`` (set in ``manifest`` too)."""
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
 
 
@@ -64,6 +80,11 @@ def read_manifest(model_dir: Path, *, check_files: bool = True) -> dict:
             "re-export the folder with this simfeatup version"
         )
     _check_fields(path, manifest)
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
+        raise ModelFolderError(
+            f"{path}: edited after export (its content no longer matches its manifest_sha256); the graphs were "
+            "verified with the original values: re-export the model folder instead of editing it"
+        )
     if check_files:
         for name, digest in manifest.get("files", {}).items():
             file = model_dir / name
@@ -76,8 +97,12 @@ def read_manifest(model_dir: Path, *, check_files: bool = True) -> dict:
     return manifest
 
 
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _check_fields(path: Path, manifest: dict) -> None:
-    """The fields the runtime computes with: types, ranges and this simfeatup's constants."""
+    """The fields the runtime computes with: types, ranges, consistency and this simfeatup's constants."""
 
     def fail(what: str):
         raise ModelFolderError(f"{path}: {what}; re-export the model folder with this simfeatup version")
@@ -91,33 +116,60 @@ def _check_fields(path: Path, manifest: dict) -> None:
     if found != expected:
         fail(f"preprocessing/scoring constants {found} differ from this simfeatup's {expected}")
     for key in ("long_side", "window", "stride", "patch"):
-        value = pre.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            fail(f"preprocessing.{key} is {value!r}, not a positive whole number")
+        if not _whole(pre.get(key)):
+            fail(f"preprocessing.{key} is {pre.get(key)!r}, not a positive whole number")
     if pre["window"] % pre["patch"] or pre["stride"] > pre["window"]:
         fail(
             f"window {pre['window']} / stride {pre['stride']} / patch {pre['patch']} are inconsistent "
             "(the window must be a multiple of the patch and at least the stride)"
         )
     lam = manifest.get("default_lambda")
-    if not isinstance(lam, numbers.Real) or isinstance(lam, bool) or lam != lam:
+    if not isinstance(lam, numbers.Real) or isinstance(lam, bool) or not math.isfinite(lam):
         fail(f"default_lambda is {lam!r}, not a number")
-    for key in ("embed_dim",):
-        value = manifest.get(key)
-        if not isinstance(value, int) or value < 1:
-            fail(f"{key} is {value!r}, not a positive whole number")
-    tok = manifest.get("tokenizer")
-    if (
-        not isinstance(tok, dict)
-        or not isinstance(tok.get("merges"), str)
-        or not isinstance(tok.get("context_length"), int)
+    if not _whole(manifest.get("embed_dim")):
+        fail(f"embed_dim is {manifest.get('embed_dim')!r}, not a positive whole number")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(
+        isinstance(k, str) and Path(k).name == k and k not in ("", ".", "..", MANIFEST) and isinstance(v, str)
+        and len(v) == 64 for k, v in files.items()
     ):
+        fail("files section missing or not {file name in the folder: sha256}")
+    tok = manifest.get("tokenizer")
+    if not isinstance(tok, dict) or not isinstance(tok.get("merges"), str) or not _whole(tok.get("context_length")):
         fail("tokenizer section missing or incomplete")
     graphs = manifest.get("graphs")
     if not isinstance(graphs, dict) or not all(
-        isinstance(graphs.get(g, {}).get("file"), str) for g in ("image", "text")
+        isinstance(graphs.get(g), dict) and isinstance(graphs[g].get("file"), str) for g in ("image", "text")
     ):
         fail("graphs section missing or incomplete")
+    unlisted = [f for f in (graphs["image"]["file"], graphs["text"]["file"], tok["merges"]) if f not in files]
+    if unlisted:
+        fail(f"{unlisted} not in its files section (not covered by a checksum)")
+
+
+def check_graph_io(path: Path, manifest: dict, image: dict, text_in: dict, text_out: dict) -> None:
+    """The graphs' own inputs and outputs against the manifest: names, ranks and every fixed size.
+
+    image, text_in, text_out: {name: shape} of the image graph's inputs, the text graph's inputs
+    and outputs, each dimension an int or None (dynamic), as onnxruntime reports them.
+    """
+
+    def check(graph: str, found: dict, expected: dict) -> None:
+        if set(found) != set(expected):
+            raise ModelFolderError(f"{path}: the {graph} graph has inputs/outputs {sorted(found)}, expected "
+                                   f"{sorted(expected)}; re-export the model folder with this simfeatup version")
+        for name, dims in expected.items():
+            got = list(found[name])
+            if len(got) != len(dims) or any(isinstance(g, int) and d is not None and g != d for g, d in zip(got, dims)):
+                raise ModelFolderError(
+                    f"{path}: the {graph} graph's {name} has shape {got}, but the manifest says {dims} "
+                    "(None: any); the manifest does not belong to these graphs: re-export the model folder"
+                )
+
+    dim, context = manifest["embed_dim"], manifest["tokenizer"]["context_length"]
+    check("image", image, {WINDOWS: [None, 3, None, None], TEXT: [None, dim], LAM: []})
+    check("text", text_in, {TOKENS: [None, context]})
+    check("text", text_out, {EMBEDDINGS: [None, dim]})
 
 
 __all__ = [
@@ -130,5 +182,7 @@ __all__ = [
     "ModelFolderError",
     "read_manifest",
     "write_manifest",
+    "manifest_digest",
+    "check_graph_io",
     "sha256",
 ]

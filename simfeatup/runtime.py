@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .cache import EmbeddingCache
-from .model_folder import LAM, TEXT, TOKENS, WINDOWS, ModelFolderError, read_manifest
+from .model_folder import LAM, MANIFEST, TEXT, TOKENS, WINDOWS, ModelFolderError, check_graph_io, read_manifest
 from .pipeline import WindowSegmenter
 from .tokenizer import Tokenizer
 
@@ -74,6 +74,11 @@ def providers_for_device(device: str):
     raise ValueError(f"device {device!r} has no onnxruntime provider here: use auto, cpu, cuda or cuda:N")
 
 
+def _shapes(args) -> dict:
+    """{name: [int or None per dimension]} of onnxruntime's NodeArg list (symbolic dimensions are None)."""
+    return {a.name: [d if isinstance(d, int) else None for d in a.shape] for a in args}
+
+
 class OnnxSegmenter(WindowSegmenter):
     """Sliding-window segmentation (SPEC 2) with the exported image and text graphs.
 
@@ -101,6 +106,10 @@ class OnnxSegmenter(WindowSegmenter):
         graphs = self.manifest["graphs"]
         self.image_session = self._session(graphs["image"]["file"])
         self.text_session = self._session(graphs["text"]["file"])
+        check_graph_io(
+            self.model_dir / MANIFEST, self.manifest, _shapes(self.image_session.get_inputs()),
+            _shapes(self.text_session.get_inputs()), _shapes(self.text_session.get_outputs()),
+        )
         logger.info("onnxruntime %s with %s", ort.__version__, ", ".join(self.image_session.get_providers()))
         tok = self.manifest["tokenizer"]
         self.tokenizer = Tokenizer(self.model_dir / tok["merges"], context_length=tok["context_length"])

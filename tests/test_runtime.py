@@ -266,7 +266,7 @@ def test_folders_of_another_format_version_or_other_constants_are_refused(onnx_d
     import json
 
     for change, message in (
-        (lambda m: m.update(version=99), "format version 99, this simfeatup reads 1"),
+        (lambda m: m.update(version=99), "format version 99, this simfeatup reads 2"),
         (lambda m: m["preprocessing"].update(mean=[0.5, 0.5, 0.5]), "preprocessing/scoring constants"),
         (lambda m: m.update(logit_scale=100.0), "preprocessing/scoring constants"),
         (lambda m: m["preprocessing"].update(patch=0), "preprocessing.patch is 0, not a positive whole number"),
@@ -275,6 +275,15 @@ def test_folders_of_another_format_version_or_other_constants_are_refused(onnx_d
         (lambda m: m["preprocessing"].update(stride=300), "inconsistent"),
         (lambda m: m.update(default_lambda=None), "default_lambda is None, not a number"),
         (lambda m: m.pop("tokenizer"), "tokenizer section missing"),
+        (lambda m: m.update(default_lambda=float("inf")), "default_lambda is inf, not a number"),
+        (lambda m: m.update(embed_dim=True), "embed_dim is True, not a positive whole number"),
+        (lambda m: m["tokenizer"].update(context_length=0), "tokenizer section missing or incomplete"),
+        (lambda m: m["files"].pop("text.onnx"), r"\['text.onnx'\] not in its files section"),
+        (lambda m: m["files"].update({"../x": "0" * 64}), "files section missing or not"),
+        # valid values, but not those the graphs were verified with: the manifest's own checksum refuses them
+        (lambda m: m["preprocessing"].update(window=448), "edited after export .* re-export the model folder"),
+        (lambda m: m["preprocessing"].update(stride=56), "edited after export"),
+        (lambda m: m.update(default_lambda=0.0), "edited after export"),
     ):
         copy = Path(shutil.copytree(onnx_dir, tmp_path / message[:6].replace(" ", "_") / str(id(change))))
         manifest = json.loads((copy / "manifest.json").read_text())
@@ -282,6 +291,25 @@ def test_folders_of_another_format_version_or_other_constants_are_refused(onnx_d
         (copy / "manifest.json").write_text(json.dumps(manifest))
         with pytest.raises(ModelFolderError, match=message):
             OnnxSegmenter(copy)
+
+
+def test_a_manifest_that_does_not_belong_to_its_graphs_is_refused(onnx_dir, tmp_path):
+    """Even with its checksum recomputed, a manifest must agree with the graphs' own inputs and outputs."""
+    import json
+
+    from simfeatup.model_folder import write_manifest
+
+    for change, message in (
+        (lambda m: m.update(embed_dim=m["embed_dim"] + 1), "image graph's text has shape"),
+        (lambda m: m["tokenizer"].update(context_length=76), "text graph's tokens has shape"),
+    ):
+        copy = Path(shutil.copytree(onnx_dir, tmp_path / str(id(change))))
+        manifest = json.loads((copy / "manifest.json").read_text())
+        change(manifest)
+        write_manifest(copy, manifest)
+        with pytest.raises(ModelFolderError, match=message) as err:
+            OnnxSegmenter(copy)
+        assert "re-export the model folder" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_windows_go_through_the_graph_in_fixed_size_batches(onnx_dir, monkeypatch):

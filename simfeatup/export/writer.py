@@ -98,7 +98,7 @@ def export_onnx(
         logger.info("exported %s in %.0f s; verifying against torch", out_dir, time.perf_counter() - started)
         report = verify_onnx(tmp, reference, samples=samples)
         manifest["verification"] = report
-        write_manifest(tmp, manifest)  # the report is not covered by the file checksums
+        write_manifest(tmp, manifest)  # again: the report is covered by the manifest's own checksum
     logger.info("wrote %s", out_dir)
     return out_dir
 

@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from simfeatup.training.checkpoint import newest_checkpoint, warn_if_epochs_cap_steps
 from simfeatup.training.data import expand_urls
 from simfeatup.training.datamodule import ShardDataModule
 from simfeatup.training.module import ARTEFACT_NAME, SimFeatUpModule
@@ -106,7 +107,7 @@ class SimFeatUpCLI(LightningCLI):
             "--ckpt_path",
             type=str | None,
             default=None,
-            help='checkpoint to resume from; "last" = the newest last.ckpt of this run directory',
+            help='checkpoint to resume from; "last" = the newest complete checkpoint of this run directory',
         )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
@@ -122,8 +123,12 @@ class SimFeatUpCLI(LightningCLI):
                 expand_urls(data[key])  # ValueError naming the missing path and the current directory
 
     def fit(self) -> None:
+        ckpt_path = self.config.ckpt_path
+        if ckpt_path == "last":  # Lightning's "last" is the newest last*.ckpt, even when a step checkpoint is newer
+            ckpt_path = newest_checkpoint(self.trainer.checkpoint_callback.dirpath)
+        warn_if_epochs_cap_steps(self.trainer, self.datamodule)
         with expected_warnings():
-            self.trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=self.config.ckpt_path)
+            self.trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
         if self.trainer.is_global_zero:
             log_results(self.trainer, self.model)
 

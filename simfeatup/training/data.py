@@ -76,6 +76,10 @@ def _rank_and_worker() -> tuple[int, int, int, int]:
 
 
 # ------------------------------------------------------------------------------ skips
+class DataError(ValueError):
+    """The shards give no usable samples: a user error, reported in one line."""
+
+
 class SkipCounter:
     """Skipped and decoded sample counts, shared by all DataLoader workers of a loader.
 
@@ -87,6 +91,7 @@ class SkipCounter:
         self.table = torch.zeros(max(1, slots), 2, dtype=torch.int64).share_memory_()  # (slots, [skipped, decoded])
         self.max_consecutive = max_consecutive
         self._consecutive = 0  # per process: failures since the last decoded sample
+        self._shards = 0  # per process: shards opened since the last sample read from one
         self._logged = 0
 
     def _row(self) -> int:
@@ -105,6 +110,23 @@ class SkipCounter:
         self.table[self._row(), 1] += 1
         self._consecutive = 0
 
+    def shards(self, src):
+        """Stage before the tar reader: shards in a row that hold no member at all (empty tars) end the run too."""
+        for shard in src:
+            self._shards += 1
+            if 0 < self.max_consecutive <= self._shards:
+                raise DataError(
+                    f"{self._shards} shards in a row gave no sample, the last {shard.get('url')}: empty or not "
+                    "tars of images; write the shards with `simfeatup make-shards` and check --data.train_shards"
+                )
+            yield shard
+
+    def members(self, src):
+        """Stage after the tar reader: a sample read from a shard (decodable or not) resets the shard count."""
+        for sample in src:
+            self._shards = 0
+            yield sample
+
     def __call__(self, exn: BaseException) -> bool:
         """webdataset handler (like open_clip's ``log_and_continue``): count, log, carry on."""
         self.table[self._row(), 0] += 1
@@ -119,9 +141,12 @@ class SkipCounter:
                 else " (further skips are counted, not logged, by this process)",
             )
         if 0 < self.max_consecutive <= self._consecutive:
-            raise RuntimeError(
-                f"{self._consecutive} samples in a row failed to load; the last: {exn}. "
-                "Check the shard URLs and the `bands`/`stretch` settings."
+            reason = next((str(a) for a in exn.args if isinstance(a, str)), type(exn).__name__)
+            where = [a for a in exn.args if isinstance(a, str) and (a.startswith("url=") or os.path.exists(a))]
+            source = f" from {where[-1].removeprefix('url=')}" if where else ""
+            raise DataError(
+                f"{self._consecutive} samples in a row failed to load, the last{source}: {reason}; check that the "
+                "shards are tars of images (`simfeatup make-shards` writes them) and the `bands`/`stretch` settings"
             ) from exn
         return True
 
@@ -301,8 +326,10 @@ def make_pipeline(
         shards = [wds.SimpleShardList(urls), wds.split_by_worker]
     stages = [
         *shards,
+        counter.shards,  # empty shards end the run as failing samples do
         # 2. tar members -> samples {"__key__", "jpg"|"png"|"tif", ...}; unreadable shards are skipped
         wds.tarfile_to_samples(handler=counter),
+        counter.members,
         # 3. shuffle the still-encoded samples (cheap to buffer); validation keeps shard order
         _shuffle(stream, shuffle_buffer, max(1, shuffle_buffer // 10)) if train and shuffle_buffer > 1 else None,
         # 4. decode to RGB uint8 and crop (random with reflect padding, or centre); broken samples skipped

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from simfeatup.entry import run_command, setup_logging
+from simfeatup.entry import UsageError, run_command, setup_logging
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "train" / "quickstart.yaml"
 
@@ -30,6 +30,11 @@ def _fit(argv: list[str] | None) -> None:
         SimFeatUpCLI(args=argv, parser_kwargs={"default_config_files": [str(QUICKSTART)]}).fit()
     except BackboneError as err:  # unavailable weights, unreadable model config: its advice names segment's flags
         raise BackboneError(fit_flags(str(err))) from None
+    except ValueError as err:  # raised in a DataLoader worker, it arrives wrapped in that worker's traceback
+        lines = str(err).strip().splitlines()
+        if "Original Traceback" not in str(err):
+            raise
+        raise UsageError(lines[-1].split(": ", 1)[-1]) from None
 
 
 # segment's backbone flags (which the shared backbone messages name) -> this command's

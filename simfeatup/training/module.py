@@ -262,6 +262,15 @@ class SimFeatUpModule(L.LightningModule):
         state = checkpoint["state_dict"]
         for key, value in self.backbone.state_dict(prefix="backbone.").items():
             state.setdefault(key, value)
+        # Another upsampler or head architecture (radius, key_dim, ...) in one line, not load_state_dict's traceback.
+        own = self.state_dict()
+        wrong = sorted(set(own) ^ set(state)) + [k for k in own if k in state and own[k].shape != state[k].shape]
+        if wrong:
+            where = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+            raise ValueError(
+                f"{where} holds another model's weights ({', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''} "
+                "differ); resume with the --model.* settings of the run that wrote it (or start a new run directory)"
+            )
 
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero:
