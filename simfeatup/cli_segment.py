@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import batches, scene_cli
+from . import batches, scene_cli, scene_outputs
 from .entry import UsageError
 
 logger = logging.getLogger("simfeatup")
@@ -122,7 +122,7 @@ def _unfinished(args, images: list[Path], scenes: list[Path], names: dict[Path, 
 
     def planned(path: Path) -> list[Path]:
         if path in scene_set:
-            return scene_cli.scene_output_paths(args, names[path])
+            return scene_outputs.scene_output_paths(args, names[path])
         return list(_image_outputs(args, names[path]).values())
 
     images = batches.unfinished(images, planned, args.out)

@@ -11,7 +11,7 @@ from affine import Affine
 from PIL import Image
 from rasterio.control import GroundControlPoint
 
-from simfeatup import batches, scene_cli
+from simfeatup import batches, scene_outputs
 from simfeatup.batches import Shard, resolve_shard, take_shard
 from simfeatup.cli import _parser, main
 from simfeatup.entry import UsageError
@@ -56,7 +56,8 @@ def test_a_finished_batch_is_not_started_again(tiny_weights, tmp_path, caplog):
     out = tmp_path / "out"
     assert _segment(tiny_weights, [piece], out, "--scene") == 0
     # what a scene writes is exactly what --skip-existing looks for
-    planned = scene_cli.scene_output_paths(_parser().parse_args(["segment", "x", *CLASSES, "--out", str(out)]), "piece")
+    args = _parser().parse_args(["segment", "x", *CLASSES, "--out", str(out)])
+    planned = scene_outputs.scene_output_paths(args, "piece")
     assert sorted(p.name for p in out.iterdir()) == sorted([batches.LEGEND, *(p.name for p in planned)])
     caplog.clear()
     argv = ["segment", str(piece), *CLASSES, "--out", str(out), "--scene", "--skip-existing", *_no_model()]
