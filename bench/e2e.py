@@ -58,7 +58,7 @@ print(json.dumps({{"loaded": loaded, "curve": out}}))
 """
 
 
-def build_torch(window_batch: int = 4, seed: int = 0):
+def build_torch(window_batch: int | None = None, seed: int = 0):
     """Random ViT-B/16 (open_clip architecture, no download) + random-init SimFeatUp, fp32 CPU."""
     import open_clip
     import torch
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", type=int, default=448, help="image side in pixels (448: 3 x 3 windows)")
     parser.add_argument("--repeats", type=int, default=3, help="timed images per backend (after one warm-up each)")
     parser.add_argument(
-        "--torch-window-batch", type=int, default=4, help="windows per torch forward (Segmenter's default)"
+        "--torch-window-batch", type=int, default=1, help="windows per torch forward (Segmenter's default on CPU)"
     )
     parser.add_argument(
         "--onnx-window-batch", type=int, default=1, help="windows per onnxruntime call (OnnxSegmenter's default)"

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, NamedTuple
 
+from . import flags
 from .entry import UsageError
 
 logger = logging.getLogger("simfeatup")
@@ -29,18 +30,14 @@ LEGEND = "classes.json"  # the output folder's legend: index, class line and col
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
-    kept = p.add_mutually_exclusive_group()
-    kept.add_argument(
-        "--skip-existing",
-        action="store_true",
-        help="leave out inputs whose outputs (label map and what the flags ask for) are all in --out already: "
-        "a killed batch resumes where it stopped",
-    )
-    kept.add_argument(
-        "--overwrite",
-        action="store_true",
-        help=f"segment into an --out folder whose {LEGEND} lists other classes, replacing it "
-        "(its earlier label maps then no longer match the legend)",
+    flags.either_switch(
+        p,
+        {
+            "--skip-existing": "leave out inputs whose outputs (label map and what the flags ask for) are all in "
+            "--out already: a killed batch resumes where it stopped",
+            "--overwrite": f"segment into an --out folder whose {LEGEND} lists other classes, replacing it "
+            "(its earlier label maps then no longer match the legend)",
+        },
     )
     p.add_argument(
         "--shard-index",

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 from pathlib import Path
 
-from . import batches, cli_segment, scene_cli
+from . import batches, cli_segment, flags, scene_cli
 from .constants import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from .entry import UsageError, run_command, setup_logging
 
@@ -28,38 +27,15 @@ def _add_vocabulary_flags(p: argparse.ArgumentParser) -> None:
     group.add_argument("--classes-file", type=Path, help="text file with one class line per line")
     p.add_argument(
         "--prob-thd",
-        type=_probability,
+        type=flags.probability,
         help="below this class probability (0..1) a pixel becomes --bg-idx (preset value, else 0)",
     )
-    p.add_argument("--bg-idx", type=_index, help="class index used where no class is confident (preset value, else 0)")
-    p.add_argument("--lam", type=_finite, help="weight of the [CLS] similarity in the logits (preset value, else -0.3)")
-
-
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = _finite(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a probability: give a value in [0, 1]")
-    return value
-
-
-def _index(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative: class indices start at 0")
-    return value
+    p.add_argument(
+        "--bg-idx", type=flags.index, help="class index used where no class is confident (preset value, else 0)"
+    )
+    p.add_argument(
+        "--lam", type=flags.finite, help="weight of the [CLS] similarity in the logits (preset value, else -0.3)"
+    )
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:

@@ -175,9 +175,8 @@ class Tiles(nn.Module):
         S = self.S
         py, px, oy, ox = torch.meshgrid(*(torch.arange(n) for n in (T, T, d, d)), indexing="ij")
         p, o, q = py * T + px, oy * d + ox, (py + oy) * S + px + ox  # pixel, offset (row-major), source
-        # where offset o of tile pixel p sits in the flattened S x S source window, (T*T, d*d)
-        self.register_buffer("window_q", q.reshape(T * T, d * d), persistent=False)
-        # the same as flat indices for index_select: weight[p, q] = kernel[p, o] where q = p + o,
+        # where offset o of tile pixel p sits in the flattened S x S source window (:meth:`_windows_of`
+        # eager), as flat indices for index_select: weight[p, q] = kernel[p, o] where q = p + o,
         # else the zero slot appended after T*T*d*d; and the (p, q) pairs in (p, o) order
         weight = torch.full((T * T, S * S), T * T * d * d, dtype=torch.long)
         weight[p.flatten(), q.flatten()] = (p * d * d + o).flatten()
@@ -215,16 +214,26 @@ class Tiles(nn.Module):
         h, w = H // self.T, W // self.T
         pairs = self.split(key) @ self.sources(key_pad, h, w).transpose(-1, -2)  # (B, h, w, T*T, S*S)
         if not _tracing():
-            return pairs.gather(-1, self.window_q.expand(*pairs.shape[:-1], self.d * self.d))
+            return self._windows_of(pairs).reshape(B, h, w, self.T * self.T, self.d * self.d)
         picked = pairs.reshape(B, h, w, -1).index_select(-1, self.pair_index)
         return picked.reshape(B, h, w, self.T * self.T, self.d * self.d)
+
+    def _windows_of(self, weight: torch.Tensor) -> torch.Tensor:
+        """The d x d window of every tile pixel inside its row of ``weight`` (B, h, w, T*T, S*S), as a
+        strided view (B, h, w, T, T, d, d): pixel (py, px), offset (oy, ox) sits at column
+        (py + oy) * S + px + ox of row py * T + px, i.e. at py * (T*S*S + S) + px * (S*S + 1) + oy * S + ox."""
+        T, d, S = self.T, self.d, self.S
+        b, i, j = weight.stride()[:3]
+        shape = (*weight.shape[:3], T, T, d, d)
+        return weight.as_strided(shape, (b, i, j, T * S * S + S, S * S + 1, S, 1), weight.storage_offset())
 
     def filter(self, src_pad: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
         """The adaptive filter: src_pad (B, H + d-1, W + d-1, C), kernel (B, h, w, T*T, d*d) -> (B, H, W, C)."""
         B, h, w = kernel.shape[:3]
         TT, SS = self.T * self.T, self.S * self.S
         if not _tracing():
-            weight = kernel.new_zeros(B, h, w, TT, SS).scatter_(-1, self.window_q.expand(kernel.shape), kernel)
+            weight = kernel.new_zeros(B, h, w, TT, SS)
+            self._windows_of(weight).copy_(kernel.view(B, h, w, self.T, self.T, self.d, self.d))
         else:
             k = F.pad(kernel.reshape(B, h, w, -1), (0, 1))  # + the zero slot
             weight = k.index_select(-1, self.weight_index).reshape(B, h, w, TT, SS)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 from pathlib import Path
 
+from . import flags
 from .constants import DEFAULT_BLOCK, LONG_SIDE, STRIDE
 from .scene_outputs import scene_output_paths, scene_outputs, write_scene
 
@@ -24,17 +24,13 @@ GEOTIFF_TAGS = (33550, 33922, 34264, 34735)
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--scene",
-        action="store_true",
-        help="segment every input as a scene: native resolution, block by block, labels as a georeferenced "
-        f"<image>.tif (the default for GeoTIFFs larger than {LONG_SIDE} px)",
-    )
-    mode.add_argument(
-        "--image-mode",
-        action="store_true",
-        help=f"segment every input as the paper does (long side resized to {LONG_SIDE}), GeoTIFFs too",
+    flags.either_switch(
+        p,
+        {
+            "--scene": "segment every input as a scene: native resolution, block by block, labels as a "
+            f"georeferenced <image>.tif (the default for GeoTIFFs larger than {LONG_SIDE} px)",
+            "--image-mode": f"segment every input as the paper does (long side resized to {LONG_SIDE}), GeoTIFFs too",
+        },
     )
     p.add_argument(
         "--block",
@@ -56,14 +52,14 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--min-area",
-        type=_not_negative,
+        type=flags.not_negative,
         default=0.0,
         help="with --vector: drop regions smaller than this, in m2 (projected CRS), square degrees (geographic) "
         "or pixels (no CRS); default 0",
     )
     p.add_argument(
         "--simplify",
-        type=_not_negative,
+        type=flags.not_negative,
         default=0.0,
         metavar="TOLERANCE",
         help="with --vector: simplify the polygons by this tolerance in CRS units, neighbours keeping their shared "
@@ -72,28 +68,18 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     resolution = p.add_mutually_exclusive_group()
     resolution.add_argument(
         "--gsd",
-        type=_positive,
+        type=flags.positive,
         metavar="METRES",
         help="scene mode: resample every scene to this ground sample distance (pixel size in metres; needs a "
         "projected CRS) before segmenting; labels come out at it",
     )
     resolution.add_argument(
         "--scale",
-        type=_positive,
+        type=flags.positive,
         metavar="S",
         help="scene mode: resample every scene by S (0.5: half the pixels per side) before segmenting",
     )
 
-
-
-def _not_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0")
-    return value
 
 
 def _block(text: str) -> int:
@@ -105,16 +91,6 @@ def _block(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a positive multiple of the window stride {STRIDE}, e.g. {DEFAULT_BLOCK}"
         )
-    return value
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
     return value
 
 

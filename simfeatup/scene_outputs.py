@@ -10,37 +10,42 @@ from __future__ import annotations
 from pathlib import Path
 
 
-class _LabelOutput:
-    """The label COG of a scene as a scene output: ``write(block)``, ``commit()``, ``abort()``."""
+def _grid(reader, classes: list[str]) -> dict:
+    """What every writer of a scene needs: its pixel grid, CRS, geotransform and the class lines."""
+    return {"height": reader.height, "width": reader.width, "crs": reader.crs, "transform": reader.transform,
+            "classes": classes}
 
+
+class _Kind:
+    """A kind of scene output: written when the flag ``flag`` is set (always when None), to NAME + ``suffix``."""
+
+    flag: str | None = None
+    suffix = ".tif"
     needs_probs = False
-    raster = "LabelRaster"  # the simfeatup.geo class that writes it
-
-    @staticmethod
-    def wanted(args) -> bool:
-        return True
-
-    @staticmethod
-    def target(args, name: str) -> Path:
-        return args.out / f"{name}.tif"
 
     @classmethod
-    def open(cls, args, name: str, reader, classes: list[str]) -> "_LabelOutput":
+    def wanted(cls, args) -> bool:
+        return cls.flag is None or bool(getattr(args, cls.flag))
+
+    @classmethod
+    def target(cls, args, name: str) -> Path:
+        return args.out / f"{name}{cls.suffix}"
+
+    @classmethod
+    def open(cls, args, name: str, reader, classes: list[str]):
         return cls(args, name, reader, classes)
+
+
+class _LabelOutput(_Kind):
+    """The label COG of a scene as a scene output: ``write(block)``, ``commit()``, ``abort()``."""
+
+    raster = "LabelRaster"  # the simfeatup.geo class that writes it
 
     def __init__(self, args, name: str, reader, classes: list[str]):
         from . import geo
 
         self.path = self.target(args, name)
-        self._raster = getattr(geo, self.raster)(
-            self.path,
-            height=reader.height,
-            width=reader.width,
-            crs=reader.crs,
-            transform=reader.transform,
-            classes=classes,
-            block=args.block,
-        )
+        self._raster = getattr(geo, self.raster)(self.path, **_grid(reader, classes), block=args.block)
 
     def write(self, b) -> None:
         self._raster.write(b.y0, b.y1, b.x0, b.x1, b.labels)
@@ -52,15 +57,13 @@ class _LabelOutput:
         self._raster.abort()
 
 
-class _VectorOutput:
+class _VectorOutput(_Kind):
     """``--vector``: the scene's polygons (:class:`simfeatup.vector.VectorOutput`) as a scene output kind."""
 
-    @staticmethod
-    def wanted(args) -> bool:
-        return bool(args.vector)
+    flag = "vector"
 
-    @staticmethod
-    def target(args, name: str) -> Path:
+    @classmethod
+    def target(cls, args, name: str) -> Path:
         from .vector import FORMATS
 
         return args.out / f"{name}{FORMATS[args.vector][1]}"
@@ -69,59 +72,31 @@ class _VectorOutput:
     def open(cls, args, name: str, reader, classes: list[str]):
         from .vector import VectorOutput
 
-        return VectorOutput(
-            cls.target(args, name),
-            args.vector,
-            height=reader.height,
-            width=reader.width,
-            crs=reader.crs,
-            transform=reader.transform,
-            classes=classes,
-            min_area=args.min_area,
-            simplify=args.simplify,
-        )
+        shape = {"min_area": args.min_area, "simplify": args.simplify}
+        return VectorOutput(cls.target(args, name), args.vector, **_grid(reader, classes), **shape)
 
 
 class _ProbsOutput(_LabelOutput):
     """``--save-probs``: a scene's class probabilities, a K-band uint8 COG (:class:`simfeatup.geo.ProbRaster`)."""
 
+    flag, suffix = "save_probs", "_probs.tif"
     needs_probs = True
     raster = "ProbRaster"
-
-    @staticmethod
-    def wanted(args) -> bool:
-        return bool(args.save_probs)
-
-    @staticmethod
-    def target(args, name: str) -> Path:
-        return args.out / f"{name}_probs.tif"
 
     def write(self, b) -> None:
         self._raster.write_probs(b.y0, b.y1, b.x0, b.x1, b.probs, b.valid)
 
 
-class _OverlayOutput:
+class _OverlayOutput(_Kind):
     """``--overlay``: the scene decimated to a viewable size, labels blended, a legend below
     (:class:`simfeatup.visualize.SceneOverlay`); each block's RGB is read again from ``reader``."""
 
-    needs_probs = False
+    flag, suffix = "overlay", "_overlay.jpg"
 
-    @staticmethod
-    def wanted(args) -> bool:
-        return bool(args.overlay)
-
-    @staticmethod
-    def target(args, name: str) -> Path:
-        return args.out / f"{name}_overlay.jpg"
-
-    @classmethod
-    def open(cls, args, name: str, reader, classes: list[str]) -> "_OverlayOutput":
-        return cls(cls.target(args, name), reader, classes)
-
-    def __init__(self, target: Path, reader, classes: list[str]):
+    def __init__(self, args, name: str, reader, classes: list[str]):
         from . import visualize
 
-        self.path, self._reader = target, reader
+        self.path, self._reader = self.target(args, name), reader
         self._overlay = visualize.SceneOverlay(reader.height, reader.width, classes)
 
     def write(self, b) -> None:

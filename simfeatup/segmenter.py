@@ -18,10 +18,15 @@ from .pipeline import WindowSegmenter
 
 logger = logging.getLogger(__name__)
 
+# Windows per forward by default: one at a time on CPU, where bench/e2e.py measured it faster per
+# window than 2-4 (the working set stays in cache) and it needs the least memory; 4 on accelerators.
+CPU_WINDOW_BATCH, ACCELERATOR_WINDOW_BATCH = 1, 4
+
 
 class Segmenter(torch.nn.Module, WindowSegmenter):
     """Frozen dense CLIP + optional SimFeatUp upsampler (``None`` = bilinear ablation).
 
+    ``window_batch``: windows per forward, by default by device (see :attr:`window_batch`).
     ``cache``: True for the on-disk text-embedding cache (when the weights are reproducible),
     False for memory only, or an :class:`EmbeddingCache`.
     """
@@ -34,18 +39,25 @@ class Segmenter(torch.nn.Module, WindowSegmenter):
         long_side: int = LONG_SIDE,
         window: int = WINDOW,
         stride: int = STRIDE,
-        window_batch: int = 4,
+        window_batch: int | None = None,
         cache: EmbeddingCache | bool = True,
     ):
         super().__init__()
         self.encoder = encoder
         self.upsampler = upsampler.eval() if upsampler is not None else None
         self.long_side, self.window, self.stride = long_side, window, stride
-        self.window_batch = window_batch
+        self._window_batch = window_batch
         self.patch_size = encoder.patch_size
         if cache is True or cache is False:
             cache = EmbeddingCache(encoder.backbone.cache_identity() if cache else None)
         self.cache = cache
+
+    @property
+    def window_batch(self) -> int:
+        """Windows per model call: as given, else :data:`CPU_WINDOW_BATCH` or :data:`ACCELERATOR_WINDOW_BATCH`."""
+        if self._window_batch is not None:
+            return self._window_batch
+        return CPU_WINDOW_BATCH if self._param.device.type == "cpu" else ACCELERATOR_WINDOW_BATCH
 
     @property
     def _param(self) -> torch.Tensor:
@@ -107,7 +119,7 @@ def build_segmenter(
     attention: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-    window_batch: int = 4,
+    window_batch: int | None = None,
 ) -> Segmenter:
     """A ready segmenter from user-facing choices.
 

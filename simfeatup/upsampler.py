@@ -2,8 +2,9 @@
 
 The reference computes each step with a CUDA extension, and its PyTorch fallback unfolds the
 features into C x 121 x H x W (~12 GB at C=512, 224x224). Here the same sums are exact but cheap:
-- each step's filter accumulates 121 shifted slices, a cache-sized channel chunk at a time
-  (the ONNX graph form in simfeatup.export does one small matmul per tile instead);
+- inference runs each step channels-last as dense matmuls over small tiles
+  (:meth:`JBUStep.forward_tiled`, the same step the ONNX graph form traces); training
+  accumulates 121 shifted slices, a cache-sized channel chunk at a time, with its own backward;
 - every step is linear in the features with one kernel for all channels, so the final 1x1 conv
   runs on the token grid, and with h*w < C the steps run on the h*w unit images (the columns of
   the operator) and one matmul mixes them into the C channels;

@@ -1,0 +1,58 @@
+"""Types for argparse flags: each checks its range when the command line is parsed, so a bad value
+ends in argparse's one-line usage error before any work (no traceback, nothing written)."""
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def probability(text: str) -> float:
+    value = finite(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a probability: give a value in [0, 1]")
+    return value
+
+
+def _finite_where(text: str, ok, what: str) -> float:
+    try:
+        value = finite(text)
+    except argparse.ArgumentTypeError:
+        value = math.nan
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+    return value
+
+
+def not_negative(text: str) -> float:
+    return _finite_where(text, lambda v: v >= 0, "a finite number >= 0")
+
+
+def positive(text: str) -> float:
+    return _finite_where(text, lambda v: v > 0, "a positive number")
+
+
+def index(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative: class indices start at 0")
+    return value
+
+
+def either_switch(p: argparse.ArgumentParser, switches: dict[str, str]) -> None:
+    """On/off flags of which at most one may be given: {flag: help}."""
+    group = p.add_mutually_exclusive_group()
+    for flag, text in switches.items():
+        group.add_argument(flag, action="store_true", help=text)
