@@ -219,6 +219,21 @@ def resolve(
     return chosen, path
 
 
+def warn_if_trained_on_random(record: "Backbone | None", upsampler) -> None:
+    """One warning when ``upsampler`` (an artefact or model folder) was trained on a CLIP with random weights.
+
+    Its features carry no meaning, so neither do its label maps: the offline demo's artefact
+    (configs/train/tiny.yaml) is for checking that the commands work, nothing more.
+    """
+    if record is not None and record.pretrained is None:
+        logger.warning(
+            "%s was trained on a CLIP with random weights (%s): its results are meaningless, fine for a demo "
+            "or a pipeline check only (train on real weights: python train/fit.py)",
+            upsampler,
+            record.describe(),
+        )
+
+
 def is_config_file(model: str | os.PathLike) -> bool:
     """``--model`` names a model-config JSON file rather than an open_clip model."""
     return str(model).lower().endswith(".json")
@@ -314,4 +329,5 @@ __all__ = [
     "file_sha256",
     "read_config",
     "resolve",
+    "warn_if_trained_on_random",
 ]

@@ -88,8 +88,13 @@ def _stretch(text: str):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="simfeatup", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="simfeatup",
+        description="Training-free open-vocabulary segmentation of remote-sensing images (SegEarth-OV + SimFeatUp).",
+        epilog="`simfeatup COMMAND --help` gives a command's options.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)  # -v after the subcommand too
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
@@ -189,7 +194,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--maxsize", type=float, default=3e9, help="bytes per shard at most (default 3e9)")
     p.set_defaults(func=_make_shards)
 
-    p = sub.add_parser("presets", parents=[common], help="list the dataset presets")
+    p = sub.add_parser(
+        "presets", parents=[common], help="list the dataset presets and their classes, or show one in full"
+    )
+    p.add_argument("name", nargs="?", help="a preset to show: its class lines, thresholds and label notes")
     p.set_defaults(func=_presets)
     return parser
 
@@ -215,13 +223,35 @@ def _make_shards(args) -> int:
 def _presets(args) -> int:
     from . import presets
 
+    if args.name is not None:
+        sys.stdout.write(_preset_details(presets.load(args.name)))
+        return 0
     for key in presets.available():
         preset = presets.load(key)
-        sys.stdout.write(
-            f"{key:14s} {len(preset.classes):2d} classes  prob_thd {preset.prob_thd:<4}  "
-            f"bg_idx {preset.bg_idx}  lam {preset.lam}\n"
-        )
+        names = ", ".join(line.split(",")[0] for line in preset.classes)  # a class line's first synonym names it
+        sys.stdout.write(f"{key:14s} {len(preset.classes):2d} classes: {names}\n")
     return 0
+
+
+def _preset_details(preset) -> str:
+    """`simfeatup presets NAME`: every class line with its index, the scoring values, the label notes."""
+    lines = [f"{preset.name} (--preset {preset.key})", "classes (index: class line, commas between synonyms):"]
+    lines += [f"  {i:2d}: {line}" for i, line in enumerate(preset.classes)]
+    background = preset.classes[preset.bg_idx]
+    lines.append(f"prob_thd {preset.prob_thd}  bg_idx {preset.bg_idx} ({background})  lam {preset.lam}")
+    flags = [f"--{'' if on else 'no-'}{key.replace('_', '-')}" for key, on in preset.labels.items() if key != "note"]
+    if flags:  # what `evaluate --preset` applies to the labels
+        lines.append(f"evaluate's label notes: {' '.join(flags)} ({preset.labels.get('note', '')})")
+    return "\n".join(lines) + "\n"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("simfeatup")
+    except PackageNotFoundError:  # a checkout on sys.path without an install
+        return "unknown (not installed)"
 
 
 def _what_needs_it(args) -> str:

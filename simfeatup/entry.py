@@ -40,16 +40,36 @@ class Failure(RuntimeError):
 def setup_logging(verbose: bool = False) -> None:
     """INFO from simfeatup, WARNING from other libraries (their INFO is chatter); DEBUG for all with ``verbose``.
 
-    A process whose logging is already configured (root handlers present) keeps its handlers.
-    Lightning keeps its own INFO level and the handler it adds to the "lightning" logger on
-    import; it is kept from passing its records on to ours too, which would print each twice.
+    Records go to stderr through :class:`TqdmHandler`, so a message never lands on the line of a
+    progress bar. A process whose logging is already configured (root handlers present) keeps its
+    handlers. Lightning keeps its own INFO level and the handler it adds to the "lightning" logger
+    on import; it is kept from passing its records on to ours too, which would print each twice.
     """
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-        )
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = TqdmHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.DEBUG if verbose else logging.WARNING)
         logging.getLogger("lightning").propagate = False
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+class TqdmHandler(logging.Handler):
+    """Log records to stderr on lines of their own: active tqdm bars are cleared, then redrawn below."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            _write_line(self.format(record))
+        except Exception:  # noqa: BLE001 -- logging's contract: a failing handler reports, never raises
+            self.handleError(record)
+
+
+def _write_line(text: str) -> None:
+    """One line on stderr (looked up now: it may be redirected), never glued onto a progress bar."""
+    from tqdm import tqdm  # a base dependency; imported late so that importing entry stays light
+
+    tqdm.write(text, file=sys.stderr)
 
 
 def run_command(prog: str, body: Callable[[], int | None], *, needs: str, verbose: bool = False) -> int:
@@ -80,5 +100,5 @@ def _report(prog: str, kind: str, message, code: int, verbose: bool) -> int:
     if verbose:
         logger.exception("%s: %s", prog, kind)
     text = " ".join(str(message).split())  # one line, whatever the message holds
-    sys.stderr.write(f"{prog}: {kind}: {text}\n")
+    _write_line(f"{prog}: {kind}: {text}")
     return code

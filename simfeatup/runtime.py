@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from .backbone import Backbone, warn_if_trained_on_random
 from .cache import EmbeddingCache
 from .model_folder import LAM, MANIFEST, TEXT, TOKENS, WINDOWS, ModelFolderError, check_graph_io, read_manifest
 from .pipeline import WindowSegmenter
@@ -111,6 +112,9 @@ class OnnxSegmenter(WindowSegmenter):
             _shapes(self.text_session.get_inputs()), _shapes(self.text_session.get_outputs()),
         )
         logger.info("onnxruntime %s with %s", ort.__version__, ", ".join(self.image_session.get_providers()))
+        upsampler = self.manifest.get("upsampler") or {}
+        if upsampler.get("backbone"):  # the record of the artefact the folder was exported from
+            warn_if_trained_on_random(Backbone.from_dict(upsampler["backbone"]), f"the upsampler of {self.model_dir}")
         tok = self.manifest["tokenizer"]
         self.tokenizer = Tokenizer(self.model_dir / tok["merges"], context_length=tok["context_length"])
         if cache is True or cache is False:

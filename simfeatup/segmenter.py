@@ -128,7 +128,7 @@ def build_segmenter(
     to the one the artefact was trained for, else ViT-B-16/openai with SegEarth-OV attention;
     see :func:`simfeatup.backbone.resolve`. ``segmenter.encoder.backbone`` records what runs.
     """
-    from .backbone import Backbone, resolve
+    from .backbone import Backbone, resolve, warn_if_trained_on_random
     from .encoder import DenseCLIP
     from .upsampler import load_upsampler
 
@@ -137,6 +137,7 @@ def build_segmenter(
         module, info = load_upsampler(upsampler)
         artefact = Backbone.from_dict(info["backbone"]) if info.get("backbone") else None
         artefact_dir = Path(upsampler).parent
+        warn_if_trained_on_random(artefact, f"the upsampler {upsampler}")
     backbone, weights = resolve(
         artefact, model=model, pretrained=pretrained, config=clip_config, attention=attention, artefact_dir=artefact_dir
     )
