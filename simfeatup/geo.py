@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,28 @@ COG_TILE = 512
 TIFF_TILE_MULTIPLE = 16
 # The probability raster stores round(p * PROB_SCALE): 0..254, one step below its nodata 255.
 PROB_SCALE = NODATA_LABEL - 1
+# GDAL's raster block cache while a scene is read and written, in bytes (issue 9). GDAL's default,
+# 5% of RAM, keeps every decoded scene and label tile, so memory grew with the scene. A block's
+# read (the block and its 112-pixel rim: 2016 pixels at the default block) spans 5 x 5 tiles of
+# 512 pixels, 19 MiB of RGB; 64 MiB also holds a whole block row of an 8192-pixel-wide scene, so
+# the rim shared with the next block row is decoded once (wider scenes decode it twice). Label and
+# probability tiles are the blocks, written whole: the cache never has to hold them.
+GDAL_CACHE_BYTES = 64 << 20
+
+
+@contextmanager
+def gdal_cache():
+    """GDAL's block cache capped at :data:`GDAL_CACHE_BYTES` inside the block, restored after.
+
+    A ``GDAL_CACHEMAX`` of the user's (environment variable, or an enclosing ``rasterio.Env``)
+    is kept. rasterio.Env sets the cache itself (GDALSetCacheMax64, in bytes), so the cap holds
+    even after GDAL has sized its cache from the default.
+    """
+    import rasterio.env
+
+    own = "GDAL_CACHEMAX" in os.environ or (rasterio.env.hasenv() and "GDAL_CACHEMAX" in rasterio.env.getenv())
+    with nullcontext() if own else rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
+        yield
 
 
 class BandsError(SceneError):
