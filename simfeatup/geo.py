@@ -27,12 +27,14 @@ TIFF_TILE_MULTIPLE = 16
 # The probability raster stores round(p * PROB_SCALE): 0..254, one step below its nodata 255.
 PROB_SCALE = NODATA_LABEL - 1
 # GDAL's raster block cache while a scene is read and written, in bytes (issue 9). GDAL's default,
-# 5% of RAM, keeps every decoded scene and label tile, so memory grew with the scene. A block's
-# read (the block and its 112-pixel rim: 2016 pixels at the default block) spans 5 x 5 tiles of
-# 512 pixels, 19 MiB of RGB; 64 MiB also holds a whole block row of an 8192-pixel-wide scene, so
-# the rim shared with the next block row is decoded once (wider scenes decode it twice). Label and
-# probability tiles are the blocks, written whole: the cache never has to hold them.
-GDAL_CACHE_BYTES = 64 << 20
+# 5% of RAM, kept every decoded scene and label tile, so memory grew with the scene. A read
+# decodes each tile it spans once whatever the cache, and label and probability tiles are the
+# blocks, written whole; the cache only spares re-decoding the tiles that neighbouring blocks'
+# reads share (their 112-pixel rims; ~8 ms per RGB 512-pixel tile on 2 loaded cores). 16 MiB
+# holds a row of tiles of a block's read (2016 pixels at the default block: 5 RGB tiles,
+# 3.75 MiB) four times over, about what a 2048^2 scene's tiles take anyway. A 64 MiB cap still
+# left 4096^2 and 8192^2 at 1.2x the 2048^2 peak RSS (bench/scene.py).
+GDAL_CACHE_BYTES = 16 << 20
 
 
 @contextmanager
