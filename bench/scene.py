@@ -144,7 +144,7 @@ def child(scene_path: str, model_dir: str, out: str, block: int, window_batch: i
     text = segmenter.encode_queries(vocabulary.queries)
     loaded = _peak_kib()
     started = time.perf_counter()
-    with geo.RasterScene(scene_path) as raster:
+    with geo.gdal_cache(), geo.RasterScene(scene_path) as raster:
         size = scaled_size(raster.height, raster.width, scale, scale)
         reader = raster if scale == 1 else ResampledScene(raster, *size)
         classes = [",".join(c) for c in vocabulary.classes]

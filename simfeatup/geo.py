@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,30 @@ COG_TILE = 512
 TIFF_TILE_MULTIPLE = 16
 # The probability raster stores round(p * PROB_SCALE): 0..254, one step below its nodata 255.
 PROB_SCALE = NODATA_LABEL - 1
+# GDAL's raster block cache while a scene is read and written, in bytes (issue 9). GDAL's default,
+# 5% of RAM, kept every decoded scene and label tile, so memory grew with the scene. A read
+# decodes each tile it spans once whatever the cache, and label and probability tiles are the
+# blocks, written whole; the cache only spares re-decoding the tiles that neighbouring blocks'
+# reads share (their 112-pixel rims; ~8 ms per RGB 512-pixel tile on 2 loaded cores). 16 MiB
+# holds a row of tiles of a block's read (2016 pixels at the default block: 5 RGB tiles,
+# 3.75 MiB) four times over, about what a 2048^2 scene's tiles take anyway. A 64 MiB cap still
+# left 4096^2 and 8192^2 at 1.2x the 2048^2 peak RSS (bench/scene.py).
+GDAL_CACHE_BYTES = 16 << 20
+
+
+@contextmanager
+def gdal_cache():
+    """GDAL's block cache capped at :data:`GDAL_CACHE_BYTES` inside the block, restored after.
+
+    A ``GDAL_CACHEMAX`` of the user's (environment variable, or an enclosing ``rasterio.Env``)
+    is kept. rasterio.Env sets the cache itself (GDALSetCacheMax64, in bytes), so the cap holds
+    even after GDAL has sized its cache from the default.
+    """
+    import rasterio.env
+
+    own = "GDAL_CACHEMAX" in os.environ or (rasterio.env.hasenv() and "GDAL_CACHEMAX" in rasterio.env.getenv())
+    with nullcontext() if own else rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
+        yield
 
 
 class BandsError(SceneError):

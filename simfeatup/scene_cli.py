@@ -290,7 +290,7 @@ def segment_scenes(
         step = f"scene {i}/{len(scenes)}"
         target = scene_output_paths(args, names[path])[0]
         try:
-            with geo.RasterScene(path, bands=bands, stretch=args.stretch) as raster:
+            with geo.gdal_cache(), geo.RasterScene(path, bands=bands, stretch=args.stretch) as raster:
                 _check_georeferencing(args, raster, target)
                 reader, resolution = working_scene(args, raster)
                 if reader is not raster:

@@ -230,3 +230,37 @@ def test_a_scene_gets_a_probability_raster_and_an_overlay_with_a_legend(tiny_wei
     strip = picture[512:].reshape(-1, 3)
     for colour in palette(["building,roof", "road", "tree"]):  # a swatch per class (JPEG: nearly exact)
         assert (np.abs(strip - colour).max(axis=1) <= 12).sum() >= 25
+
+
+def _cache_seen_by_reads(tiny_weights, tmp_path, monkeypatch, name):
+    """GDAL's block cache size (bytes, GDALGetCacheMax64) at each read of a scene by ``segment --scene``."""
+    from rasterio._env import get_gdal_config
+
+    from simfeatup import geo
+
+    seen, read = [], geo.RasterScene.read
+
+    def spying(self, *box):
+        seen.append(get_gdal_config("GDAL_CACHEMAX"))
+        return read(self, *box)
+
+    monkeypatch.setattr(geo.RasterScene, "read", spying)
+    argv = ["segment", str(SAMPLE), "--scene", *CLASSES, "--out", str(tmp_path / name), *_args(tiny_weights)]
+    assert main(argv) == 0
+    assert seen
+    return seen
+
+
+def test_scene_mode_caps_gdals_block_cache_and_keeps_a_users_own(tiny_weights, tmp_path, monkeypatch):
+    from rasterio._env import get_gdal_config
+
+    from simfeatup.geo import GDAL_CACHE_BYTES
+
+    before = get_gdal_config("GDAL_CACHEMAX")  # GDAL's default, 5% of RAM: not the cap
+    assert before != GDAL_CACHE_BYTES
+    assert set(_cache_seen_by_reads(tiny_weights, tmp_path, monkeypatch, "capped")) == {GDAL_CACHE_BYTES}
+    assert get_gdal_config("GDAL_CACHEMAX") == before  # restored after the scene
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES * 2):  # a library user's own setting
+        assert set(_cache_seen_by_reads(tiny_weights, tmp_path, monkeypatch, "user")) == {GDAL_CACHE_BYTES * 2}
+    monkeypatch.setenv("GDAL_CACHEMAX", "32")  # GDAL read its default already: what matters is it is left alone
+    assert set(_cache_seen_by_reads(tiny_weights, tmp_path, monkeypatch, "env")) == {before}
