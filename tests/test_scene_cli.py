@@ -14,6 +14,8 @@ from simfeatup.cli import main
 from simfeatup.constants import NODATA_LABEL
 
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "geo" / "spacenet4_atlanta_pan.tif"
+# real 4-band B, G, R, NIR float32 at 1 m, EPSG:32631, no colour tags (samples/README.md)
+MULTISPECTRAL = SAMPLE.with_name("spacenet6_rotterdam_ms.tif")
 CLASSES = ["--classes", "building,roof;road;tree"]
 
 
@@ -138,6 +140,19 @@ def test_band_problems_end_in_one_line_before_the_model_loads(tiny_weights, tmp_
     assert main(["segment", str(four), *CLASSES, "--out", str(out), *extra, *_args(tiny_weights)]) == 2
     assert message in _one_line_error(capsys)
     assert not out.exists()  # refused before anything was written (or the model loaded)
+
+
+def test_a_real_four_band_scene_needs_bands_and_keeps_its_georeferencing(tiny_weights, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["segment", str(MULTISPECTRAL), *CLASSES, "--out", str(out), "--scene", *_args(tiny_weights)]
+    assert main(argv) == 2  # B, G, R, NIR without colour tags: which bands are R, G, B is asked for
+    assert "does not say which are red, green and blue: give --bands" in _one_line_error(capsys)
+    assert not out.exists()
+    assert main([*argv, "--bands", "2,1,0"]) == 0
+    with rasterio.open(MULTISPECTRAL) as src, rasterio.open(out / "spacenet6_rotterdam_ms.tif") as labels:
+        assert (labels.crs, labels.transform, labels.shape) == (src.crs, src.transform, src.shape)
+        assert labels.crs.to_epsg() == 32631
+        assert (labels.read(1) < 3).all()  # no nodata in this file: every pixel is one of the 3 classes
 
 
 @pytest.mark.parametrize(
