@@ -279,3 +279,30 @@ def test_scene_mode_caps_gdals_block_cache_and_keeps_a_users_own(tiny_weights, t
         assert set(_cache_seen_by_reads(tiny_weights, tmp_path, monkeypatch, "user")) == {GDAL_CACHE_BYTES * 2}
     monkeypatch.setenv("GDAL_CACHEMAX", "32")  # GDAL read its default already: what matters is it is left alone
     assert set(_cache_seen_by_reads(tiny_weights, tmp_path, monkeypatch, "env")) == {before}
+
+
+@pytest.mark.slow
+def test_a_scene_run_killed_mid_scene_leaves_no_file_and_the_rerun_completes(onnx_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    argv = ["segment", str(SAMPLE), *CLASSES, "--scene", "--block", "112", "--onnx", str(onnx_dir), "--skip-existing"]
+    code = "import sys; from simfeatup.cli import main; sys.exit(main(sys.argv[1:]))"
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", code, *argv, "--out", str(killed)], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not any(p.name.endswith(".partial") for p in killed.glob(".*")):  # blocks are being written
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "spacenet4_atlanta_pan.tif").exists()  # nothing under the final name
+    assert main([*argv, "--out", str(killed)]) == 0  # the rerun redoes the unfinished scene
+    assert not [p.name for p in killed.iterdir() if p.name.endswith(".partial")]  # the kill's staging file swept
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    name = "spacenet4_atlanta_pan.tif"
+    with rasterio.open(killed / name) as resumed, rasterio.open(tmp_path / "whole" / name) as whole:
+        np.testing.assert_array_equal(resumed.read(1), whole.read(1))
