@@ -12,7 +12,7 @@ from __future__ import annotations
 
 TORCH_MODULES = (
     "torch", "torchvision", "open_clip", "lightning", "jsonargparse", "kornia", "webdataset",
-    "onnx", "onnxscript", "safetensors", "tensorboard",
+    "onnx", "onnxscript", "safetensors", "tensorboard", "huggingface_hub",
 )
 TORCH_ADVICE = 'pip install "simfeatup[torch]" (in a checkout: pip install -c constraints.txt -e ".[torch]")'
 GEO_MODULES = ("rasterio", "rio_cogeo", "pyogrio", "shapely")

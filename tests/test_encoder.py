@@ -308,7 +308,7 @@ def test_from_pretrained_local_file(tmp_path, tiny_clip_cfg, tiny_model_name, su
 def test_from_pretrained_unreadable_file(tmp_path, tiny_model_name):
     path = tmp_path / "broken.bin"
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(WeightsUnavailableError, match="not a readable PyTorch checkpoint") as err:
+    with pytest.raises(WeightsUnavailableError, match="not a PyTorch checkpoint") as err:
         DenseCLIP.from_pretrained(tiny_model_name, str(path))
     assert "\n" not in str(err.value)
 
@@ -321,8 +321,8 @@ def test_from_pretrained_offline_message_is_one_helpful_line(tmp_path, monkeypat
         DenseCLIP.from_pretrained("ViT-B-16", "openai", cache_dir=tmp_path)  # empty cache
     msg = str(err.value)
     assert isinstance(err.value, ValueError)
-    assert "\n" not in msg and len(msg) < 400
-    for part in ("ViT-B-16", "'openai'", "HF_HUB_OFFLINE", "--pretrained /path/to/ViT-B-16.bin",
+    assert "\n" not in msg and len(msg) < 800  # one line: the cache it looked in, the flag, offline use, the demo
+    for part in ("ViT-B-16", "'openai'", "HF_HUB_OFFLINE", "--pretrained FILE", "/path/to/ViT-B-16.bin",
                  "timm/vit_base_patch16_clip_224.openai"):
         assert part in msg
 
