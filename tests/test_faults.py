@@ -319,8 +319,8 @@ def test_a_killed_export_leaves_no_staging_folder_after_the_next_export(tmp_path
     name, weights = tiny_weights
     out = tmp_path / "model_onnx"
     config = weights.parent / f"{name}.json"  # the tiny model as a model config file: no registration needed
-    cmd = [sys.executable, str(ROOT / "export" / "to_onnx.py"), "--model", str(config), "--pretrained", str(weights),
-           "--out", str(out)]
+    cmd = [sys.executable, str(ROOT / "export" / "to_onnx.py"), "--upsampler", "bilinear", "--model", str(config),
+           "--pretrained", str(weights), "--out", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
