@@ -210,6 +210,15 @@ def resolve(
         # the activation the artefact's backbone ran with, as long as it is the same backbone
         quick_gelu=base.quick_gelu if own_arch and from_artefact else None,
     )
+    record = "the upsampler's record"
+    logger.debug(
+        "backbone %s (architecture from %s, weights from %s), weights file %s, attention %s",
+        chosen.describe(),
+        "the flags" if not own_arch else record if artefact is not None else "the default",
+        record if from_artefact else "the flags or the default" if pretrained is not None else "nowhere (random)",
+        path.resolve() if path is not None else "none (an open_clip tag, or random weights)",
+        chosen.attention,
+    )
     if artefact is not None:
         _warn_if_other(artefact, chosen)
     elif config is not None and pretrained is None:

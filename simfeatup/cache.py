@@ -39,17 +39,23 @@ class EmbeddingCache:
         if identity is not None:
             # The templates are part of the key: editing them must not reuse stale vectors.
             self.folder = (root or cache_root()) / "text" / _digest(identity, *IMAGENET_TEMPLATES)
+        logger.debug(
+            "text-embedding cache: %s",
+            f"{self.folder} (for {identity})" if self.folder else "memory only (the weights have no stable identity)",
+        )
 
     def _file(self, word: str) -> Path:
         return self.folder / f"{_digest(word)}.npy"
 
     def get(self, word: str) -> np.ndarray | None:
+        """The cached vector of ``word`` (memory, then disk), or None."""
         if word in self.memory:
             return self.memory[word]
         if self.folder is not None and self._file(word).is_file():
             try:
                 vector = np.load(self._file(word), allow_pickle=False)
-            except (OSError, ValueError):
+            except (OSError, ValueError) as err:
+                logger.debug("text-embedding cache: %s unreadable (%s), recomputed", self._file(word), err)
                 return None  # a damaged entry is simply recomputed
             self.memory[word] = vector
             return vector

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from . import batches, scene_cli, scene_outputs
@@ -86,6 +87,7 @@ def _run_batches(args, segmenter, images, vocabulary, scoring, bands, *, desc, o
     with tqdm(total=len(images), desc=desc, unit="img") as bar:
         for start in range(0, len(images), args.batch_size):
             loaded = []
+            started = time.perf_counter()
             for i in range(start, min(start + args.batch_size, len(images))):
                 try:
                     image = imaging.load_image(images[i], bands=bands, stretch=args.stretch)
@@ -96,6 +98,7 @@ def _run_batches(args, segmenter, images, vocabulary, scoring, bands, *, desc, o
                         raise
                     on_error(images[i], err)
                     bar.update(1)
+            logger.debug("read %d image(s) in %.2f s", len(loaded), time.perf_counter() - started)
             if not loaded:
                 continue
             results = segmenter.segment(
@@ -147,30 +150,42 @@ def segment(args) -> int:
             batches.write_legend(args.out, classes, overwrite=args.overwrite)
         logger.info("nothing left to segment into %s", args.out)
         return 0
-    scene_cli.check_scenes(args, scenes, names, bands if args.bands else None)
-    segmenter = _segmenter(args)
+    # Every input is checked before the model loads (headers only): a bad file must not cost a model load.
+    unusable = scene_cli.check_scenes(args, scenes, names, bands if args.bands else None)
+    scene_set = set(scenes)
+    pictures = [path for path in images if path not in scene_set]
+    unusable += _unusable_pictures(pictures, lambda: _patch_size(args))
+    if len(unusable) == len(images) == 1:
+        raise UsageError(str(unusable[0][1]))
+    failed = []
+    for path, err in unusable:
+        logger.error("skipped: %s", err)
+        failed.append(path)
+    if len(failed) == len(images):
+        raise UsageError(f"{len(failed)} of {len(images)} image(s) could not be segmented (see the messages above)")
+    pictures = [path for path in pictures if path not in failed]
+    scenes = [path for path in scenes if path not in failed]
+    created = _make_folder(args.out)  # before the model loads too; removed again if it fails to load
     try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:  # e.g. a read-only file system, which the permission bits do not show
-        raise UsageError(f"--out {args.out} cannot be created ({err.strerror}): choose another folder") from None
+        segmenter = _segmenter(args)
+    except BaseException:
+        _remove_empty(created)
+        raise
     atomic.remove_stale_temporaries(args.out)  # what a killed earlier run left half-written
     batches.write_legend(args.out, classes, overwrite=args.overwrite)
     colours = visualize.palette(classes)
-
-    failed = []
 
     def skip(path, err):
         logger.error("skipped: %s", err)
         failed.append(path)
 
-    scene_set = set(scenes)
-    pictures = [path for path in images if path not in scene_set]
     segmented = (
         _run_batches(args, segmenter, pictures, vocabulary, scoring, bands, desc="segment", on_error=skip,
                      return_probs=args.save_probs)
         if pictures else ()
     )
     for j, image, result in segmented:
+        started = time.perf_counter()
         files = _image_outputs(args, names[pictures[j]])
         visualize.save_atomic(visualize.label_image(result.labels, colours), files["labels"])
         if "overlay" in files:
@@ -180,6 +195,7 @@ def segment(args) -> int:
 
             with atomic.atomic_write(files["probs"]) as tmp, open(tmp, "wb") as f:
                 np.save(f, result.probs.astype(np.float16))
+        logger.debug("wrote %s in %.2f s", ", ".join(p.name for p in files.values()), time.perf_counter() - started)
     scene_bands = bands if args.bands else None  # scenes pick R, G, B from their own band tags otherwise
     failed += scene_cli.segment_scenes(args, segmenter, scenes, names, vocabulary, scoring, scene_bands)
     done = len(images) - len(failed)
@@ -187,6 +203,75 @@ def segment(args) -> int:
     if failed:
         raise UsageError(f"{len(failed)} of {len(images)} image(s) could not be segmented (see the messages above)")
     return 0
+
+
+def _unusable_pictures(paths: list[Path], patch_size) -> list[tuple[Path, Exception]]:
+    """(path, error) of each picture that is no readable image or is smaller than one patch, from its header.
+
+    ``patch_size()`` is asked only when some picture is readable (it may import torch)."""
+    from . import imaging
+
+    bad, sizes = [], {}
+    for path in paths:
+        try:
+            sizes[path] = imaging.check_file(path)
+        except imaging.ImageError as err:
+            bad.append((path, err))
+    patch = patch_size() if sizes else None
+    for path, (height, width) in sizes.items():
+        try:
+            imaging.check_sides(height, width, patch, path)
+        except imaging.ImageError as err:
+            bad.append((path, err))
+    return sorted(bad, key=lambda item: paths.index(item[0]))
+
+
+def _patch_size(args) -> int:
+    """The patch size of the model this run will load, from its records alone: nothing is built or read in full."""
+    if args.onnx:
+        from .model_folder import read_manifest
+
+        return int(read_manifest(args.onnx, check_files=False)["preprocessing"]["patch"])
+    from .backbone import Backbone, is_config_file, read_config
+    from .constants import DEFAULT_MODEL
+
+    if args.model is not None:
+        if is_config_file(args.model):
+            return Backbone(config=read_config(args.model)).native_patch_size()
+        return Backbone(model=str(args.model).replace("/", "-")).native_patch_size()
+    if args.upsampler is not None and str(args.upsampler) != "bilinear":
+        from .upsampler import read_info
+
+        info = read_info(args.upsampler)
+        if info["upsampler"].get("patch_size"):
+            return int(info["upsampler"]["patch_size"])
+        record = Backbone.from_dict(info.get("backbone"))
+        if record.model is not None or record.config is not None:
+            return record.native_patch_size()
+    return Backbone(model=DEFAULT_MODEL).native_patch_size()
+
+
+def _make_folder(folder: Path) -> list[Path]:
+    """Create ``folder`` (and missing parents); returns what was created, deepest first."""
+    created = []
+    missing = folder
+    while not missing.exists():
+        created.append(missing)
+        missing = missing.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # e.g. a read-only file system, which the permission bits do not show
+        raise UsageError(f"--out {folder} cannot be created ({err.strerror}): choose another folder") from None
+    return created
+
+
+def _remove_empty(created: list[Path]) -> None:
+    """Undo :func:`_make_folder` for a run that ended before writing anything: a failed run leaves no empty folder."""
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty after all (another run wrote into it): keep it
+            return
 
 
 def _output_folder(folder: Path, flag: str) -> None:
@@ -205,7 +290,7 @@ def _output_folder(folder: Path, flag: str) -> None:
 def evaluate(args) -> int:
     from tqdm import tqdm
 
-    from . import evaluation
+    from . import evaluation, imaging
 
     images, vocabulary, scoring, bands = _inputs(args)
     preset_labels = None
@@ -226,9 +311,11 @@ def evaluate(args) -> int:
     dataset = evaluation.LabelledImages(
         images, args.labels, len(vocabulary), notes, suffix=args.label_suffix, image_suffix=args.image_suffix
     )
-    # Every label is read and size-checked before the model loads: a bad label at image 900
-    # must not cost 899 inferences.
+    # Every label is read, and every image header checked, before the model loads: a bad label
+    # or image at image 900 must not cost 899 inferences.
+    patch = _patch_size(args)
     for i in tqdm(range(len(dataset)), desc="check labels", unit="label", leave=False):
+        imaging.check_sides(*imaging.check_file(dataset.images[i]), patch, dataset.images[i])
         dataset.check(i)
 
     segmenter = _segmenter(args)
@@ -272,6 +359,13 @@ def evaluate(args) -> int:
 
 def _segmenter(args):
     """The one segmenter a run uses: onnxruntime over ``--onnx DIR``, else torch."""
+    started = time.perf_counter()
+    segmenter = _build_segmenter(args)
+    logger.debug("model loaded in %.1f s", time.perf_counter() - started)
+    return segmenter
+
+
+def _build_segmenter(args):
     if args.onnx:
         from .runtime import OnnxSegmenter, providers_for_device
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import time
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -80,7 +81,14 @@ def build_clip(backbone: Backbone, weights_path=None, *, seed: int = 0, cache_di
         torch.manual_seed(seed)
         clip = _clip_from_config(config)
     if checkpoint is not None:
+        started = time.perf_counter()
         _load_weights(clip, checkpoint, label, backbone.pretrained, tag_cfg)
+        logger.debug(
+            "CLIP (%s): weights %s (%.0f MB) loaded in %.1f s, quick_gelu=%s",
+            label, checkpoint, checkpoint.stat().st_size / 1e6, time.perf_counter() - started, runs_quick_gelu(clip),
+        )
+    else:
+        logger.debug("CLIP (%s): random weights (seed %d), quick_gelu=%s", label, seed, runs_quick_gelu(clip))
     local = checkpoint is not None and not tag_cfg
     record = replace(
         backbone,
@@ -152,9 +160,11 @@ def _resolve_weights(model: str, pretrained: str, cache_dir) -> tuple[Path, dict
             raise WeightsUnavailableError(
                 _weights_message(model, pretrained, "open_clip gave no download location", tag_cfg)
             )
+        logger.debug("CLIP weights %s/%s downloaded to %s", model, pretrained, path)
         return Path(path), tag_cfg
     path = Path(pretrained).expanduser()
     if path.is_file():
+        logger.debug("CLIP weights %s: local file %s", model, path.resolve())
         return path, {}
     tags = open_clip.list_pretrained_tags_by_model(model)
     why = f"no such file, and not an open_clip tag for {model} (tags: {', '.join(tags) or 'none'})"

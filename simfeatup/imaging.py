@@ -56,6 +56,20 @@ def image_size(path: str | Path) -> tuple[int, int]:
         raise ImageError(f"cannot read image {path}: {err}") from None
 
 
+def check_file(path: str | Path) -> tuple[int, int]:
+    """(H, W) of an image file, from its first bytes and header alone (no pixels decoded); refuses
+    a file that is no jpg/png/tif image. Cheap enough to run over a whole batch before the model
+    loads; damage past the header is found when it is decoded."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"image not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if sniff_image(head) is None:
+        raise ImageError(f"cannot read image {path}: not a jpg, png or tif file")
+    return image_size(path)
+
+
 def list_images(sources) -> list[Path]:
     """Image files among ``sources``: files as given, folders' images (not recursive) sorted by name."""
     out = []
@@ -215,7 +229,11 @@ def _finite_float(arr: np.ndarray) -> np.ndarray:
 
 def check_size(image: np.ndarray, patch_size: int, name: str | Path = "image") -> None:
     """Refuse images with a side shorter than one patch: there is nothing to look at."""
-    h, w = image.shape[:2]
+    check_sides(*image.shape[:2], patch_size, name)
+
+
+def check_sides(h: int, w: int, patch_size: int, name: str | Path = "image") -> None:
+    """:func:`check_size` from a height and width (e.g. a header's)."""
     if min(h, w) < patch_size:
         raise ImageError(
             f"{name} is {w}x{h} pixels, smaller than one {patch_size}-pixel patch: "

@@ -8,6 +8,9 @@ windows -> cosine logits), both on numpy arrays. Torch-free.
 """
 from __future__ import annotations
 
+import logging
+import time
+
 import numpy as np
 
 from . import imaging, scores, windows
@@ -15,6 +18,8 @@ from .cache import EmbeddingCache
 from .constants import DEFAULT_LAMBDA
 from .text import embed_queries
 from .vocabulary import Vocabulary
+
+logger = logging.getLogger(__name__)
 
 
 class WindowSegmenter:
@@ -73,6 +78,14 @@ class WindowSegmenter:
         (long side ``long_side``), before SPEC 2.6's resize back to the original size."""
         lam = self.default_lambda if lam is None else float(lam)
         prepared = [imaging.preprocess(image, self.long_side) for image in images]
+        if logger.isEnabledFor(logging.DEBUG):
+            for image, x in zip(images, prepared):
+                boxes = windows.window_boxes(*x.shape[1:], self.window, self.stride)
+                logger.debug(
+                    "image %dx%d -> working size %dx%d: %d window(s) of %d px, stride %d, %d per model call",
+                    image.shape[1], image.shape[0], x.shape[2], x.shape[1], len(boxes), self.window, self.stride,
+                    self.window_batch,
+                )
         text = np.asarray(text, np.float32)
         return windows.averaged_logits(prepared, text, lam, self._window_logits, **self.geometry)
 
@@ -93,8 +106,15 @@ class WindowSegmenter:
         scoring = scoring or scores.Scoring(lam=self.default_lambda)
         scoring.check(len(vocabulary))
         text = self.query_embeddings(vocabulary, text)
+        started = time.perf_counter()
         averaged = self.averaged_logits(images, text, lam=scoring.lam)
-        return [
+        windowed = time.perf_counter()
+        results = [
             scores.segmentation(logits, vocabulary, scoring, return_probs=return_probs, size=image.shape[:2])
             for logits, image in zip(averaged, images)
         ]
+        logger.debug(
+            "%d image(s): windows through the model %.2f s, scoring at full size %.2f s",
+            len(images), windowed - started, time.perf_counter() - windowed,
+        )
+        return results

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +60,12 @@ def choose_providers(requested=None) -> list:
         if missing:
             raise ValueError(f"onnxruntime providers {missing} are not available here; available: {available} "
                              "(GPU providers need `pip install onnxruntime-gpu` instead of onnxruntime)")
+        logger.debug("onnxruntime providers requested: %s (available: %s)", requested, available)
         return list(requested)
-    return [p for p in PREFERRED_PROVIDERS if p in available] or available
+    chosen = [p for p in PREFERRED_PROVIDERS if p in available] or available
+    logger.debug("onnxruntime providers: %s, chosen from the available %s (%s overrides)", chosen, available,
+                 PROVIDERS_ENV)
+    return chosen
 
 
 def providers_for_device(device: str):
@@ -125,12 +130,20 @@ class OnnxSegmenter(WindowSegmenter):
         self.cache = cache
 
     def _session(self, name: str) -> ort.InferenceSession:
+        options = session_options()
+        started = time.perf_counter()
         try:
-            return ort.InferenceSession(str(self.model_dir / name), session_options(), providers=self.providers)
+            session = ort.InferenceSession(str(self.model_dir / name), options, providers=self.providers)
         except Exception as err:  # onnxruntime raises its own (Fail, InvalidGraph, ...) types
             raise ModelFolderError(
                 f"{self.model_dir / name}: onnxruntime cannot load it ({str(err).splitlines()[0]})"
             ) from None
+        logger.debug(
+            "%s: session in %.1f s, providers %s, %s, intra-op threads %s (0: onnxruntime's choice)",
+            self.model_dir / name, time.perf_counter() - started, session.get_providers(),
+            options.graph_optimization_level.name, options.intra_op_num_threads,
+        )
+        return session
 
     # ------------------------------------------------------------------ WindowSegmenter
     def encode_texts(self, texts: list[str]) -> np.ndarray:

@@ -194,16 +194,21 @@ def pick_scenes(args, images: list[Path]) -> list[Path]:
     return scenes
 
 
-def check_scenes(args, scenes: list[Path], names: dict[Path, str], bands) -> None:
-    """Open each scene and check its bands before the model loads.
+def check_scenes(args, scenes: list[Path], names: dict[Path, str], bands) -> list[tuple[Path, Exception]]:
+    """Open each scene and check its bands before the model loads; returns the unreadable ones.
 
-    A band choice that does not fit stops the run here; an unreadable scene is reported when
-    its turn comes, and the others are still segmented.
+    A band choice that does not fit stops the run here; the caller reports each unreadable
+    scene (path, error) in one line and segments the others. Damage past the header is found
+    when its blocks are read.
 
     ``bands``: 0-based (R, G, B) from ``--bands``, or None for the rasters' own colour tags.
     """
+    unreadable = []
     for path in scenes:
-        _check(path, bands, scene_output_paths(args, names[path]), args)
+        err = _check(path, bands, scene_output_paths(args, names[path]), args)
+        if err is not None:
+            unreadable.append((path, err))
+    return unreadable
 
 
 def _check_vector_flags(args) -> None:
@@ -230,7 +235,7 @@ def _warn_no_polygons(args, pictures: list[Path]) -> None:
                        "them scenes)", len(pictures))
 
 
-def _check(path: Path, bands, targets: list[Path], args) -> None:
+def _check(path: Path, bands, targets: list[Path], args) -> Exception | None:
     from .extras import missing_extra
 
     if any(target.resolve() == path.resolve() for target in targets):
@@ -245,13 +250,14 @@ def _check(path: Path, bands, targets: list[Path], args) -> None:
                                  "for polygons in pixel coordinates")
     except geo.BandsError:
         raise
-    except geo.SceneError:
-        return  # unreadable: segment_scenes reports it with the other failures
+    except geo.SceneError as err:
+        return err  # unreadable: reported with the other unusable inputs
     except ModuleNotFoundError as err:
         message = missing_extra(err, f"scene mode ({path.name})")
         if message is None:
             raise
         raise ValueError(f"{message}; or --image-mode to segment it as a picture") from None
+    return None
 
 
 def _check_georeferencing(args, reader, target: Path) -> None:
@@ -279,6 +285,8 @@ def segment_scenes(
     """Write ``--out/NAME.tif`` (and the other outputs asked for) for each scene; returns the scenes
     that could not be segmented (unreadable, no data, no CRS with ``--require-crs``: each logged in
     one line, the others still segmented)."""
+    if not scenes:
+        return []
     from tqdm import tqdm
 
     from . import geo, scene

@@ -6,6 +6,8 @@ build their queries with the same code.
 """
 from __future__ import annotations
 
+import logging
+import time
 from typing import Callable
 
 import numpy as np
@@ -15,11 +17,14 @@ from .templates import prompts_for
 
 EncodeTexts = Callable[[list[str]], np.ndarray]
 
+logger = logging.getLogger(__name__)
+
 
 def embed_queries(words: list[str], encode_texts: EncodeTexts, cache: EmbeddingCache | None = None) -> np.ndarray:
     """Each word in the 80 templates, encoded (unit norm), averaged, L2-normalised again -> (Q, D) float32."""
     cache = cache if cache is not None else EmbeddingCache(None)
-    vectors = []
+    started = time.perf_counter()
+    vectors, encoded = [], []
     for word in words:
         vector = cache.get(word)
         if vector is None:
@@ -27,7 +32,13 @@ def embed_queries(words: list[str], encode_texts: EncodeTexts, cache: EmbeddingC
             mean = prompts.mean(axis=0)
             vector = mean / np.linalg.norm(mean)
             cache.put(word, vector)
+            encoded.append(word)
         vectors.append(vector)
+    logger.debug(
+        "text queries: %d word(s), %d from the cache, %d encoded (%s) in %.2f s",
+        len(words), len(words) - len(encoded), len(encoded), ", ".join(encoded) or "none",
+        time.perf_counter() - started,
+    )
     return np.stack(vectors).astype(np.float32)
 
 

@@ -364,6 +364,11 @@ def _read_info(path: Path) -> tuple[dict, Path]:
     return info, weights
 
 
+def read_info(path) -> dict:
+    """The description of a saved upsampler (.safetensors or its .json), without reading its tensors."""
+    return _read_info(Path(path))[0]
+
+
 def load_upsampler(path) -> tuple[SimFeatUp, dict]:
     """Rebuild a saved upsampler from its .safetensors or its .json -> (module in eval mode, info).
 

@@ -3,7 +3,8 @@
 python train/fit.py                                          # quick start: bundled samples, ViT-B/16
 python train/fit.py --config configs/train/simfeatup_vitb16.yaml --data.train_shards 'shards/train-{000000..000099}.tar'
 python train/fit.py --config configs/train/simfeatup_vitb16.yaml --ckpt_path last   # resume
-python train/fit.py --help                                   # every option
+python train/fit.py --help                                   # the options most runs change
+python train/fit.py --help-all                               # every option (LightningCLI)
 """
 
 import sys

@@ -35,11 +35,20 @@ CHECKPOINT_SUBDIR = "checkpoints"
 SHARD_KEYS = ("train_shards", "val_shards")  # the data.* keys that hold shard specs
 
 
+# Lightning's rank-zero messages come from one of these (whichever of lightning.pytorch and
+# lightning.fabric was imported last names the logger).
+_RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+
+def _not_an_advert(record: logging.LogRecord) -> bool:
+    return "litlogger" not in str(record.msg)  # "Tip: ... try installing [litlogger] ...", on every Trainer
+
+
 @contextmanager
 def expected_warnings() -> Iterator[None]:
-    """Silence, while a run lasts, the two warnings every SimFeatUp run triggers by design.
+    """Silence, while a run lasts, what every SimFeatUp run makes Lightning say and no user can act on.
 
-    Only inside the block: importing simfeatup never changes the process's warning filters.
+    Only inside the block: importing simfeatup never changes the process's warning filters or loggers.
     """
     with warnings.catch_warnings():
         # With manual optimisation ModelCheckpoint warns that a step checkpoint holds the weights
@@ -49,7 +58,21 @@ def expected_warnings() -> Iterator[None]:
         )
         # The frozen backbone is in eval mode on purpose (SimFeatUpModule.train keeps it there).
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
-        yield
+        # The resampled training stream's length is exact whatever num_workers: steps_per_epoch
+        # batches per rank, shared among its workers (simfeatup.training.data, stage 6).
+        warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined", category=UserWarning)
+        # Lightning's own pytree helper calls an API this torch deprecates: nothing to change on our side.
+        warnings.filterwarnings(
+            "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+        )
+        loggers = [logging.getLogger(name) for name in _RANK_ZERO_LOGGERS]
+        for log in loggers:
+            log.addFilter(_not_an_advert)
+        try:
+            yield
+        finally:
+            for log in loggers:
+                log.removeFilter(_not_an_advert)
 
 
 def checkpoint_dir(default_root_dir: str | None) -> str:

@@ -108,6 +108,7 @@ class SimFeatUpModule(L.LightningModule):
         # Jitters are back-propagated one by one (memory), so the optimizer step is ours.
         self.automatic_optimization = False
         self._swept: set[Path] = set()  # artefact folders already cleared of stale temporaries
+        self._written: dict[Path, int] = {}  # artefact folder -> the step whose weights it holds
 
     # ------------------------------------------------------------------ pieces
     def train(self, mode: bool = True):
@@ -294,14 +295,18 @@ class SimFeatUpModule(L.LightningModule):
         if directory is None:
             directory = self.hparams.artefact_dir or (self._trainer.default_root_dir if self._trainer else ".")
         directory = Path(directory)
+        final = directory / ARTEFACT_NAME
+        if self._written.get(directory) == self.global_step and final.is_file():
+            # a step checkpoint, last.ckpt and the end of fit all ask at the same step: one write, one line
+            return final
         if directory not in self._swept:  # once per folder: what a killed earlier run left half-written
             remove_stale_temporaries(directory)
             self._swept.add(directory)
         backbone, extra = self.artefact_info()
-        final = directory / ARTEFACT_NAME
         # save_upsampler writes each file atomically (weights first, then the .json): a run
         # killed mid-write never leaves a truncated artefact under the final name.
         save_upsampler(self.upsampler, final, backbone=backbone, extra=extra)
+        self._written[directory] = self.global_step
         logger.info("wrote %s (step %d)", final, self.global_step)
         return final
 
