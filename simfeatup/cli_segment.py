@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
-from . import batches, scene_cli, scene_outputs
+from . import batches, flags, scene_cli, scene_outputs
 from .entry import UsageError
 
 logger = logging.getLogger("simfeatup")
@@ -140,7 +139,7 @@ def segment(args) -> int:
     names = dict(zip(images, _output_names(images)))  # over all inputs: no two shards write one name
     images = batches.take_shard(images, batches.resolve_shard(args.shard_index, args.num_shards))
     classes = [",".join(c) for c in vocabulary.classes]
-    _output_folder(args.out, "--out")  # before the model loads: a wrong path must not cost a model load
+    flags.check_output_folder(args.out, "--out")  # before the model loads: a wrong path must not cost a model load
     batches.legend_to_write(args.out, classes, overwrite=args.overwrite)  # another run's legend: refused here
     scenes = scene_cli.pick_scenes(args, images)
     if args.skip_existing:
@@ -274,19 +273,6 @@ def _remove_empty(created: list[Path]) -> None:
             return
 
 
-def _output_folder(folder: Path, flag: str) -> None:
-    """Say in one line why ``folder`` cannot hold outputs, before any slow work; creates nothing."""
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"{flag} {folder} is a file, not a folder: give a folder (it is created if missing)")
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(f"{flag} {folder} cannot be created: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {folder} cannot be created in {existing} (not writable): choose another folder")
-
-
 def evaluate(args) -> int:
     from tqdm import tqdm
 
@@ -307,7 +293,7 @@ def evaluate(args) -> int:
     if args.report is not None and args.report.is_dir():
         raise UsageError(f"--report {args.report} is a folder: give a file name, e.g. {args.report / 'report.json'}")
     if args.report is not None:
-        _output_folder(args.report.parent, "--report's folder")
+        flags.check_output_folder(args.report.parent, "--report's folder")
     dataset = evaluation.LabelledImages(
         images, args.labels, len(vocabulary), notes, suffix=args.label_suffix, image_suffix=args.image_suffix
     )

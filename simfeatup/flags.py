@@ -1,9 +1,12 @@
 """Types for argparse flags: each checks its range when the command line is parsed, so a bad value
-ends in argparse's one-line usage error before any work (no traceback, nothing written)."""
+ends in argparse's one-line usage error before any work (no traceback, nothing written); and
+:func:`check_output_folder`, the same promise for an output folder, checked before the model loads."""
 from __future__ import annotations
 
 import argparse
 import math
+import os
+from pathlib import Path
 
 
 def finite(text: str) -> float:
@@ -56,3 +59,16 @@ def either_switch(p: argparse.ArgumentParser, switches: dict[str, str]) -> None:
     group = p.add_mutually_exclusive_group()
     for flag, text in switches.items():
         group.add_argument(flag, action="store_true", help=text)
+
+
+def check_output_folder(folder: Path, flag: str) -> None:
+    """Say in one line why ``folder`` cannot hold outputs, before any slow work; creates nothing."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{flag} {folder} is a file, not a folder: give a folder (it is created if missing)")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {folder} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {folder} cannot be created in {existing} (not writable): choose another folder")

@@ -110,7 +110,10 @@ def test_an_artefact_with_real_weights_does_not_warn(tiny_weights, labelled, tmp
 
 def test_log_lines_are_not_glued_onto_a_progress_bar(random_artefact, labelled, tmp_path, capsys, monkeypatch):
     images, _ = labelled
-    (images / "0broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")  # sorted first: the bar is drawn already
+    png = cv2.imencode(".png", np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8))[1].tobytes()
+    # sorted first; its header reads (so it passes the checks before the model loads), its pixels do not:
+    # the error comes while the bar is drawn
+    (images / "0broken.png").write_bytes(png[: len(png) // 2])
     root, ours = logging.getLogger(), logging.getLogger("simfeatup")
     monkeypatch.setattr(root, "handlers", [])  # an unconfigured root, as in a fresh process: setup_logging's handler
     monkeypatch.setattr(root, "level", root.level)
@@ -125,3 +128,138 @@ def test_log_lines_are_not_glued_onto_a_progress_bar(random_artefact, labelled, 
     skipped = [p for p in pieces if "skipped: " in p]
     assert skipped and all(p.startswith("ERROR simfeatup: skipped: ") for p in skipped), skipped
     assert any(p.startswith("simfeatup segment: error: 1 of 2 image(s)") for p in pieces)
+
+
+# ---------------------------------------------------------------------- fit --help, -v, errors before the model
+
+
+def test_fit_help_is_one_screen_printed_before_any_heavy_import():
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    probe = (
+        "import runpy, sys\n"
+        "sys.argv = ['train/fit.py', '--help']\n"
+        "try:\n    runpy.run_path('train/fit.py', run_name='__main__')\n"
+        "except SystemExit as e:\n    code = e.code\n"
+        "print('EXIT', code, 'HEAVY', sorted(m for m in ('torch', 'lightning', 'open_clip') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120).stdout
+    assert out.rstrip().endswith("EXIT 0 HEAVY []"), out[-300:]
+    summary = out.rsplit("EXIT", 1)[0]
+    assert len(summary.splitlines()) <= 50 and "Traceback" not in summary
+    for flag in ("--config", "--data.train_shards", "--model.model", "--model.pretrained", "--trainer.devices",
+                 "--trainer.precision", "--trainer.max_steps", "--trainer.default_root_dir", "--help-all"):
+        assert f"  {flag} " in summary, flag
+
+
+def test_every_option_the_fit_summary_names_exists(capsys):
+    from conftest import load_fit
+    from simfeatup.training.main import SUMMARY
+
+    fit = load_fit()
+    named = set(re.findall(r"^  (--[a-z_]+\.[a-z_]+|--ckpt_path|--print_config)\b", SUMMARY, re.M))
+    with pytest.raises(SystemExit) as exit_:
+        fit.main(["--help-all"])
+    assert exit_.value.code == 0
+    full = capsys.readouterr().out
+    assert len(full.splitlines()) > 300  # LightningCLI's own list
+    assert named and not [flag for flag in named if flag not in full]
+
+
+def test_lightning_adverts_and_warnings_are_silenced_only_while_a_run_lasts():
+    import warnings
+
+    from simfeatup.training.cli import expected_warnings
+
+    message = "Tip: ... try installing [litlogger](https://pypi.org/project/litlogger/) ..."
+    tip = logging.LogRecord("lightning.pytorch.utilities.rank_zero", logging.INFO, __file__, 1, message, None, None)
+    log = logging.getLogger(tip.name)
+    with expected_warnings():
+        assert not log.filter(tip)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with expected_warnings():
+            warnings.warn("Your `IterableDataset` has `__len__` defined. In combination ...", UserWarning)
+            warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
+            warnings.warn("something else", UserWarning)
+    assert [str(w.message) for w in caught] == ["something else"]
+    assert log.filter(tip)  # outside a run the logger is as it was
+
+
+def test_verbose_logs_backbone_windows_text_cache_and_timings(random_artefact, labelled, tmp_path, caplog):
+    images, _ = labelled
+    with caplog.at_level(logging.DEBUG, logger="simfeatup"):
+        assert main(["segment", "-v", str(images), "--classes", "background;road", "--upsampler",
+                     str(random_artefact), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    text = caplog.text
+    for expected in (
+        "backbone config(embed_dim=32)/random weights (architecture from the upsampler's record",
+        "CLIP (the model config): random weights",
+        "text-embedding cache: memory only",
+        "text queries: 2 word(s), 0 from the cache, 2 encoded (background, road)",
+        "model loaded in ",
+        "image 64x48 -> working size 448x336: 6 window(s) of 224 px, stride 112",
+        "windows through the model ",
+        "wrote a.png in ",
+    ):
+        assert expected in text, expected
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if a segmenter is built: the errors under test must come before the model loads."""
+    from simfeatup import cli_segment, segmenter
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error")
+
+    monkeypatch.setattr(cli_segment, "_build_segmenter", refuse)
+    monkeypatch.setattr(segmenter, "build_segmenter", refuse)
+
+
+def _one_error_line(capsys, prog="simfeatup segment") -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith(f"{prog}: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_bad_images_and_outputs_are_refused_before_the_model_loads(random_artefact, labelled, tmp_path, capsys,
+                                                                   no_model):
+    images, labels = labelled
+    corrupt, small, a_file = tmp_path / "corrupt.jpg", tmp_path / "small.png", tmp_path / "a_file"
+    corrupt.write_bytes(b"these are not pixels" * 10)
+    cv2.imwrite(str(small), np.zeros((8, 40, 3), np.uint8))
+    a_file.write_text("x")
+    common = ["--classes", "background;road", "--upsampler", str(random_artefact)]
+    out = tmp_path / "out"
+
+    assert main(["segment", str(corrupt), "--out", str(out), *common]) == 2
+    assert f"cannot read image {corrupt}: not a jpg, png or tif file" in _one_error_line(capsys)
+    assert main(["segment", str(small), "--out", str(out), *common]) == 2
+    assert "small.png is 40x8 pixels, smaller than one 16-pixel patch" in _one_error_line(capsys)
+    assert main(["segment", str(corrupt), str(small), "--out", str(out), *common]) == 2
+    assert "2 of 2 image(s) could not be segmented" in _one_error_line(capsys)
+    assert not out.exists()  # nothing created for a run that could not start
+    for target, why in ((a_file, "is a file, not a folder"), (a_file / "sub", f"{a_file} is a file, not a folder")):
+        assert main(["segment", str(images / "a.png"), "--out", str(target), *common]) == 2
+        assert why in _one_error_line(capsys)
+
+    cv2.imwrite(str(labels / "small.png"), np.zeros((8, 40), np.uint8))
+    assert main(["evaluate", str(small), "--labels", str(labels), *common]) == 2
+    assert "smaller than one 16-pixel patch" in _one_error_line(capsys, "simfeatup evaluate")
+
+
+def test_export_refuses_an_out_it_cannot_create_before_the_model_loads(random_artefact, tmp_path, capsys, no_model):
+    from conftest import load_script
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    code = load_script("export/to_onnx.py").main(["--upsampler", str(random_artefact), "--out", str(a_file / "m")])
+    assert code == 2
+    assert f"--out {a_file / 'm'} cannot be created: {a_file} is a file, not a folder" in _one_error_line(
+        capsys, "to_onnx"
+    )

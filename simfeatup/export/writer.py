@@ -13,8 +13,9 @@ import torch
 
 from ..atomic import atomic_dir, remove_stale_temporaries
 from ..constants import CLIP_MEAN, CLIP_STD, DEFAULT_LAMBDA, LOGIT_SCALE
+from ..flags import check_output_folder
 from ..model_folder import FORMAT, FORMAT_VERSION, IMAGE_GRAPH, MANIFEST, MERGES, TEXT_GRAPH, sha256, write_manifest
-from .graphs import check_opset, check_tokenizer, export_image, export_text, graph_opset
+from .graphs import check_opset, check_tokenizer, export_image, export_text, graph_opset, stage
 from .verify import verify_onnx
 
 logger = logging.getLogger(__name__)
@@ -61,13 +62,15 @@ def export_onnx(
                 "choose another --out"
             )
 
+    check_output_folder(out_dir, "--out")  # before the model loads: a wrong path must not cost a model load
     upsampler_info = {"kind": "bilinear"}
     if segmenter is None:
         from ..segmenter import build_segmenter
 
-        segmenter = build_segmenter(
-            upsampler, model=model, pretrained=pretrained, clip_config=clip_config, attention=attention
-        )
+        with stage("loading the torch segmenter"):
+            segmenter = build_segmenter(
+                upsampler, model=model, pretrained=pretrained, clip_config=clip_config, attention=attention
+            )
         if upsampler is not None and str(upsampler) != "bilinear":
             upsampler_info = _upsampler_info(Path(upsampler))
     else:
@@ -95,8 +98,9 @@ def export_onnx(
         shutil.copyfile(_open_clip_merges(), tmp / MERGES)
         manifest = _manifest(reference, upsampler_info, dtype, tmp)
         write_manifest(tmp, manifest)
-        logger.info("exported %s in %.0f s; verifying against torch", out_dir, time.perf_counter() - started)
-        report = verify_onnx(tmp, reference, samples=samples)
+        logger.info("graphs written in %.0f s", time.perf_counter() - started)
+        with stage("verifying against torch (onnx.checker, dynamic dims, onnxruntime vs torch per sample)"):
+            report = verify_onnx(tmp, reference, samples=samples)
         manifest["verification"] = report
         write_manifest(tmp, manifest)  # again: the report is covered by the manifest's own checksum
     logger.info("wrote %s", out_dir)
