@@ -1,8 +1,8 @@
-"""`simfeatup` command line: segment, evaluate, convert-weights, make-shards, presets.
+"""`simfeatup` command line: segment, evaluate, compare, convert-weights, make-shards, presets.
 
 Every subcommand parses flags and calls the library; errors a user can fix end in one line
 on stderr and exit code 2, never a traceback (:mod:`simfeatup.entry`). segment and evaluate
-live in :mod:`simfeatup.cli_segment`.
+live in :mod:`simfeatup.cli_segment`, compare in :mod:`simfeatup.cli_compare`.
 """
 from __future__ import annotations
 
