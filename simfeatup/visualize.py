@@ -247,6 +247,8 @@ def comparison(image: np.ndarray, bilinear: np.ndarray, upsampled: np.ndarray, c
     colours = palette(classes) if colours is None else colours
     share = differing(bilinear, upsampled)
     image, (bilinear, upsampled) = _shrunk(image, (bilinear, upsampled), COMPARE_LONG_SIDE)
+    scale = enlargement(*image.shape[:2])  # here rather than in grid(): the rim below stays one pixel thin
+    image, bilinear, upsampled = (np.repeat(np.repeat(a, scale, 0), scale, 1) for a in (image, bilinear, upsampled))
     grey = image.astype(np.float32).mean(-1, keepdims=True) * 0.5 + 127.5  # (h, w, 1): a faded photo
     changed = bilinear != upsampled
     tint = colours[np.minimum(upsampled, len(colours) - 1)]
@@ -254,7 +256,7 @@ def comparison(image: np.ndarray, bilinear: np.ndarray, upsampled: np.ndarray, c
     diff[_rim(changed)] = 0  # a black rim, so light class colours stand out from the faded photo too
     panels = [image, blend(image, bilinear, colours), blend(image, upsampled, colours), diff]
     titles = (*COMPARE_TITLES[:3], f"{COMPARE_TITLES[3]}: {100 * share:.1f} %")
-    picture = grid([panels], titles, scale=enlargement(*image.shape[:2]), note=note)
+    picture = grid([panels], titles, note=note)
     return _above(picture, legend(classes, colours, picture.width))
 
 
