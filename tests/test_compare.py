@@ -119,3 +119,24 @@ def test_compare_of_a_missing_image_is_one_line(artefacts, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"simfeatup compare: error: image not found: {tmp_path / 'nope.png'}"
+
+
+@pytest.mark.slow
+def test_compare_with_two_onnx_folders(onnx_dir, tiny_weights, picture_file, tmp_path, capsys):
+    from conftest import load_script
+
+    name, weights = tiny_weights
+    bilinear = tmp_path / "bilinear_onnx"
+    assert load_script("export/to_onnx.py").main(
+        ["--upsampler", "bilinear", "--model", name, "--pretrained", str(weights), "--out", str(bilinear)]
+    ) == 0
+    out = tmp_path / "out"
+    assert main(["compare", str(picture_file), "--classes", ";".join(CLASSES), "--onnx", str(onnx_dir),
+                 "--onnx-bilinear", str(bilinear), "--out", str(out), "--device", "cpu"]) == 0
+    scale = enlargement(48, 64)
+    assert Image.open(out / "tile_compare.jpg").size == _layout(48 * scale, 64 * scale)[0]
+    assert re.search(r"^tile\.png\s+[\d.]+ %$", capsys.readouterr().out, re.M)
+    # swapped folders are refused in one line
+    assert main(["compare", str(picture_file), "--classes", "a;b", "--onnx", str(bilinear),
+                 "--onnx-bilinear", str(onnx_dir), "--out", str(out)]) == 2
+    assert "holds no SimFeatUp upsampler (bilinear)" in capsys.readouterr().err.strip().splitlines()[-1]
