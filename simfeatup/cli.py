@@ -1,8 +1,8 @@
-"""`simfeatup` command line: segment, evaluate, convert-weights, make-shards, presets.
+"""`simfeatup` command line: segment, evaluate, compare, convert-weights, make-shards, presets.
 
 Every subcommand parses flags and calls the library; errors a user can fix end in one line
 on stderr and exit code 2, never a traceback (:mod:`simfeatup.entry`). segment and evaluate
-live in :mod:`simfeatup.cli_segment`.
+live in :mod:`simfeatup.cli_segment`, compare in :mod:`simfeatup.cli_compare`.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import batches, cli_segment, flags, scene_cli
+from . import batches, cli_compare, cli_segment, flags, scene_cli
 from .constants import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from .entry import UsageError, run_command, setup_logging
 
@@ -162,6 +162,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, help="also write the scores as JSON to this file")
     _add_model_flags(p)
     p.set_defaults(func=cli_segment.evaluate)
+
+    p = sub.add_parser(
+        "compare", parents=[common], help="image | bilinear | SimFeatUp side by side: what the upsampler changes"
+    )
+    p.add_argument("images", nargs="+", type=Path, help="jpg/png/tif images, or folders of them")
+    _add_vocabulary_flags(p)
+    p.add_argument("--out", type=Path, required=True, help="output folder for <image>_compare.jpg pictures")
+    _add_model_flags(p)
+    p.add_argument(
+        "--onnx-bilinear", type=Path,
+        help="with --onnx: a model folder exported from the same backbone with --upsampler bilinear",
+    )
+    p.set_defaults(func=cli_compare.compare)
 
     p = sub.add_parser(
         "convert-weights", parents=[common], help="import the authors' released SimFeatUp checkpoint as safetensors"

@@ -83,6 +83,11 @@ class Segmenter(torch.nn.Module, WindowSegmenter):
         cls = F.normalize(cls.float(), dim=1)
         return logits + lam * (cls @ text.T)[:, :, None, None]
 
+    def without_upsampler(self) -> "Segmenter":
+        """The bilinear ablation of this segmenter: the same encoder (shared, not copied), cache and windows."""
+        return Segmenter(self.encoder, None, long_side=self.long_side, window=self.window, stride=self.stride,
+                         window_batch=self._window_batch, cache=self.cache).eval()
+
     # ------------------------------------------------------------------ WindowSegmenter
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         return self.encoder.encode_texts(texts)

@@ -102,7 +102,8 @@ def blend(rgb: np.ndarray, labels: np.ndarray, colours: np.ndarray, alpha: float
     return np.where(known, mixed.round().astype(np.uint8), rgb)
 
 
-def _font(size: int):
+def font(size: int):
+    """Pillow's bundled default font at ``size`` px (scalable where Pillow has FreeType); never downloads."""
     try:
         return ImageFont.load_default(size)  # Pillow >= 10.1 with FreeType: scalable, bundled (no download)
     except (TypeError, ImportError, OSError):
@@ -112,9 +113,9 @@ def _font(size: int):
 def legend(classes: Sequence[str], colours: np.ndarray, width: int) -> Image.Image:
     """A strip ``width`` pixels wide (wider if one entry needs it): a swatch and the name of each class, wrapped."""
     size = min(32, max(11, round(width / 64)))
-    font, pad = _font(size), max(3, size // 2)
+    face, pad = font(size), max(3, size // 2)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    entries = [(line, colours[k], math.ceil(probe.textlength(line, font=font))) for k, line in enumerate(classes)]
+    entries = [(line, colours[k], math.ceil(probe.textlength(line, font=face))) for k, line in enumerate(classes)]
     width = max([width] + [2 * pad + size + pad + w for _, _, w in entries])
     rows, x = [[]], pad
     for entry in entries:
@@ -131,8 +132,8 @@ def legend(classes: Sequence[str], colours: np.ndarray, width: int) -> Image.Ima
         y = pad + r * line_height
         for x, (line, colour, _) in row:
             draw.rectangle([x, y, x + size - 1, y + size - 1], fill=tuple(int(c) for c in colour), outline=(0, 0, 0))
-            top, bottom = draw.textbbox((0, 0), line, font=font)[1::2]
-            draw.text((x + size + pad, y + (size - top - bottom) / 2), line, fill=(0, 0, 0), font=font)
+            top, bottom = draw.textbbox((0, 0), line, font=face)[1::2]
+            draw.text((x + size + pad, y + (size - top - bottom) / 2), line, fill=(0, 0, 0), font=face)
     return strip
 
 
@@ -150,6 +151,127 @@ def overlay(image: np.ndarray, labels: np.ndarray, classes: Sequence[str], colou
     """RGB uint8 ``image`` (H, W, 3) blended with the colours of ``labels`` (H, W), above a legend of ``classes``."""
     colours = palette(classes) if colours is None else colours
     return with_legend(blend(image, labels, colours, alpha), classes, colours)
+
+
+# Pictures of panels side by side (training previews, compare): small inputs are enlarged by an
+# integer factor (nearest: a token stays a visible block) so their long side comes near PANEL_SIDE;
+# compare shrinks larger ones until the long side fits COMPARE_LONG_SIDE.
+PANEL_SIDE = 256
+COMPARE_LONG_SIDE = 1024
+GRID_GAP = 6
+COMPARE_TITLES = ("image", "bilinear", "SimFeatUp", "where they differ")
+
+
+def enlargement(height: int, width: int, side: int = PANEL_SIDE) -> int:
+    """The integer nearest-neighbour factor that brings a panel's long side nearest ``side`` (at least 1)."""
+    return max(1, round(side / max(height, width)))
+
+
+def _text_size(width: int) -> int:
+    return min(24, max(12, width // 16))
+
+
+def _fitting(texts: Sequence[str], width: int, size: int):
+    """The default font at ``size`` px, smaller (down to 8) until every text fits ``width`` pixels."""
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    while size > 8 and any(probe.textlength(t, font=font(size)) > width for t in texts):
+        size -= 1
+    return font(size)
+
+
+def grid_layout(n_rows: int, n_cols: int, height: int, width: int, *, note: bool = False):
+    """Where :func:`grid` puts panels of ``height`` x ``width``: ((picture width, height), [[(x, y)] per row])."""
+    title = round(1.5 * _text_size(width)) + GRID_GAP
+    origins = [[(GRID_GAP + c * (width + GRID_GAP), title + r * (height + GRID_GAP)) for c in range(n_cols)]
+               for r in range(n_rows)]
+    size = (GRID_GAP + n_cols * (width + GRID_GAP), title + n_rows * (height + GRID_GAP))
+    if note:
+        size = (size[0], size[1] + round(1.5 * _text_size(width)))
+    return size, origins
+
+
+def grid(rows: Sequence[Sequence[np.ndarray]], titles: Sequence[str], *, scale: int = 1,
+         note: str | None = None) -> Image.Image:
+    """Panels (H, W, 3) uint8, all of one size, in rows under one title per column, on white.
+
+    ``scale``: integer enlargement of every panel (nearest neighbour). ``note``: a line of
+    text below the panels. Positions: :func:`grid_layout`.
+    """
+    height, width = rows[0][0].shape[0] * scale, rows[0][0].shape[1] * scale
+    if any(len(row) != len(titles) or any(p.shape[:2] != rows[0][0].shape[:2] for p in row) for row in rows):
+        raise ValueError(f"every row needs {len(titles)} panels of one size")
+    size, origins = grid_layout(len(rows), len(titles), height, width, note=note is not None)
+    out = Image.new("RGB", size, NODATA_COLOUR)
+    draw = ImageDraw.Draw(out)
+    face = _fitting(titles, width - 2, _text_size(width))
+    for (x, y), title in zip(origins[0], titles):
+        draw.text((x + width / 2, y - GRID_GAP), title, fill=(0, 0, 0), font=face, anchor="md")
+    for row, places in zip(rows, origins):
+        for panel, (x, y) in zip(row, places):
+            img = Image.fromarray(np.ascontiguousarray(panel), mode="RGB")
+            out.paste(img.resize((width, height), Image.Resampling.NEAREST) if scale != 1 else img, (x, y))
+    if note is not None:
+        face = _fitting([note], size[0] - 2 * GRID_GAP, _text_size(width) - 2)
+        draw.text((GRID_GAP, origins[-1][0][1] + height + GRID_GAP), note, fill=(60, 60, 60), font=face)
+    return out
+
+
+def differing(a: np.ndarray, b: np.ndarray) -> float:
+    """The share (0..1) of pixels whose label differs between the label maps ``a`` and ``b`` (H, W)."""
+    return float(np.mean(a != b)) if a.size else 0.0
+
+
+def _shrunk(image: np.ndarray, labels: Sequence[np.ndarray], long_side: int):
+    """``image`` (H, W, 3) and label maps brought to a long side of at most ``long_side``
+    (the image by area averaging, labels by their pixel nearest each new pixel's centre)."""
+    h, w = image.shape[:2]
+    factor = max(h, w) / long_side
+    if factor <= 1:
+        return image, list(labels)
+    size = (max(1, round(w / factor)), max(1, round(h / factor)))
+    small = np.asarray(Image.fromarray(image, mode="RGB").resize(size, Image.Resampling.BOX))
+    rows = np.minimum(((np.arange(size[1]) + 0.5) * h / size[1]).astype(int), h - 1)
+    cols = np.minimum(((np.arange(size[0]) + 0.5) * w / size[0]).astype(int), w - 1)
+    return small, [lab[np.ix_(rows, cols)] for lab in labels]
+
+
+def comparison(image: np.ndarray, bilinear: np.ndarray, upsampled: np.ndarray, classes: Sequence[str],
+               colours: np.ndarray | None = None, *, note: str | None = None) -> Image.Image:
+    """image | bilinear labels | SimFeatUp labels | where they differ, captioned, above a legend.
+
+    ``image`` RGB uint8 (H, W, 3); ``bilinear`` and ``upsampled`` the two label maps (H, W).
+    The last panel greys the image and shows SimFeatUp's colour, rimmed in black, where its
+    label differs from bilinear's; its caption gives that share of the pixels (at full resolution). Small images
+    are enlarged (:func:`enlargement`), large ones shrunk to :data:`COMPARE_LONG_SIDE`.
+    """
+    colours = palette(classes) if colours is None else colours
+    share = differing(bilinear, upsampled)
+    image, (bilinear, upsampled) = _shrunk(image, (bilinear, upsampled), COMPARE_LONG_SIDE)
+    scale = enlargement(*image.shape[:2])  # here rather than in grid(): the rim below stays one pixel thin
+    image, bilinear, upsampled = (np.repeat(np.repeat(a, scale, 0), scale, 1) for a in (image, bilinear, upsampled))
+    grey = image.astype(np.float32).mean(-1, keepdims=True) * 0.5 + 127.5  # (h, w, 1): a faded photo
+    changed = bilinear != upsampled
+    tint = colours[np.minimum(upsampled, len(colours) - 1)]
+    diff = np.where(changed[..., None], tint, np.repeat(grey, 3, -1).round().astype(np.uint8))
+    diff[_rim(changed)] = 0  # a black rim, so light class colours stand out from the faded photo too
+    panels = [image, blend(image, bilinear, colours), blend(image, upsampled, colours), diff]
+    titles = (*COMPARE_TITLES[:3], f"{COMPARE_TITLES[3]}: {100 * share:.1f} %")
+    picture = grid([panels], titles, note=note)
+    return _above(picture, legend(classes, colours, picture.width))
+
+
+def _rim(mask: np.ndarray) -> np.ndarray:
+    """The pixels of ``mask`` (H, W) bool with a 4-neighbour outside it (or on the picture's edge)."""
+    inner = np.pad(mask, 1, constant_values=False)
+    inner = inner[1:-1, 1:-1] & inner[:-2, 1:-1] & inner[2:, 1:-1] & inner[1:-1, :-2] & inner[1:-1, 2:]
+    return mask & ~inner
+
+
+def _above(top: Image.Image, bottom: Image.Image) -> Image.Image:
+    out = Image.new("RGB", (max(top.width, bottom.width), top.height + bottom.height), NODATA_COLOUR)
+    out.paste(top, (0, 0))
+    out.paste(bottom, (0, top.height))
+    return out
 
 
 class SceneOverlay:

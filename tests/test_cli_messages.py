@@ -12,7 +12,7 @@ import torch
 from simfeatup import cli
 from simfeatup.cli import main
 
-SUBCOMMANDS = {"segment", "evaluate", "convert-weights", "make-shards", "presets"}
+SUBCOMMANDS = {"segment", "evaluate", "compare", "convert-weights", "make-shards", "presets"}
 
 
 def test_version_prints_the_installed_version_and_exits_0(capsys):

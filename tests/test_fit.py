@@ -135,6 +135,22 @@ def test_the_end_of_a_run_says_where_its_results_are(tiny_run):
     assert list((run / "lightning_logs").glob("version_0/events.out.tfevents.*"))  # where that command looks
 
 
+def test_a_run_writes_captioned_previews_into_its_folder(tiny_run):
+    from PIL import Image
+
+    from simfeatup.visualize import enlargement, grid_layout
+
+    run, log, _, _ = tiny_run
+    # the recipe previews every 2 steps; the 2-step run makes one, at step 0
+    assert sorted(p.name for p in (run / "previews").iterdir()) == ["step_000000.png"]
+    assert f"previews (image | low-res | upsampled | bilinear features): {run / 'previews'}" in log
+    picture = Image.open(run / "previews" / "step_000000.png")
+    side = 64 * enlargement(64, 64)  # the recipe's 64 px crops, shown at 256 px
+    assert side == 256
+    # batch 2: two rows of image | low-res | upsampled | bilinear, under captions, above a note
+    assert picture.size == grid_layout(2, 4, side, side, note=True)[0]
+
+
 def test_resume_continues_the_step_count_and_the_artefact_serves_segment(tmp_path):
     run = tmp_path / "run"
     last = run / "checkpoints" / "last.ckpt"

@@ -4,6 +4,7 @@ import math
 import os
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,8 +22,9 @@ from simfeatup.training.losses import (
     reconstruction_loss,
 )
 from simfeatup.training.module import SimFeatUpModule
-from simfeatup.training.preview import pca_rgb, preview
+from simfeatup.training.preview import PREVIEW_ROWS, TITLES, pca_rgb, preview, preview_rows
 from simfeatup.upsampler import load_upsampler
+from simfeatup.visualize import enlargement, grid_layout
 
 
 def _params(flip, zoom, offset, pad=20):
@@ -165,10 +167,33 @@ def test_image_head_and_loss():
 def test_preview_uses_one_pca_basis():
     low = torch.randn(16, 4, 4)
     high = F.interpolate(low[None], scale_factor=8, mode="nearest")[0]
-    lo, hi = pca_rgb(low, high)
+    bilinear = F.interpolate(low[None], scale_factor=8, mode="bilinear")[0]
+    lo, hi, bi = pca_rgb(low, high, bilinear)
     torch.testing.assert_close(F.interpolate(lo[None], scale_factor=8, mode="nearest")[0], hi)
-    strip = preview(torch.zeros(3, 32, 32, dtype=torch.uint8), low, high)
-    assert strip.shape == (3, 32, 96) and strip.dtype == torch.uint8
+    assert bi.shape == (3, 32, 32) and 0 <= bi.min() and bi.max() <= 1
+
+
+def test_preview_is_captioned_rows_of_four_enlarged_panels():
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    low, high = torch.randn(6, 16, 2, 2), torch.randn(6, 16, 32, 32)
+    rows = preview_rows(images, low, high)
+    assert len(rows) == PREVIEW_ROWS == 4 and all(len(r) == len(TITLES) == 4 for r in rows)
+    assert all(p.shape == (32, 32, 3) and p.dtype == np.uint8 for r in rows for p in r)
+    picture = np.asarray(preview(images, low, high))
+    scale = enlargement(32, 32)
+    assert scale == 8  # a 32 px crop is shown at 256 px
+    size, origins = grid_layout(4, 4, 32 * scale, 32 * scale, note=True)
+    assert picture.shape == (size[1], size[0], 3)
+    for r in range(4):
+        x, y = origins[r][0]
+        shown = picture[y:y + 32 * scale:scale, x:x + 32 * scale:scale]
+        np.testing.assert_array_equal(shown, images[r].permute(1, 2, 0).numpy())  # row r is sample r, unblurred
+        x, y = origins[r][1]  # the low-res panel: one flat block per token
+        block = picture[y:y + 16 * scale, x:x + 16 * scale]
+        assert (block == block[0, 0]).all()
+    top = picture[: origins[0][0][1]]
+    assert (top != 255).any(axis=-1).sum() > 200  # the captions are drawn above the panels
+    assert len(preview_rows(images[:2], low[:2], high[:2])) == 2  # a smaller batch: fewer rows
 
 
 # ---------------------------------------------------------------------------- module

@@ -195,6 +195,9 @@ def log_results(trainer: pl.Trainer, module: SimFeatUpModule) -> None:
     checkpoints = trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else None
     if checkpoints:
         logger.info("checkpoints: %s (resume: the same command plus --ckpt_path last)", checkpoints)
+    previews = module.preview_dir()
+    if previews.is_dir():
+        logger.info("previews (image | low-res | upsampled | bilinear features): %s", previews)
     board = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
     if board is not None:
         logger.info("losses and previews: tensorboard --logdir %s", board.root_dir)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -36,6 +37,7 @@ from simfeatup.training.losses import (
 )
 from simfeatup.training.preview import preview
 from simfeatup.upsampler import SimFeatUp, save_upsampler
+from simfeatup.visualize import save_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ LR = 1e-3
 CLIP_STEPS = 10
 CLIP_NORM = 1e-4
 ARTEFACT_NAME = "upsampler.safetensors"
+PREVIEW_SUBDIR = "previews"
 BACKBONE_KEY = CHECKPOINT_KEY
 
 
@@ -63,7 +66,9 @@ class SimFeatUpModule(L.LightningModule):
             "penultimate" the last block's input, as the authors trained their weights.
         radius, key_dim, shared: SimFeatUp architecture.
         n_jitters, proj_dim, lr, img_weight, clip_steps, clip_norm, max_pad, max_zoom: SPEC 4.
-        preview_every_n_steps: log an image | low-res | upsampled preview this often (0: never).
+        preview_every_n_steps: this often (0: never), a preview of up to 4 samples of the batch (image |
+            low-res | upsampled | bilinear features, see simfeatup.training.preview) as
+            ``previews/step_NNNNNN.png`` in the run folder and in TensorBoard.
         val_seed: seed of the validation jitters and projections, so validation is comparable
             across steps and runs.
         artefact_dir: where ``upsampler.safetensors`` + ``.json`` go (default: the Trainer's
@@ -218,19 +223,20 @@ class SimFeatUpModule(L.LightningModule):
     # ------------------------------------------------------------------ previews
     def _maybe_preview(self, batch: Tensor, low: Tensor, high: Tensor) -> None:
         every = self.hparams.preview_every_n_steps
-        if not every or self.global_step % every or not self.trainer.is_global_zero or self.logger is None:
+        if not every or self.global_step % every or not self.trainer.is_global_zero:
             return
-        strip = preview(batch[0], low[0], high[0])  # (3, H, 3W) uint8
+        picture = preview(batch, low, high)
+        # A PNG in the run folder for everyone; TensorBoard gets the same picture.
+        path = self.preview_dir() / f"step_{self.global_step:06d}.png"
+        save_atomic(picture, path)
+        logger.debug("preview: %s", path)
         experiment = getattr(self.logger, "experiment", None)
-        if hasattr(experiment, "add_image"):  # TensorBoard
-            experiment.add_image("preview/image|low-res|upsampled", strip, self.global_step)
-            return
-        # CSV and other loggers: a PNG beside the metrics.
-        from PIL import Image
+        if hasattr(experiment, "add_image"):
+            experiment.add_image("preview", np.asarray(picture), self.global_step, dataformats="HWC")
 
-        out = Path(self.logger.log_dir or self.trainer.default_root_dir) / "previews"
-        out.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(strip.permute(1, 2, 0).numpy()).save(out / f"step_{self.global_step:07d}.png")
+    def preview_dir(self) -> Path:
+        """Where the preview PNGs go: ``previews/`` in the run folder (the Trainer's ``default_root_dir``)."""
+        return Path(self.trainer.default_root_dir) / PREVIEW_SUBDIR
 
     # ------------------------------------------------------------------ checkpoints and artefact
     def on_save_checkpoint(self, checkpoint: dict) -> None:
