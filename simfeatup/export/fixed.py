@@ -300,3 +300,33 @@ def verify_fixed(folder: Path, segmenter, vocabulary, scoring, *, samples=None, 
                 worst, worst_probs, flips)
     return {"max_abs_logit_diff": worst, "max_abs_prob_diff": worst_probs, "scoring_tie_flips": flips,
             "windows": len(pictures)}
+
+
+def derive_fixed(default_dir, out_dir, segmenter, vocabulary, scoring=None, *, preset: str | None = None,
+                 uint8_input: bool = False, samples=None, overwrite: bool = False) -> Path:
+    """A fixed-vocabulary folder ``out_dir`` from the verified default folder ``default_dir``, without tracing again.
+
+    ``segmenter``: the float32 torch segmenter the default folder was exported from (the reference
+    :func:`verify_fixed` checks against). Written atomically, like :func:`simfeatup.export.export_onnx`.
+    """
+    import shutil
+
+    from ..atomic import atomic_dir
+    from ..model_folder import is_fixed, read_manifest, write_manifest
+    from ..scores import Scoring
+
+    manifest = read_manifest(default_dir)
+    if is_fixed(manifest):
+        raise ValueError(f"{default_dir} already has a fixed vocabulary: derive from a default folder")
+    scoring = scoring or Scoring()
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        for name in manifest["files"]:
+            shutil.copyfile(Path(default_dir) / name, tmp / name)
+        write_manifest(tmp, manifest)
+        report = manifest.get("verification", {})
+        manifest = make_fixed(tmp, manifest, segmenter, vocabulary, scoring, preset=preset, uint8_input=uint8_input)
+        write_manifest(tmp, manifest)
+        manifest["verification"] = {**report, "fixed": verify_fixed(tmp, segmenter, vocabulary, scoring,
+                                                                     samples=samples)}
+        write_manifest(tmp, manifest)
+    return Path(out_dir)
