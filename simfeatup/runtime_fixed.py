@@ -101,6 +101,11 @@ class FixedOnnxSegmenter(WindowSegmenter):
         return np.zeros((len(words), 0), np.float32)
 
     def _window_logits(self, batch: np.ndarray, text: np.ndarray, lam: float) -> np.ndarray:
+        if self.uint8 and batch.dtype != np.uint8:  # scene mode (docs/method.md 9) cuts normalised windows
+            raise ModelFolderError(
+                f"{self.model_dir} takes uint8 windows (--uint8-input), which scene mode cannot give (nodata becomes "
+                "the mean colour after normalisation, not a uint8 value): export the folder without --uint8-input"
+            )
         if self.uint8:  # (B, 3, h, w) uint8 windows, unpadded -> the graph's (B, h, w, 3)
             batch = np.ascontiguousarray(batch.transpose(0, 2, 3, 1))
         else:
