@@ -75,9 +75,11 @@ def bake_image_graph(path: Path, text: np.ndarray, lam: float, *, uint8_input: b
     if uint8_input:
         _uint8_front(graph, patch, helper, numpy_helper, TensorProto)
     onnx.checker.check_model(model)
-    data = path.name + ".data"
-    (path.parent / data).unlink(missing_ok=True)
-    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data)
+    data = path.parent / (path.name + ".data")
+    mode = data.stat().st_mode & 0o777 if data.exists() else 0o644
+    data.unlink(missing_ok=True)
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
+    data.chmod(mode)  # onnx creates it 0600: keep the exporter's permissions, so a shared folder stays readable
 
 
 def _uint8_front(graph, patch: int, helper, numpy_helper, TensorProto) -> None:
