@@ -21,8 +21,10 @@ SAMPLES = sorted((REPO / "samples").glob("*.jpg"))
 OEM = Vocabulary.from_preset("openearthmap")
 
 
-def test_folder_holds_no_text_graph_and_describes_its_vocabulary(fixed_dirs):
+def test_folder_holds_no_text_graph_and_describes_its_vocabulary(onnx_dir, fixed_dirs):
+    mode = (onnx_dir / "image.onnx.data").stat().st_mode
     for kind, folder in fixed_dirs.items():
+        assert (folder / "image.onnx.data").stat().st_mode == mode  # as readable as the default folder's
         names = {p.name for p in folder.iterdir()}
         assert {"image.onnx", "scoring.onnx", "classes.json", "manifest.json"} <= names
         assert not {"text.onnx", "bpe_simple_vocab_16e6.txt.gz"} & names
