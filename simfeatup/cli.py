@@ -19,7 +19,8 @@ logger = logging.getLogger("simfeatup")
 
 
 def _add_vocabulary_flags(p: argparse.ArgumentParser) -> None:
-    group = p.add_mutually_exclusive_group(required=True)
+    # none of them: a fixed-vocabulary --onnx folder's classes (cli_segment checks)
+    group = p.add_mutually_exclusive_group()
     group.add_argument("--preset", help="dataset preset (see `simfeatup presets`): classes and thresholds")
     group.add_argument(
         "--classes", help='class lines, e.g. "building,roof;road;water" (; between classes, , between synonyms)'

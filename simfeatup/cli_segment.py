@@ -19,22 +19,67 @@ def _vocabulary_and_scoring(args):
     from .scores import Scoring
     from .vocabulary import Vocabulary
 
-    preset = presets.load(args.preset) if args.preset else None
-    if preset is not None:
-        vocabulary = Vocabulary.from_lines(preset.classes)
-    elif args.classes is not None:
-        vocabulary = Vocabulary.from_spec(args.classes)
+    baked = _baked_vocabulary(args)
+    if baked is not None:
+        vocabulary, scoring = baked
     else:
-        vocabulary = Vocabulary.from_file(args.classes_file)
-    scoring = Scoring.resolve(
-        preset, lam=args.lam, prob_thd=args.prob_thd, bg_idx=args.bg_idx
-    )  # flags checked by argparse
+        preset = presets.load(args.preset) if args.preset else None
+        if preset is not None:
+            vocabulary = Vocabulary.from_lines(preset.classes)
+        elif args.classes is not None:
+            vocabulary = Vocabulary.from_spec(args.classes)
+        elif args.classes_file is not None:
+            vocabulary = Vocabulary.from_file(args.classes_file)
+        else:
+            raise UsageError("no classes: give --preset, --classes or --classes-file (or --onnx with a "
+                             "fixed-vocabulary folder from export/to_onnx.py --classes/--preset)")
+        scoring = Scoring.resolve(
+            preset, lam=args.lam, prob_thd=args.prob_thd, bg_idx=args.bg_idx
+        )  # flags checked by argparse
     if scoring.bg_idx >= len(vocabulary):
         raise UsageError(
             f"--bg-idx {scoring.bg_idx} is not a class index: "
             f"there are {len(vocabulary)} classes (0..{len(vocabulary) - 1})"
         )
     return vocabulary, scoring
+
+
+def _baked_vocabulary(args):
+    """A fixed-vocabulary --onnx folder: its classes and scoring (flags may restate them, not change them)."""
+    if not getattr(args, "onnx", None):
+        return None
+    from .model_folder import ModelFolderError, is_fixed, read_manifest
+    from .scores import Scoring
+    from .vocabulary import Vocabulary
+
+    try:
+        manifest = read_manifest(args.onnx, check_files=False)
+    except ModelFolderError:
+        return None  # the segmenter reports it
+    if not is_fixed(manifest):
+        return None
+    from .runtime_fixed import fixed_vocabulary
+
+    vocabulary, scoring = fixed_vocabulary(manifest)
+    given = None
+    if args.preset:
+        from . import presets
+
+        given = Vocabulary.from_lines(presets.load(args.preset).classes)
+    elif args.classes is not None:
+        given = Vocabulary.from_spec(args.classes)
+    elif args.classes_file is not None:
+        given = Vocabulary.from_file(args.classes_file)
+    if given is not None and given.classes != vocabulary.classes:
+        baked = ";".join(",".join(c) for c in vocabulary.classes)
+        raise UsageError(f"{args.onnx} has a fixed vocabulary ({baked!r}): leave out --classes/--preset/"
+                         "--classes-file, or export another folder for these classes")
+    if args.lam is not None and args.lam != scoring.lam:
+        raise UsageError(f"--lam {args.lam}: {args.onnx} was exported with lam {scoring.lam} baked in; "
+                         "export another folder (export/to_onnx.py --lam) to change it")
+    return vocabulary, Scoring.resolve(None, lam=scoring.lam, prob_thd=args.prob_thd if args.prob_thd is not None
+                                       else scoring.prob_thd, bg_idx=args.bg_idx if args.bg_idx is not None
+                                       else scoring.bg_idx)
 
 
 def _output_names(images: list[Path]) -> list[str]:
@@ -353,7 +398,8 @@ def _segmenter(args):
 
 def _build_segmenter(args):
     if args.onnx:
-        from .runtime import OnnxSegmenter, providers_for_device
+        from .runtime import providers_for_device
+        from .runtime_fixed import open_model_folder
 
         for flag in ("upsampler", "model", "pretrained", "attention"):
             if getattr(args, flag):
@@ -364,7 +410,7 @@ def _build_segmenter(args):
             raise UsageError(
                 "--dtype does not apply with --onnx: the precision was fixed at export (export/to_onnx.py --dtype)"
             )
-        return OnnxSegmenter(args.onnx, providers=providers_for_device(args.device))
+        return open_model_folder(args.onnx, providers=providers_for_device(args.device))
 
     import torch
 

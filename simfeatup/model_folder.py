@@ -28,6 +28,11 @@ MERGES = "bpe_simple_vocab_16e6.txt.gz"  # CLIP's BPE merges, as open_clip ships
 # graph inputs and outputs
 WINDOWS, TEXT, LAM, LOGITS = "windows", "text", "lam", "logits"
 TOKENS, EMBEDDINGS = "tokens", "embeddings"
+# fixed-vocabulary folders (docs/model-folder-fixed.md)
+SCORING_GRAPH = "scoring.onnx"
+CLASSES_FILE = "classes.json"
+PROBS, LABELS = "probs", "labels"
+IMAGE_INPUTS = ("float32", "uint8")  # manifest "image_input": normalised padded NCHW, or raw uint8 NHWC
 
 
 class ModelFolderError(ValueError):
@@ -134,6 +139,9 @@ def _check_fields(path: Path, manifest: dict) -> None:
         and len(v) == 64 for k, v in files.items()
     ):
         fail("files section missing or not {file name in the folder: sha256}")
+    if is_fixed(manifest):
+        _check_fixed(manifest, files, fail)
+        return
     tok = manifest.get("tokenizer")
     if not isinstance(tok, dict) or not isinstance(tok.get("merges"), str) or not _whole(tok.get("context_length")):
         fail("tokenizer section missing or incomplete")
@@ -145,6 +153,59 @@ def _check_fields(path: Path, manifest: dict) -> None:
     unlisted = [f for f in (graphs["image"]["file"], graphs["text"]["file"], tok["merges"]) if f not in files]
     if unlisted:
         fail(f"{unlisted} not in its files section (not covered by a checksum)")
+
+
+def is_fixed(manifest: dict) -> bool:
+    """A fixed-vocabulary folder: query embeddings baked into the image graph, no text graph."""
+    return isinstance(manifest.get("vocabulary"), dict)
+
+
+def _check_fixed(manifest: dict, files: dict, fail) -> None:
+    """The fields of a fixed-vocabulary folder (docs/model-folder-fixed.md) a consumer computes with."""
+    voc = manifest["vocabulary"]
+    classes = voc.get("classes")
+    if not isinstance(classes, list) or not classes or not all(
+        isinstance(c, list) and c and all(isinstance(w, str) and w for w in c) for c in classes
+    ):
+        fail("vocabulary.classes is not a non-empty list of non-empty lists of query words")
+    query_class = [k for k, words in enumerate(classes) for _ in words]
+    if voc.get("query_class") != query_class:
+        fail("vocabulary.query_class does not match vocabulary.classes")
+    thd, bg, lam = voc.get("prob_thd"), voc.get("bg_idx"), voc.get("lam")
+    if not isinstance(thd, numbers.Real) or isinstance(thd, bool) or not 0.0 <= thd <= 1.0:
+        fail(f"vocabulary.prob_thd is {thd!r}, not a probability")
+    if not isinstance(bg, int) or isinstance(bg, bool) or not 0 <= bg < len(classes):
+        fail(f"vocabulary.bg_idx is {bg!r}, not a class index")
+    if not isinstance(lam, numbers.Real) or isinstance(lam, bool) or not math.isfinite(lam):
+        fail(f"vocabulary.lam is {lam!r}, not a number")
+    if manifest.get("image_input") not in IMAGE_INPUTS:
+        fail(f"image_input is {manifest.get('image_input')!r}, not one of {list(IMAGE_INPUTS)}")
+    graphs = manifest.get("graphs")
+    if not isinstance(graphs, dict) or not all(
+        isinstance(graphs.get(g), dict) and isinstance(graphs[g].get("file"), str) for g in ("image", "scoring")
+    ):
+        fail("graphs section missing or incomplete (a fixed-vocabulary folder has image and scoring graphs)")
+    unlisted = [f for f in (graphs["image"]["file"], graphs["scoring"]["file"], voc.get("file")) if f not in files]
+    if unlisted:
+        fail(f"{unlisted} not in its files section (not covered by a checksum)")
+
+
+def check_fixed_graph_io(path: Path, manifest: dict, image_in: dict, image_out: dict) -> None:
+    """A fixed-vocabulary image graph's inputs and outputs against the manifest (see :func:`check_graph_io`)."""
+    queries = len(manifest["vocabulary"]["query_class"])
+    if manifest["image_input"] == "uint8":
+        expected_in = {WINDOWS: [None, None, None, 3]}
+    else:
+        expected_in = {WINDOWS: [None, 3, None, None]}
+    for found, expected in ((image_in, expected_in), (image_out, {LOGITS: [None, queries, None, None]})):
+        if set(found) != set(expected) or any(
+            len(found[n]) != len(d) or any(isinstance(g, int) and e is not None and g != e for g, e in zip(found[n], d))
+            for n, d in expected.items()
+        ):
+            raise ModelFolderError(
+                f"{path}: the image graph has {found}, but the manifest says {expected} (None: any); "
+                "the manifest does not belong to these graphs: re-export the model folder"
+            )
 
 
 def check_graph_io(path: Path, manifest: dict, image: dict, text_in: dict, text_out: dict) -> None:
@@ -184,5 +245,7 @@ __all__ = [
     "write_manifest",
     "manifest_digest",
     "check_graph_io",
+    "check_fixed_graph_io",
+    "is_fixed",
     "sha256",
 ]

@@ -99,6 +99,29 @@ def onnx_dir(artefacts):
     return artefacts[1]
 
 
+@pytest.fixture(scope="session")
+def fixed_dirs(artefacts, tiny_weights, tmp_path_factory):
+    """Fixed-vocabulary folders (OpenEarthMap preset) derived from the session's export, no second
+    trace: {"float32": folder, "uint8": folder with --uint8-input}."""
+    from simfeatup import presets
+    from simfeatup.export.fixed import derive_fixed
+    from simfeatup.scores import Scoring
+    from simfeatup.segmenter import build_segmenter
+    from simfeatup.vocabulary import Vocabulary
+
+    path, onnx_dir = artefacts
+    name, weights = tiny_weights
+    segmenter = build_segmenter(path, model=name, pretrained=str(weights)).eval()
+    preset = presets.load("openearthmap")
+    folder = tmp_path_factory.mktemp("fixed")
+    return {
+        kind: derive_fixed(onnx_dir, folder / kind, segmenter, Vocabulary.from_lines(preset.classes),
+                           Scoring.resolve(preset), preset="openearthmap", uint8_input=kind == "uint8",
+                           samples=[REPO / "samples" / "spacenet6_rotterdam.jpg"])
+        for kind in ("float32", "uint8")
+    }
+
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_RECIPE = REPO / "configs" / "train" / "tiny.yaml"
 

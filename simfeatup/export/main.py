@@ -10,9 +10,32 @@ from __future__ import annotations
 
 import argparse
 
-from ..entry import run_command, setup_logging
+from .. import flags
+from ..entry import UsageError, run_command, setup_logging
 
 DTYPES = ("fp16", "fp32")  # simfeatup.export.DTYPES; not imported here so --help works without torch
+
+
+def _fixed_vocabulary(args) -> dict:
+    """--classes / --preset and the scoring flags -> export_onnx's vocabulary, scoring and uint8_input."""
+    from .. import presets
+    from ..scores import Scoring
+    from ..vocabulary import Vocabulary
+
+    tuning = {"lam": args.lam, "prob_thd": args.prob_thd, "bg_idx": args.bg_idx}
+    if args.classes is None and args.preset is None:
+        given = [f"--{k.replace('_', '-')}" for k, v in tuning.items() if v is not None]
+        if args.uint8_input:
+            given.append("--uint8-input")
+        if given:
+            raise UsageError(f"{', '.join(given)} only apply to a fixed vocabulary: add --classes or --preset")
+        return {}
+    preset = presets.load(args.preset) if args.preset else None
+    vocabulary = Vocabulary.from_lines(preset.classes) if preset else Vocabulary.from_spec(args.classes)
+    scoring = Scoring.resolve(preset, **tuning)
+    if scoring.bg_idx >= len(vocabulary):
+        raise UsageError(f"--bg-idx {scoring.bg_idx} is not a class index: there are {len(vocabulary)} classes")
+    return {"vocabulary": vocabulary, "scoring": scoring, "uint8_input": args.uint8_input}
 
 
 def main(argv=None) -> int:
@@ -37,6 +60,21 @@ def main(argv=None) -> int:
     p.add_argument(
         "--dtype", default="fp32", choices=sorted(DTYPES), help="weight precision of the graphs (default fp32)"
     )
+    vocab = p.add_mutually_exclusive_group()
+    vocab.add_argument(
+        "--classes",
+        help='bake a fixed vocabulary: class lines as for `simfeatup segment`, e.g. "building,roof;road;water"',
+    )
+    vocab.add_argument("--preset", help="bake a dataset preset's classes, prob_thd, bg_idx and lam (fixed vocabulary)")
+    p.add_argument("--prob-thd", type=flags.probability, help="with --classes/--preset: the baked threshold")
+    p.add_argument("--bg-idx", type=flags.index, help="with --classes/--preset: the baked background class")
+    p.add_argument("--lam", type=flags.finite, help="with --classes/--preset: the baked [CLS] weight")
+    p.add_argument(
+        "--uint8-input",
+        action="store_true",
+        help="fixed vocabulary only: the image graph takes raw uint8 RGB windows (B, h, w, 3) and normalises "
+        "and pads inside (docs/model-folder-fixed.md)",
+    )
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -46,7 +84,7 @@ def main(argv=None) -> int:
     def body():
         from . import export_onnx  # inside: a missing torch extra is reported like a user error
 
-        options = ("upsampler", "model", "pretrained", "attention", "dtype", "opset", "overwrite")
-        export_onnx(args.out, **{name: getattr(args, name) for name in options})
+        options = ("upsampler", "model", "pretrained", "attention", "dtype", "opset", "overwrite", "preset")
+        export_onnx(args.out, **{name: getattr(args, name) for name in options}, **_fixed_vocabulary(args))
 
     return run_command("to_onnx", body, needs="export", verbose=args.verbose)

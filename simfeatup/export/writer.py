@@ -36,6 +36,10 @@ def export_onnx(
     opset: int | None = None,
     samples=None,
     overwrite: bool = False,
+    vocabulary=None,
+    scoring=None,
+    preset: str | None = None,
+    uint8_input: bool = False,
 ) -> Path:
     """Write a verified ONNX model folder to ``out_dir`` and return its path.
 
@@ -47,7 +51,14 @@ def export_onnx(
     beside ``out_dir`` and renamed into place only after :func:`verify_onnx` passed; on any
     failure nothing is left behind. Raises ValueError for bad arguments, OnnxExportError when
     the graphs do not reproduce torch.
+
+    ``vocabulary`` (a :class:`simfeatup.vocabulary.Vocabulary`) with ``scoring`` (a
+    :class:`simfeatup.scores.Scoring`; ``preset`` its name, for the record) bakes the queries into
+    a fixed-vocabulary folder (:mod:`.fixed`, docs/model-folder-fixed.md); ``uint8_input`` then
+    makes its image graph take raw uint8 windows.
     """
+    if uint8_input and vocabulary is None:
+        raise ValueError("--uint8-input is for fixed-vocabulary folders: give --classes or --preset too")
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
     out_dir = Path(out_dir)
@@ -103,6 +114,17 @@ def export_onnx(
             report = verify_onnx(tmp, reference, samples=samples)
         manifest["verification"] = report
         write_manifest(tmp, manifest)  # again: the report is covered by the manifest's own checksum
+        if vocabulary is not None:
+            from ..scores import Scoring
+            from .fixed import make_fixed, verify_fixed
+
+            scoring = scoring or Scoring()
+            manifest = make_fixed(tmp, manifest, reference, vocabulary, scoring, preset=preset,
+                                  uint8_input=uint8_input)
+            write_manifest(tmp, manifest)
+            fixed_report = verify_fixed(tmp, reference, vocabulary, scoring, samples=samples)
+            manifest["verification"] = {**report, "fixed": fixed_report}
+            write_manifest(tmp, manifest)
     logger.info("wrote %s", out_dir)
     return out_dir
 
