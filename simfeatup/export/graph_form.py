@@ -48,12 +48,17 @@ class GraphUpsampler(nn.Module):
 
 
 @contextlib.contextmanager
-def graph_form(segmenter):
-    """A Segmenter over the same modules in graph form (see the module docstring); restores the encoder on exit."""
+def graph_form(segmenter, *, static: bool = False):
+    """A Segmenter over the same modules in graph form (see the module docstring); restores the encoder on exit.
+
+    ``static``: for a graph of one window size, whose sizes are Python ints when traced: the
+    eager (cached) positional embedding is exact there, the symbolic form is not needed.
+    """
     from ..segmenter import Segmenter
 
     encoder = segmenter.encoder
-    encoder.pos_embed = encoder.resized_pos_embed  # uncached, symbolic sizes
+    if not static:
+        encoder.pos_embed = encoder.resized_pos_embed  # uncached, symbolic sizes
     try:
         up = None
         if segmenter.upsampler is not None:
@@ -62,4 +67,5 @@ def graph_form(segmenter):
         geometry = {"long_side": segmenter.long_side, "window": segmenter.window, "stride": segmenter.stride}
         yield Segmenter(encoder, up, **geometry, cache=False)
     finally:
-        del encoder.pos_embed
+        if not static:
+            del encoder.pos_embed
