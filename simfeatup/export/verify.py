@@ -90,6 +90,7 @@ def verify_onnx(model_dir, segmenter, *, samples=None, sizes=None, seed: int = 0
     if static:  # every batch exactly window_batch windows: repeat (or cut) the case's windows
         cases = [(label, np.resize(w, (static["window_batch"], *w.shape[1:]))) for label, w in cases]
     worst, flips, agreement = 0.0, 0, 1.0
+    per_case = {}
     for label, windows in cases:
         with torch.no_grad():
             ref = reference.window_logits(torch.from_numpy(windows), torch.from_numpy(text), float(lam)).numpy()
@@ -100,6 +101,7 @@ def verify_onnx(model_dir, segmenter, *, samples=None, sizes=None, seed: int = 0
         same = got.argmax(1) == ref.argmax(1)
         worst = max(worst, diff)
         agreement = min(agreement, float(same.mean()))
+        per_case[label] = float(same.mean())
         logger.info("parity %-28s max |logit diff| %.2e, labels %.4f%% equal", label, diff, 100 * same.mean())
         if not fp16:
             # A flip is only acceptable where torch itself has a tie below the tolerance.
@@ -137,6 +139,7 @@ def verify_onnx(model_dir, segmenter, *, samples=None, sizes=None, seed: int = 0
         "tie_flips": flips,
         "max_abs_text_diff": text_diff,
         "cases": [label for label, _ in cases],
+        "label_agreement": per_case,  # share of window pixels with torch's label (argmax over queries), per case
     }
 
 

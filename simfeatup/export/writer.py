@@ -25,6 +25,7 @@ from ..model_folder import (
     sha256,
     write_manifest,
 )
+from .graph_form import layer_norms_in_fp32
 from .graphs import check_opset, check_tokenizer, export_image, export_text, graph_opset, write_metadata
 from .verify import verify_onnx
 
@@ -111,7 +112,10 @@ def export_onnx(
             )
         static = {"window_batch": batch, "queries": queries, "text_batch": STATIC_TEXT_BATCH}
     check_tokenizer(reference.encoder)
-    traced = copy.deepcopy(reference).half() if dtype == "fp16" else reference
+    traced = reference
+    if dtype == "fp16":
+        traced = copy.deepcopy(reference).half()
+        logger.info("fp16: %d LayerNorms kept in float32", layer_norms_in_fp32(traced))
 
     remove_stale_temporaries(out_dir.parent)  # staging folders of killed exports
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:  # in place only once verified
