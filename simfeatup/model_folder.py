@@ -34,6 +34,8 @@ WINDOWS, TEXT, LAM, LOGITS = "windows", "text", "lam", "logits"
 TOKENS, EMBEDDINGS = "tokens", "embeddings"
 # docs/model-folder.md "Static shapes": the text graph of a static folder encodes this many token rows per call
 STATIC_TEXT_BATCH = 16
+# ... and its image graph this many queries by default: the largest preset vocabulary (iSAID) has 16
+DEFAULT_STATIC_QUERIES = 16
 
 # docs/model-folder.md "Graph metadata": metadata_props key -> the manifest field it repeats (a path of keys).
 # Keys whose field a folder does not have are left out; a variant adds its own keys here.

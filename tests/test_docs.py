@@ -152,8 +152,7 @@ def test_contract_names_every_file_input_output_and_metadata_key():
 
 def test_contract_numbers_are_the_codes():
     from simfeatup.constants import CLIP_MEAN, CLIP_STD, DEFAULT_LAMBDA, LOGIT_SCALE, LONG_SIDE, STRIDE, WINDOW
-    from simfeatup.export.writer import DEFAULT_STATIC_QUERIES
-    from simfeatup.model_folder import STATIC_TEXT_BATCH
+    from simfeatup.model_folder import DEFAULT_STATIC_QUERIES, STATIC_TEXT_BATCH
 
     doc = _contract()
     for value in (*CLIP_MEAN, *CLIP_STD):

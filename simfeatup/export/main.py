@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from ..entry import run_command, setup_logging
+from ..model_folder import DEFAULT_STATIC_QUERIES
 
 DTYPES = ("fp16", "fp32")  # simfeatup.export.DTYPES; not imported here so --help works without torch
 
@@ -56,14 +57,15 @@ def main(argv=None) -> int:
         "--batch", type=_positive_int, default=1, help="windows per call of a static image graph (default 1)"
     )
     p.add_argument(
-        "--queries", type=_positive_int, default=16,
-        help="queries per call of a static image graph; the consumer pads with zero rows (default 16)",
+        "--queries", type=_positive_int, default=DEFAULT_STATIC_QUERIES,
+        help=f"queries per call of a static image graph; fewer are padded, more run in groups "
+        f"(default {DEFAULT_STATIC_QUERIES})",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
-    if args.static_window is None and (args.batch != 1 or args.queries != 16):
+    if args.static_window is None and (args.batch != 1 or args.queries != DEFAULT_STATIC_QUERIES):
         p.error("--batch and --queries fix the shapes of a static export: give --static-window 224 too")
 
     def body():

@@ -14,6 +14,7 @@ import torch
 from ..atomic import atomic_dir, remove_stale_temporaries
 from ..constants import CLIP_MEAN, CLIP_STD, DEFAULT_LAMBDA, LOGIT_SCALE
 from ..model_folder import (
+    DEFAULT_STATIC_QUERIES,
     DOCS,
     FORMAT,
     FORMAT_VERSION,
@@ -32,7 +33,6 @@ from .verify import verify_onnx
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-DEFAULT_STATIC_QUERIES = 16  # the largest preset vocabulary (iSAID) has 16 queries; more run in chunks of 16
 
 
 def export_onnx(
