@@ -121,8 +121,9 @@ def export_onnx(
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:  # in place only once verified
         started = time.perf_counter()
         with torch.no_grad():
-            export_image(traced, tmp / IMAGE_GRAPH, opset, static)
-            export_text(traced.encoder, tmp / TEXT_GRAPH, opset, static)
+            shapes = (static,) if static else ()  # a dynamic export calls the graphs as it always did
+            export_image(traced, tmp / IMAGE_GRAPH, opset, *shapes)
+            export_text(traced.encoder, tmp / TEXT_GRAPH, opset, *shapes)
         del traced
         if opset is not None:
             check_opset(tmp, opset)
