@@ -44,6 +44,13 @@ def positive(text: str) -> float:
     return _finite_where(text, lambda v: v > 0, "a positive number")
 
 
+def count(text: str) -> int:
+    """A whole number >= 1 (batch sizes, query counts)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
 def index(text: str) -> int:
     try:
         value = int(text)

@@ -7,7 +7,9 @@ The manifest protects the folder: ``files`` holds the sha256 of every other file
 ``manifest_sha256`` that of the manifest itself (:func:`manifest_digest`: its JSON without that
 key, keys sorted, separators ``,`` and ``:``, ASCII), so an edited window or stride is refused
 like a modified graph. Every field the runtime computes with is checked (:func:`read_manifest`),
-and against the graphs' own inputs and outputs (:func:`check_graph_io`).
+and against the graphs' own inputs and outputs (:func:`check_graph_io`) and self-description
+(:func:`graph_metadata`, :func:`check_graph_metadata`). The contract for consumers is
+docs/model-folder.md.
 """
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ from pathlib import Path
 from .constants import CLIP_MEAN, CLIP_STD, LOGIT_SCALE
 
 FORMAT = "simfeatup-onnx"
-FORMAT_VERSION = 2  # 2: the manifest carries its own checksum
+FORMAT_VERSION = 3  # 2: the manifest carries its own checksum; 3: graph metadata_props, static-shape folders
+READABLE_VERSIONS = (2, 3)  # a version-2 folder is dynamic and has no graph metadata
+DOCS = "docs/model-folder.md"  # the contract, in the simfeatup repository
 MANIFEST = "manifest.json"
 IMAGE_GRAPH = "image.onnx"
 TEXT_GRAPH = "text.onnx"
@@ -33,6 +37,36 @@ SCORING_GRAPH = "scoring.onnx"
 CLASSES_FILE = "classes.json"
 PROBS, LABELS = "probs", "labels"
 IMAGE_INPUTS = ("float32", "uint8")  # manifest "image_input": normalised padded NCHW, or raw uint8 NHWC
+# docs/model-folder.md "Static shapes": the text graph of a static folder encodes this many token rows per call
+STATIC_TEXT_BATCH = 16
+# ... and its image graph this many queries by default: the largest preset vocabulary (iSAID) has 16
+DEFAULT_STATIC_QUERIES = 16
+
+# docs/model-folder.md "Graph metadata": metadata_props key -> the manifest field it repeats (a path of keys).
+# Keys whose field a folder does not have are left out; a variant adds its own keys here.
+METADATA_PREFIX = "simfeatup."
+METADATA_FIELDS = {
+    "format": ("format",),
+    "version": ("version",),
+    "dtype": ("dtype",),
+    "mean": ("preprocessing", "mean"),
+    "std": ("preprocessing", "std"),
+    "patch": ("preprocessing", "patch"),
+    "window": ("preprocessing", "window"),
+    "stride": ("preprocessing", "stride"),
+    "long_side": ("preprocessing", "long_side"),
+    "logit_scale": ("logit_scale",),
+    "default_lambda": ("default_lambda",),
+    "embed_dim": ("embed_dim",),
+    "context_length": ("tokenizer", "context_length"),
+    "static": ("static",),
+    "model": ("model",),
+    "upsampler": ("upsampler",),
+    "docs": ("docs",),
+    # fixed-vocabulary folders (docs/model-folder-fixed.md): the baked classes and the image input kind
+    "vocabulary": ("vocabulary",),
+    "image_input": ("image_input",),
+}
 
 
 class ModelFolderError(ValueError):
@@ -79,10 +113,10 @@ def read_manifest(model_dir: Path, *, check_files: bool = True) -> dict:
         raise ModelFolderError(
             f"{path}: format {manifest.get('format') if isinstance(manifest, dict) else None!r}, expected {FORMAT!r}"
         )
-    if manifest.get("version") != FORMAT_VERSION:
+    if manifest.get("version") not in READABLE_VERSIONS:
         raise ModelFolderError(
-            f"{path}: format version {manifest.get('version')!r}, this simfeatup reads {FORMAT_VERSION}; "
-            "re-export the folder with this simfeatup version"
+            f"{path}: format version {manifest.get('version')!r}, this simfeatup reads "
+            f"{' or '.join(map(str, READABLE_VERSIONS))}; re-export the folder with this simfeatup version"
         )
     _check_fields(path, manifest)
     if manifest.get("manifest_sha256") != manifest_digest(manifest):
@@ -153,6 +187,58 @@ def _check_fields(path: Path, manifest: dict) -> None:
     unlisted = [f for f in (graphs["image"]["file"], graphs["text"]["file"], tok["merges"]) if f not in files]
     if unlisted:
         fail(f"{unlisted} not in its files section (not covered by a checksum)")
+    static = manifest.get("static")
+    if static is not None and not (
+        isinstance(static, dict) and all(_whole(static.get(k)) for k in ("window_batch", "queries", "text_batch"))
+    ):
+        fail(f"static is {static!r}, not {{window_batch, queries, text_batch: positive whole numbers}}")
+
+
+def static_shapes(manifest: dict) -> dict | None:
+    """A static folder's fixed sizes (docs/model-folder.md "Static shapes"), None for a dynamic folder."""
+    return manifest.get("static")
+
+
+def _field(manifest: dict, keys: tuple):
+    for key in keys:
+        if not isinstance(manifest, dict) or key not in manifest:
+            return None
+        manifest = manifest[key]
+    return manifest
+
+
+def graph_metadata(manifest: dict, graph: str) -> dict[str, str]:
+    """The ``metadata_props`` of the ``graph`` ("image" or "text") of a folder with this manifest.
+
+    Every :data:`METADATA_FIELDS` entry the manifest has, JSON-encoded (keys sorted), under
+    ``simfeatup.<key>``, plus ``simfeatup.graph``: the same values as the manifest, so a graph
+    file that travels alone still describes itself (docs/model-folder.md "Graph metadata").
+    """
+    out = {METADATA_PREFIX + "graph": json.dumps(graph)}
+    for key, path in METADATA_FIELDS.items():
+        value = _field(manifest, path)
+        if value is not None:
+            out[METADATA_PREFIX + key] = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return out
+
+
+def check_graph_metadata(path: Path, manifest: dict, graph: str, found: dict) -> None:
+    """``found`` (a graph's metadata_props as {key: value}) must hold :func:`graph_metadata`'s entries.
+
+    Version-2 folders predate graph metadata and are not checked. Keys without the
+    ``simfeatup.`` prefix (a user's own) are ignored.
+    """
+    if manifest.get("version", FORMAT_VERSION) < 3:
+        return
+    expected = graph_metadata(manifest, graph)
+    ours = {k: v for k, v in found.items() if k.startswith(METADATA_PREFIX)}
+    for key in sorted(set(expected) | set(ours)):
+        got, want = ours.get(key), expected.get(key)
+        if got is None or want is None or json.loads(got) != json.loads(want):
+            raise ModelFolderError(
+                f"{path}: the {graph} graph's metadata {key} is {got}, the manifest says {want}; "
+                "the manifest does not belong to this graph: re-export the model folder"
+            )
 
 
 def is_fixed(manifest: dict) -> bool:
@@ -228,9 +314,20 @@ def check_graph_io(path: Path, manifest: dict, image: dict, text_in: dict, text_
                 )
 
     dim, context = manifest["embed_dim"], manifest["tokenizer"]["context_length"]
-    check("image", image, {WINDOWS: [None, 3, None, None], TEXT: [None, dim], LAM: []})
-    check("text", text_in, {TOKENS: [None, context]})
-    check("text", text_out, {EMBEDDINGS: [None, dim]})
+    static = static_shapes(manifest)
+    if static is None:
+        batch, side, queries, texts = None, None, None, None
+    else:
+        side = manifest["preprocessing"]["window"]
+        batch, queries, texts = static["window_batch"], static["queries"], static["text_batch"]
+    check("image", image, {WINDOWS: [batch, 3, side, side], TEXT: [queries, dim], LAM: []})
+    check("text", text_in, {TOKENS: [texts, context]})
+    check("text", text_out, {EMBEDDINGS: [texts, dim]})
+    if static is not None:
+        dynamic = [f"{n} {d}" for found in (image, text_in, text_out) for n, d in found.items() if None in d]
+        if dynamic:
+            raise ModelFolderError(f"{path}: a static folder, but its graphs have dynamic dims ({', '.join(dynamic)}); "
+                                   "re-export the model folder")
 
 
 __all__ = [
@@ -247,5 +344,8 @@ __all__ = [
     "check_graph_io",
     "check_fixed_graph_io",
     "is_fixed",
+    "check_graph_metadata",
+    "graph_metadata",
+    "static_shapes",
     "sha256",
 ]

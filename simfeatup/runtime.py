@@ -16,7 +16,18 @@ import onnxruntime as ort
 
 from .backbone import Backbone, warn_if_trained_on_random
 from .cache import EmbeddingCache
-from .model_folder import LAM, MANIFEST, TEXT, TOKENS, WINDOWS, ModelFolderError, check_graph_io, read_manifest
+from .model_folder import (
+    LAM,
+    MANIFEST,
+    TEXT,
+    TOKENS,
+    WINDOWS,
+    ModelFolderError,
+    check_graph_io,
+    check_graph_metadata,
+    read_manifest,
+    static_shapes,
+)
 from .pipeline import WindowSegmenter
 from .tokenizer import Tokenizer
 
@@ -85,6 +96,22 @@ def _shapes(args) -> dict:
     return {a.name: [d if isinstance(d, int) else None for d in a.shape] for a in args}
 
 
+def run_in_chunks(run, x: np.ndarray, size: int, out_axis: int = 0) -> np.ndarray:
+    """``run`` on the rows of ``x`` in pieces of exactly ``size`` (the last one padded by repeating its
+    final row), the padding's outputs (along ``out_axis`` of ``run``'s result) dropped: a static
+    graph on any count (docs/model-folder.md "Static shapes"). Rows are independent in the graphs,
+    so the padding changes nothing."""
+    parts = []
+    for start in range(0, len(x), size):
+        piece = x[start : start + size]
+        short = size - len(piece)
+        if short:
+            piece = np.concatenate([piece, np.repeat(piece[-1:], short, axis=0)])
+        out = run(piece)
+        parts.append(np.take(out, np.arange(size - short), axis=out_axis))
+    return np.concatenate(parts, axis=out_axis)
+
+
 class OnnxSegmenter(WindowSegmenter):
     """Sliding-window segmentation (SPEC 2) with the exported image and text graphs.
 
@@ -108,6 +135,9 @@ class OnnxSegmenter(WindowSegmenter):
         if window_batch < 1:
             raise ValueError(f"window_batch must be >= 1, got {window_batch}")
         self.window_batch = window_batch
+        self.static = static_shapes(self.manifest)
+        if self.static:  # fixed shapes: the graph's own batch, windows padded to the full side
+            self.window_batch = self.static["window_batch"]
         self.providers = choose_providers(providers)
         graphs = self.manifest["graphs"]
         self.image_session = self._session(graphs["image"]["file"])
@@ -116,6 +146,9 @@ class OnnxSegmenter(WindowSegmenter):
             self.model_dir / MANIFEST, self.manifest, _shapes(self.image_session.get_inputs()),
             _shapes(self.text_session.get_inputs()), _shapes(self.text_session.get_outputs()),
         )
+        for graph, session in (("image", self.image_session), ("text", self.text_session)):
+            meta = session.get_modelmeta().custom_metadata_map
+            check_graph_metadata(self.model_dir / graphs[graph]["file"], self.manifest, graph, meta)
         logger.info("onnxruntime %s with %s", ort.__version__, ", ".join(self.image_session.get_providers()))
         upsampler = self.manifest.get("upsampler") or {}
         if upsampler.get("backbone"):  # the record of the artefact the folder was exported from
@@ -149,20 +182,44 @@ class OnnxSegmenter(WindowSegmenter):
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """Texts -> (N, D) unit-norm embeddings from the text graph."""
         tokens = self.tokenizer(texts)
+        if not len(tokens):
+            return np.zeros((0, self.manifest["embed_dim"]), np.float32)
+        if self.static:
+            run = lambda t: self.text_session.run(None, {TOKENS: t})[0]  # noqa: E731
+            return run_in_chunks(run, tokens, self.static["text_batch"])
         parts = [
             self.text_session.run(None, {TOKENS: tokens[i : i + TEXT_BATCH]})[0]
             for i in range(0, len(tokens), TEXT_BATCH)
         ]
-        return np.concatenate(parts) if parts else np.zeros((0, self.manifest["embed_dim"]), np.float32)
+        return np.concatenate(parts)
 
     def window_logits(self, windows: np.ndarray, text: np.ndarray, lam: float) -> np.ndarray:
-        """(B, 3, h, w) normalised windows, (Q, D) queries -> (B, Q, h, w) cosine logits."""
-        feeds = {
-            WINDOWS: np.ascontiguousarray(windows, np.float32),
-            TEXT: np.ascontiguousarray(text, np.float32),
-            LAM: np.asarray(lam, np.float32),
-        }
-        return self.image_session.run(None, feeds)[0]
+        """(B, 3, h, w) normalised windows, (Q, D) queries -> (B, Q, h, w) cosine logits.
+
+        A static folder takes any B and Q: batches and query sets of its fixed sizes are padded
+        and their padding dropped (:func:`run_in_chunks`); h and w must be its window side.
+        """
+        windows = np.ascontiguousarray(windows, np.float32)
+        text = np.ascontiguousarray(text, np.float32)
+        lam = np.asarray(lam, np.float32)
+
+        def run(w: np.ndarray, t: np.ndarray) -> np.ndarray:
+            return self.image_session.run(None, {WINDOWS: w, TEXT: t, LAM: lam})[0]
+
+        if not self.static:
+            return run(windows, text)
+        by_queries = lambda w: run_in_chunks(lambda t: run(w, t), text, self.static["queries"], 1)  # noqa: E731
+        return run_in_chunks(by_queries, windows, self.static["window_batch"])
+
+    @property
+    def geometry(self) -> dict:
+        """A static folder's windows are padded to the full window side, not to the patch multiple
+        (docs/model-folder.md "Static shapes"): the window walk's padding rule pads to multiples of
+        ``patch``, so it is given the window."""
+        geometry = super().geometry
+        if self.static:
+            geometry["patch"] = self.window
+        return geometry
 
     def _window_logits(self, windows: np.ndarray, text: np.ndarray, lam: float) -> np.ndarray:
         return self.window_logits(windows, text, lam)

@@ -15,7 +15,15 @@ from pathlib import Path
 import numpy as np
 
 from . import imaging, windows
-from .model_folder import MANIFEST, WINDOWS, ModelFolderError, check_fixed_graph_io, is_fixed, read_manifest
+from .model_folder import (
+    MANIFEST,
+    WINDOWS,
+    ModelFolderError,
+    check_fixed_graph_io,
+    check_graph_metadata,
+    is_fixed,
+    read_manifest,
+)
 from .pipeline import WindowSegmenter
 from .runtime import OnnxSegmenter, _shapes, choose_providers, session_options
 from .scores import Scoring
@@ -72,6 +80,8 @@ class FixedOnnxSegmenter(WindowSegmenter):
                                    f"({str(err).splitlines()[0]})") from None
         check_fixed_graph_io(self.model_dir / MANIFEST, self.manifest, _shapes(self.image_session.get_inputs()),
                              _shapes(self.image_session.get_outputs()))
+        check_graph_metadata(self.model_dir / name, self.manifest, "image",
+                             self.image_session.get_modelmeta().custom_metadata_map)
         queries = self.model_dir / QUERIES_FILE
         self.queries = np.load(queries) if queries.is_file() else None
 

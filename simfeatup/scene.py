@@ -114,7 +114,8 @@ def averaged_block_logits(
     count = np.zeros((y1 - y0, x1 - x0), np.float32)
     if boxes:  # one padded shape for all of them: every window of a scene has the same size
         wy0, wy1, wx0, wx1 = boxes[0]
-        pads = windows.padding(wy1 - wy0, segmenter.patch_size), windows.padding(wx1 - wx0, segmenter.patch_size)
+        multiple = segmenter.geometry["patch"]  # the window side for a static ONNX folder (docs/model-folder.md)
+        pads = windows.padding(wy1 - wy0, multiple), windows.padding(wx1 - wx0, multiple)
     for start in range(0, len(boxes), segmenter.window_batch):
         batch = boxes[start : start + segmenter.window_batch]
         cut = np.stack(

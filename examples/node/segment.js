@@ -14,7 +14,7 @@ const { PNG } = require('pngjs');
 const c = require('./contract.js');
 
 const FORMAT = 'simfeatup-onnx';
-const VERSION = 2;
+const VERSION = 3;
 
 function fail(message) {
   process.stderr.write(`segment.js: ${message}\n`);

@@ -204,6 +204,7 @@ def make_fixed(folder: Path, manifest: dict, segmenter, vocabulary, scoring, *, 
     import onnx
 
     from ..model_folder import sha256
+    from .graphs import write_metadata
 
     scoring.check(len(vocabulary))
     text = query_embeddings(folder, vocabulary.queries)
@@ -237,6 +238,7 @@ def make_fixed(folder: Path, manifest: dict, segmenter, vocabulary, scoring, *, 
     manifest["image_input"] = "uint8" if uint8_input else "float32"
     manifest["vocabulary"] = {"file": CLASSES_FILE, **{k: doc[k] for k in (
         "names", "classes", "query_class", "preset", "lam", "prob_thd", "bg_idx")}}
+    write_metadata(folder, manifest)  # the baked classes too; before the checksums: the graphs change
     manifest["files"] = {p.name: sha256(p) for p in sorted(folder.iterdir()) if p.name != "manifest.json"}
     return manifest
 

@@ -48,12 +48,17 @@ class GraphUpsampler(nn.Module):
 
 
 @contextlib.contextmanager
-def graph_form(segmenter):
-    """A Segmenter over the same modules in graph form (see the module docstring); restores the encoder on exit."""
+def graph_form(segmenter, *, static: bool = False):
+    """A Segmenter over the same modules in graph form (see the module docstring); restores the encoder on exit.
+
+    ``static``: for a graph of one window size, whose sizes are Python ints when traced: the
+    eager (cached) positional embedding is exact there, the symbolic form is not needed.
+    """
     from ..segmenter import Segmenter
 
     encoder = segmenter.encoder
-    encoder.pos_embed = encoder.resized_pos_embed  # uncached, symbolic sizes
+    if not static:
+        encoder.pos_embed = encoder.resized_pos_embed  # uncached, symbolic sizes
     try:
         up = None
         if segmenter.upsampler is not None:
@@ -62,4 +67,26 @@ def graph_form(segmenter):
         geometry = {"long_side": segmenter.long_side, "window": segmenter.window, "stride": segmenter.stride}
         yield Segmenter(encoder, up, **geometry, cache=False)
     finally:
-        del encoder.pos_embed
+        if not static:
+            del encoder.pos_embed
+
+
+def layer_norms_in_fp32(model: nn.Module) -> int:
+    """Replace every LayerNorm of a half-precision ``model`` by one that normalises in float32.
+
+    fp16 graphs (docs/model-folder.md "fp16"): the input is cast to float32, normalised with
+    float32 weights and cast back, so the graph holds Cast -> LayerNormalization (float32) ->
+    Cast. The variance of ViT activations can exceed float16's range (TensorRT warns about
+    exactly this for fp16 LayerNorm after attention). Returns how many were replaced.
+    """
+    from open_clip.transformer import LayerNormFp32
+
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
+    for name, norm in found:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        fp32 = LayerNormFp32(norm.normalized_shape, eps=norm.eps, elementwise_affine=norm.elementwise_affine,
+                             bias=norm.bias is not None)
+        fp32.load_state_dict({k: v.float() for k, v in norm.state_dict().items()})
+        setattr(parent, child, fp32)  # exports trace on the CPU
+    return len(found)

@@ -12,7 +12,17 @@ from torch import nn
 
 from ..constants import DEFAULT_LAMBDA
 from ..entry import Failure
-from ..model_folder import EMBEDDINGS, IMAGE_GRAPH, LAM, LOGITS, TEXT, TEXT_GRAPH, TOKENS, WINDOWS
+from ..model_folder import (
+    EMBEDDINGS,
+    IMAGE_GRAPH,
+    LAM,
+    LOGITS,
+    TEXT,
+    TEXT_GRAPH,
+    TOKENS,
+    WINDOWS,
+    graph_metadata,
+)
 from .graph_form import graph_form
 
 logger = logging.getLogger(__name__)
@@ -63,24 +73,26 @@ class TextGraph(nn.Module):
         return self.encoder.encode_text(tokens).float()
 
 
-def export_image(segmenter, path: Path, opset):
+def export_image(segmenter, path: Path, opset, static: dict | None = None):
+    """The image graph; ``static`` ({window_batch, queries, ...}): every dim fixed (docs/model-folder.md)."""
     from torch.export import Dim
 
     patch = segmenter.patch_size
     D = segmenter.encoder.embed_dim
-    with graph_form(segmenter) as graph_segmenter:
+    with graph_form(segmenter, static=static is not None) as graph_segmenter:
         wrapper = ImageGraph(graph_segmenter).eval()
         # Batch 2 (not 1) in the example: a size-1 example dim gets specialised (SPEC 7).
-        windows = torch.randn(2, 3, segmenter.window, segmenter.window)
-        text = F.normalize(torch.randn(3, D), dim=1)
+        batch, queries = (static["window_batch"], static["queries"]) if static else (2, 3)
+        windows = torch.randn(batch, 3, segmenter.window, segmenter.window)
+        text = F.normalize(torch.randn(queries, D), dim=1)
         lam = torch.tensor(DEFAULT_LAMBDA)
         h, w = Dim("h", min=1), Dim("w", min=1)
-        dynamic = {
+        dynamic = None if static else {
             WINDOWS: {0: Dim("batch", min=1), 2: patch * h, 3: patch * w},
             TEXT: {0: Dim("queries", min=1)},
             LAM: None,
         }
-        with stage("image graph: tracing (torch.export, dynamic window and query sizes)"):
+        with stage(f"image graph: tracing (torch.export, {'static' if static else 'dynamic'} window and query sizes)"):
             program = torch.onnx.export(
                 wrapper,
                 (windows, text, lam),
@@ -96,11 +108,16 @@ def export_image(segmenter, path: Path, opset):
     _optimise_and_save(program, path, "image")
 
 
-def export_text(encoder, path: Path, opset):
+def export_text(encoder, path: Path, opset, static: dict | None = None):
+    """The text graph; ``static`` ({text_batch, ...}): a fixed number of token rows (docs/model-folder.md)."""
     from torch.export import Dim
 
-    tokens = encoder.tokenize(["a photo of a road.", "a bad photo of the building."])  # batch 2, see above
-    with stage("text graph: tracing (torch.export, dynamic number of texts)"):
+    texts = ["a photo of a road.", "a bad photo of the building."]  # batch 2, see above
+    if static:
+        texts = [texts[i % 2] for i in range(static["text_batch"])]
+    tokens = encoder.tokenize(texts)
+    kind = "static number of texts" if static else "dynamic number of texts"
+    with stage(f"text graph: tracing (torch.export, {kind})"):
         program = torch.onnx.export(
             TextGraph(encoder).eval(),
             (tokens,),
@@ -108,7 +125,7 @@ def export_text(encoder, path: Path, opset):
             dynamo=True,
             input_names=[TOKENS],
             output_names=[EMBEDDINGS],
-            dynamic_shapes={TOKENS: {0: Dim("texts", min=1)}},
+            dynamic_shapes=None if static else {TOKENS: {0: Dim("texts", min=1)}},
             opset_version=opset,
             optimize=False,
             verbose=False,
@@ -133,8 +150,21 @@ def check_opset(folder: Path, opset: int) -> None:
             )
 
 
-def check_dims(model, name: str, symbolic: dict) -> None:
-    """Dynamic dims must be symbolic in the saved graph, never a number baked in by tracing."""
+def check_dims(model, name: str, symbolic: dict, *, static: bool = False) -> None:
+    """Dynamic dims must be symbolic in the saved graph, never a number baked in by tracing.
+
+    ``static``: the opposite, for static folders: no dim of any input or output is symbolic.
+    """
+    if static:
+        for value in (*model.graph.input, *model.graph.output):
+            dims = value.type.tensor_type.shape.dim
+            loose = [i for i, d in enumerate(dims) if d.dim_param or not d.HasField("dim_value")]
+            if loose:
+                raise OnnxExportError(
+                    f"{name}: {value.name!r} has symbolic dims at axes {loose} "
+                    f"({[d.dim_param for d in dims]}); a static export must fix every dim"
+                )
+        return
     inputs = {i.name: i.type.tensor_type.shape.dim for i in model.graph.input}
     for input_name, rank in symbolic.items():
         dims = inputs.get(input_name)
@@ -147,6 +177,24 @@ def check_dims(model, name: str, symbolic: dict) -> None:
                 f"{name}: input {input_name!r} has fixed dims {[dims[i].dim_value for i in fixed]} at axes {fixed}; "
                 "they must be dynamic (the exporter specialised them)"
             )
+
+
+def write_metadata(folder: Path, manifest: dict) -> None:
+    """Each graph's metadata_props := :func:`simfeatup.model_folder.graph_metadata` (docs/model-folder.md).
+
+    Only the graph's protobuf is rewritten: its weights stay in the external ``.data`` file,
+    untouched (loaded without external data, saved with the same references).
+    """
+    import onnx
+
+    for graph, entry in manifest["graphs"].items():  # image and text, or image and scoring (fixed vocabulary)
+        path = folder / entry["file"]
+        model = onnx.load(str(path), load_external_data=False)
+        props = graph_metadata(manifest, graph)
+        kept = [(p.key, p.value) for p in model.metadata_props if p.key not in props]
+        del model.metadata_props[:]
+        onnx.helper.set_model_props(model, {**dict(kept), **props})
+        onnx.save(model, str(path))
 
 
 def check_tokenizer(encoder) -> None:

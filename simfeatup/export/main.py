@@ -3,6 +3,7 @@
     python export/to_onnx.py --upsampler upsampler.safetensors --out model_onnx
     python export/to_onnx.py --upsampler bilinear --model ViT-B-16 --pretrained openai --out model_onnx
     python export/to_onnx.py --upsampler bilinear --model my_clip.json --pretrained my_clip.safetensors --out model_onnx
+    python export/to_onnx.py --upsampler upsampler.safetensors --static-window 224 --batch 4 --out model_static
 
 Torch-free until the export itself runs, so ``--help`` works without the torch extra.
 """
@@ -12,6 +13,7 @@ import argparse
 
 from .. import flags
 from ..entry import UsageError, run_command, setup_logging
+from ..model_folder import DEFAULT_STATIC_QUERIES
 
 DTYPES = ("fp16", "fp32")  # simfeatup.export.DTYPES; not imported here so --help works without torch
 
@@ -76,15 +78,35 @@ def main(argv=None) -> int:
         "and pads inside (docs/model-folder-fixed.md)",
     )
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument(
+        "--static-window",
+        type=int,
+        metavar="SIDE",
+        help="graphs with no dynamic dim, for TensorRT, OpenVINO, CoreML, NPUs: windows SIDE x SIDE "
+        "(the model's window, 224); see docs/model-folder.md, 'Static shapes'",
+    )
+    p.add_argument(
+        "--batch", type=flags.count, default=1, help="windows per call of a static image graph (default 1)"
+    )
+    p.add_argument(
+        "--queries", type=flags.count, default=DEFAULT_STATIC_QUERIES,
+        help=f"queries per call of a static image graph; fewer are padded, more run in groups "
+        f"(default {DEFAULT_STATIC_QUERIES})",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
+    if args.static_window is None and (args.batch != 1 or args.queries != DEFAULT_STATIC_QUERIES):
+        p.error("--batch and --queries fix the shapes of a static export: give --static-window 224 too")
 
     def body():
         from . import export_onnx  # inside: a missing torch extra is reported like a user error
 
-        options = ("upsampler", "model", "pretrained", "attention", "dtype", "opset", "overwrite", "preset")
+        options = (
+            "upsampler", "model", "pretrained", "attention", "dtype", "opset", "overwrite", "preset", "static_window",
+            "batch", "queries",
+        )
         export_onnx(args.out, **{name: getattr(args, name) for name in options}, **_fixed_vocabulary(args))
 
     return run_command("to_onnx", body, needs="export", verbose=args.verbose)

@@ -10,7 +10,18 @@ import torch
 
 from .. import imaging
 from ..constants import DEFAULT_LAMBDA, STRIDE
-from ..model_folder import IMAGE_GRAPH, LAM, MANIFEST, MERGES, TEXT, TEXT_GRAPH, TOKENS, WINDOWS
+from ..model_folder import (
+    IMAGE_GRAPH,
+    LAM,
+    MANIFEST,
+    MERGES,
+    TEXT,
+    TEXT_GRAPH,
+    TOKENS,
+    WINDOWS,
+    check_graph_metadata,
+    static_shapes,
+)
 from ..windows import crop_and_pad, padding, window_boxes
 from .graphs import OnnxExportError, check_dims
 
@@ -26,9 +37,10 @@ FP16_MIN_AGREEMENT = 0.99  # share of window pixels whose argmax survives fp16 (
 def verify_onnx(model_dir, segmenter, *, samples=None, sizes=None, seed: int = 0) -> dict:
     """Check a model folder against the float32 torch ``segmenter`` it was exported from.
 
-    onnx.checker on both graphs, the dynamic input dims, then onnxruntime vs torch on random
-    windows at several sizes (batch 2), on windows cut from real sample images, and on the
-    text graph. fp32: max abs logit difference <= 1e-4 and the same label (argmax over
+    onnx.checker on both graphs, the dynamic input dims (a static folder: no dynamic dim at
+    all), the graphs' metadata against the manifest, then onnxruntime vs torch on random
+    windows at several sizes (batch 2; a static folder: its one shape), on windows cut from
+    real sample images, and on the text graph. fp32: max abs logit difference <= 1e-4 and the same label (argmax over
     queries) at every pixel; fp16: the error is logged and must stay below a bound. Returns
     the observed figures; raises OnnxExportError otherwise.
     """
@@ -38,13 +50,16 @@ def verify_onnx(model_dir, segmenter, *, samples=None, sizes=None, seed: int = 0
     model_dir = Path(model_dir)
     manifest = json.loads((model_dir / MANIFEST).read_text())
     fp16 = manifest["dtype"] == "fp16"
-    for name, dims in ((IMAGE_GRAPH, {WINDOWS: 4, TEXT: 2}), (TEXT_GRAPH, {TOKENS: 2})):
+    static = static_shapes(manifest)
+    for graph, name, dims in (("image", IMAGE_GRAPH, {WINDOWS: 4, TEXT: 2}), ("text", TEXT_GRAPH, {TOKENS: 2})):
         path = model_dir / name
         try:
             onnx.checker.check_model(str(path), full_check=True)
         except onnx.checker.ValidationError as err:
             raise OnnxExportError(f"{name} fails onnx.checker: {err}") from None
-        check_dims(onnx.load(str(path), load_external_data=False), name, dims)
+        model = onnx.load(str(path), load_external_data=False)
+        check_dims(model, name, dims, static=static is not None)
+        check_graph_metadata(path, manifest, graph, {p.key: p.value for p in model.metadata_props})
 
     from ..runtime import session_options
 
@@ -57,10 +72,12 @@ def verify_onnx(model_dir, segmenter, *, samples=None, sizes=None, seed: int = 0
     window = segmenter.window
     rng = np.random.default_rng(seed)
     D = segmenter.encoder.embed_dim
-    text = rng.standard_normal((5, D)).astype(np.float32)
+    text = rng.standard_normal((static["queries"] if static else 5, D)).astype(np.float32)
     text /= np.linalg.norm(text, axis=1, keepdims=True)
     lam = np.float32(DEFAULT_LAMBDA)
     cases = []
+    if static:  # one shape; sample windows padded to it as the runtime pads them (docs/model-folder.md)
+        sizes = [(window, window)]
     for H, W in sizes or [
         (window, window),
         (window, 6 * patch),
@@ -69,8 +86,11 @@ def verify_onnx(model_dir, segmenter, *, samples=None, sizes=None, seed: int = 0
         (5 * patch, 7 * patch),
     ]:
         cases.append((f"random {H}x{W}", rng.standard_normal((2, 3, H, W)).astype(np.float32)))
-    cases += _sample_windows(samples, window, patch)
+    cases += _sample_windows(samples, window, window if static else patch)
+    if static:  # every batch exactly window_batch windows: repeat (or cut) the case's windows
+        cases = [(label, np.resize(w, (static["window_batch"], *w.shape[1:]))) for label, w in cases]
     worst, flips, agreement = 0.0, 0, 1.0
+    per_case = {}
     for label, windows in cases:
         with torch.no_grad():
             ref = reference.window_logits(torch.from_numpy(windows), torch.from_numpy(text), float(lam)).numpy()
@@ -81,6 +101,7 @@ def verify_onnx(model_dir, segmenter, *, samples=None, sizes=None, seed: int = 0
         same = got.argmax(1) == ref.argmax(1)
         worst = max(worst, diff)
         agreement = min(agreement, float(same.mean()))
+        per_case[label] = float(same.mean())
         logger.info("parity %-28s max |logit diff| %.2e, labels %.4f%% equal", label, diff, 100 * same.mean())
         if not fp16:
             # A flip is only acceptable where torch itself has a tie below the tolerance.
@@ -106,7 +127,7 @@ def verify_onnx(model_dir, segmenter, *, samples=None, sizes=None, seed: int = 0
                 f"{100 * agreement:.2f}% labels equal (bound {100 * FP16_MIN_AGREEMENT:.0f}%)"
             )
     _verify_tokenizer(model_dir, reference.encoder)
-    text_diff = _verify_text(sessions[TEXT_GRAPH], reference.encoder)
+    text_diff = _verify_text(sessions[TEXT_GRAPH], reference.encoder, static["text_batch"] if static else None)
     bound = FP16_TOLERANCE if fp16 else FP32_TOLERANCE
     if text_diff > bound:
         raise OnnxExportError(
@@ -118,6 +139,7 @@ def verify_onnx(model_dir, segmenter, *, samples=None, sizes=None, seed: int = 0
         "tie_flips": flips,
         "max_abs_text_diff": text_diff,
         "cases": [label for label, _ in cases],
+        "label_agreement": per_case,  # share of window pixels with torch's label (argmax over queries), per case
     }
 
 
@@ -130,8 +152,10 @@ def _verify_tokenizer(model_dir: Path, encoder) -> None:
         raise OnnxExportError("simfeatup.tokenizer disagrees with the model's open_clip tokenizer")
 
 
-def _verify_text(session, encoder) -> float:
+def _verify_text(session, encoder, rows: int | None = None) -> float:
     words = ["building", "road", "bâtiment", "道路"]
+    if rows:  # a static text graph takes exactly this many
+        words = [words[i % len(words)] for i in range(rows)]
     tokens = encoder.tokenize([f"a photo of a {w}." for w in words])
     with torch.no_grad():
         ref = encoder.encode_text(tokens).float().numpy()
@@ -148,7 +172,7 @@ def default_samples() -> list[Path]:
 
 
 def _sample_windows(samples, window: int, patch: int) -> list[tuple[str, np.ndarray]]:
-    """Two windows per sample image, cut and padded exactly as the segmenters do."""
+    """Two windows per sample image, cut and padded exactly as the segmenters do (to multiples of ``patch``)."""
     paths = [Path(p) for p in samples] if samples is not None else default_samples()
     if not paths:
         logger.warning("no sample images: the parity check uses random windows only")

@@ -14,8 +14,21 @@ import torch
 from ..atomic import atomic_dir, remove_stale_temporaries
 from ..constants import CLIP_MEAN, CLIP_STD, DEFAULT_LAMBDA, LOGIT_SCALE
 from ..flags import check_output_folder
-from ..model_folder import FORMAT, FORMAT_VERSION, IMAGE_GRAPH, MANIFEST, MERGES, TEXT_GRAPH, sha256, write_manifest
-from .graphs import check_opset, check_tokenizer, export_image, export_text, graph_opset, stage
+from ..model_folder import (
+    DEFAULT_STATIC_QUERIES,
+    DOCS,
+    FORMAT,
+    FORMAT_VERSION,
+    IMAGE_GRAPH,
+    MANIFEST,
+    MERGES,
+    STATIC_TEXT_BATCH,
+    TEXT_GRAPH,
+    sha256,
+    write_manifest,
+)
+from .graph_form import layer_norms_in_fp32
+from .graphs import check_opset, check_tokenizer, export_image, export_text, graph_opset, stage, write_metadata
 from .verify import verify_onnx
 
 logger = logging.getLogger(__name__)
@@ -40,6 +53,9 @@ def export_onnx(
     scoring=None,
     preset: str | None = None,
     uint8_input: bool = False,
+    static_window: int | None = None,
+    batch: int = 1,
+    queries: int = DEFAULT_STATIC_QUERIES,
 ) -> Path:
     """Write a verified ONNX model folder to ``out_dir`` and return its path.
 
@@ -56,11 +72,23 @@ def export_onnx(
     :class:`simfeatup.scores.Scoring`; ``preset`` its name, for the record) bakes the queries into
     a fixed-vocabulary folder (:mod:`.fixed`, docs/model-folder-fixed.md); ``uint8_input`` then
     makes its image graph take raw uint8 windows.
+
+    ``static_window``: graphs with no dynamic dim (docs/model-folder.md "Static shapes"): the
+    image graph takes (``batch``, 3, window, window) windows and (``queries``, D) queries, the
+    text graph (16, context) tokens; the window must be the method's (SPEC 2.2).
     """
     if uint8_input and vocabulary is None:
         raise ValueError("--uint8-input is for fixed-vocabulary folders: give --classes or --preset too")
+    if static_window is not None and vocabulary is not None:
+        raise ValueError(
+            "--static-window with --classes/--preset is not supported yet (a fixed folder's uint8 windows are "
+            "unpadded): export a static default folder, or a dynamic fixed-vocabulary one"
+        )
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
+    for flag, value in (("--batch", batch), ("--queries", queries)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{flag} {value!r}: give a whole number >= 1")
     out_dir = Path(out_dir)
     if out_dir.exists():
         if not out_dir.is_dir():
@@ -94,20 +122,34 @@ def export_onnx(
     if param.dtype != torch.float32 or param.device.type != "cpu":
         segmenter = copy.deepcopy(segmenter).to(device="cpu", dtype=torch.float32)
     reference = segmenter.eval()
+    static = None
+    if static_window is not None:
+        if static_window != reference.window:
+            raise ValueError(
+                f"--static-window {static_window}: the windows of this model are {reference.window} pixels "
+                f"(SPEC 2.2); use --static-window {reference.window}"
+            )
+        static = {"window_batch": batch, "queries": queries, "text_batch": STATIC_TEXT_BATCH}
     check_tokenizer(reference.encoder)
-    traced = copy.deepcopy(reference).half() if dtype == "fp16" else reference
+    traced = reference
+    if dtype == "fp16":
+        traced = copy.deepcopy(reference).half()
+        logger.info("fp16: %d LayerNorms kept in float32", layer_norms_in_fp32(traced))
 
     remove_stale_temporaries(out_dir.parent)  # staging folders of killed exports
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:  # in place only once verified
         started = time.perf_counter()
         with torch.no_grad():
-            export_image(traced, tmp / IMAGE_GRAPH, opset)
-            export_text(traced.encoder, tmp / TEXT_GRAPH, opset)
+            shapes = (static,) if static else ()  # a dynamic export calls the graphs as it always did
+            export_image(traced, tmp / IMAGE_GRAPH, opset, *shapes)
+            export_text(traced.encoder, tmp / TEXT_GRAPH, opset, *shapes)
         del traced
         if opset is not None:
             check_opset(tmp, opset)
         shutil.copyfile(_open_clip_merges(), tmp / MERGES)
-        manifest = _manifest(reference, upsampler_info, dtype, tmp)
+        manifest = _manifest(reference, upsampler_info, dtype, tmp, static)
+        write_metadata(tmp, manifest)  # before the checksums: the graphs change
+        manifest["files"] = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.name != MANIFEST}
         write_manifest(tmp, manifest)
         logger.info("graphs written in %.0f s", time.perf_counter() - started)
         with stage("verifying against torch (onnx.checker, dynamic dims, onnxruntime vs torch per sample)"):
@@ -162,29 +204,44 @@ def _versions() -> dict:
     return out
 
 
-def _manifest(segmenter, upsampler_info: dict, dtype: str, folder: Path) -> dict:
+def _manifest(segmenter, upsampler_info: dict, dtype: str, folder: Path, static: dict | None) -> dict:
     encoder = segmenter.encoder
     tok = encoder.tokenizer
     used_opset = graph_opset(folder / IMAGE_GRAPH)
+    if static:
+        B, Q, N = static["window_batch"], static["queries"], static["text_batch"]
+        H = W = segmenter.window
+    else:
+        B, Q, N, H, W = "B", "Q", "N", "H", "W"
+    see = f"see {DOCS}"
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
+        "docs": {
+            "contract": DOCS,
+            "image_graph": f"{DOCS}#the-image-graph",
+            "text_graph": f"{DOCS}#the-text-graph",
+            "preprocessing": f"{DOCS}#pre-processing",
+            "scoring": f"{DOCS}#post-processing",
+            "static": f"{DOCS}#static-shapes",
+        },
         "dtype": dtype,
         "opset": used_opset,
+        "static": static,
         "graphs": {
             "image": {
                 "file": IMAGE_GRAPH,
                 "inputs": {
-                    "windows": "(B, 3, H, W) float32, CLIP-normalised, H and W multiples of patch",
-                    "text": "(Q, D) float32 unit-norm",
+                    "windows": f"({B}, 3, {H}, {W}) float32, CLIP-normalised, sides multiples of patch ({see})",
+                    "text": f"({Q}, D) float32 unit-norm",
                     "lam": "() float32",
                 },
-                "outputs": {"logits": "(B, Q, H, W) float32 cosine logits incl. lam * [CLS] similarity"},
+                "outputs": {"logits": f"({B}, {Q}, {H}, {W}) float32 cosine logits incl. lam * [CLS] similarity"},
             },
             "text": {
                 "file": TEXT_GRAPH,
-                "inputs": {"tokens": f"(N, {encoder.context_length}) int64"},
-                "outputs": {"embeddings": "(N, D) float32 unit-norm"},
+                "inputs": {"tokens": f"({N}, {encoder.context_length}) int64"},
+                "outputs": {"embeddings": f"({N}, D) float32 unit-norm"},
             },
         },
         "preprocessing": {
@@ -194,8 +251,11 @@ def _manifest(segmenter, upsampler_info: dict, dtype: str, folder: Path) -> dict
             "window": segmenter.window,
             "stride": segmenter.stride,
             "patch": segmenter.patch_size,
-            "resize": "cv2.INTER_LINEAR on uint8, long side to long_side (SPEC 2.1)",
-            "padding": "zeros after normalisation to the next patch multiple, top/left total//2 (SPEC 2.2)",
+            "resize": f"cv2.INTER_LINEAR on uint8, long side to long_side (SPEC 2.1; {see}#1-resize)",
+            "padding": (
+                f"zeros after normalisation to the next {'window' if static else 'patch'} multiple, "
+                f"top/left total//2 (SPEC 2.2; {see}#3-windows-and-padding)"
+            ),
         },
         "embed_dim": encoder.embed_dim,
         "logit_scale": LOGIT_SCALE,
@@ -214,5 +274,4 @@ def _manifest(segmenter, upsampler_info: dict, dtype: str, folder: Path) -> dict
             "versions": _versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
-        "files": {p.name: sha256(p) for p in sorted(folder.iterdir()) if p.name != MANIFEST},
     }
