@@ -2,7 +2,8 @@
 
 - :func:`reflect_pad` / :func:`mirror_index`: the reflect padding of every step, any side length;
 - :func:`adaptive_filter`: out(p) = sum over the d x d offsets o of K(p, o) src(p + o): tiled
-  matmuls (:class:`Tiles`) for inference; 121 shifted multiply-adds over cache-sized channel
+  matmuls (:class:`Tiles`; eager JBU steps use their strided twin :class:`Strips`) for
+  inference; 121 shifted multiply-adds over cache-sized channel
   chunks, with their own backward, for training;
 - :func:`range_logits`: <key(p + o), key(p)> for every offset, as one small matmul per tile;
 - :func:`pointwise`: a stack of 1x1 convs over the channel axis of either layout.
@@ -144,8 +145,10 @@ class _ShiftedSliceFilter(torch.autograd.Function):
 # ~7x in onnxruntime). Memory is O(tiles x S*S x channels); never channels x d^2 x H x W.
 # Largest tile side in eager PyTorch: 8 x 8 tiles did the last 224 x 224 step at 196 channels in
 # 0.48 s against 0.52 s for 16 x 16 and 0.66 s for 4 x 4 (2 busy cores); under autograd the range
-# logits keep (T*T, S*S) pairs per tile, which 8 keeps small. (The graph form tiles per token.)
+# logits keep (T*T, S*S) pairs per tile, which 8 keeps small. (The graph form: sides dividing a token, <= TILE.)
 TILE = 8
+# Width of the eager strips (:class:`Strips`): 8 and 16 ran alike at 224 x 224 with 196 channels,
+# 4 slower (small GEMMs), 32 slower (3.8x the window sum's multiply-adds).
 STRIP = 8
 
 

@@ -2,8 +2,8 @@
 
 The reference computes each step with a CUDA extension, and its PyTorch fallback unfolds the
 features into C x 121 x H x W (~12 GB at C=512, 224x224). Here the same sums are exact but cheap:
-- inference runs each step channels-last as dense matmuls over small tiles
-  (:meth:`JBUStep.forward_tiled`, the same step the ONNX graph form traces); training
+- inference runs each step channels-last as dense matmuls over narrow strips (eager) or small
+  tiles (the ONNX graph form), both through :meth:`JBUStep.forward_tiled`; training
   accumulates 121 shifted slices, a cache-sized channel chunk at a time, with its own backward;
 - every step is linear in the features with one kernel for all channels, so the final 1x1 conv
   runs on the token grid, and with h*w < C the steps run on the h*w unit images (the columns of
@@ -232,9 +232,10 @@ class SimFeatUp(nn.Module):
     def _upsample_tiled(self, x: torch.Tensor, guidance: torch.Tensor, tiles=None) -> torch.Tensor:
         """The JBU steps channels-last (:meth:`JBUStep.forward_tiled`): x (B, h, w, K) -> (B, H, W, K).
 
-        ``tiles``: one :class:`simfeatup.filters.Tiles` per step. The graph form passes tiles of
-        one token's pixels (static sides for every window size); eager, each step takes the
-        largest side <= ``filters.TILE`` that divides its output.
+        ``tiles``: one :class:`simfeatup.filters.Tiles` per step. The graph form passes square
+        tiles with static sides for every window size; eager, each step runs
+        :class:`simfeatup.filters.Strips` of the largest width <= ``filters.STRIP`` dividing its
+        output width.
         """
         sizes = self._sizes(*x.shape[1:3], guidance)
         for i, (step, size) in enumerate(zip(self.steps(), sizes)):
