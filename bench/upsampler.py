@@ -74,6 +74,32 @@ def per_channel_forward(module, feats, guidance):
 QUERIES = 16  # text embeddings scored per window in the cosine_logits row
 
 
+def _onnx_cosine(up, args, grid: int):
+    """cosine_logits in graph form (what the ONNX export traces), exported and run by onnxruntime."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from simfeatup.export.graph_form import GraphUpsampler
+
+    class Scores(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.graph = GraphUpsampler(up, grid * grid)
+
+        def forward(self, feats, guidance, text):
+            return self.graph.cosine_logits(feats, guidance, text)
+
+    path = Path(tempfile.mkdtemp()) / "scores.onnx"
+    with torch.no_grad():
+        torch.onnx.export(Scores().eval(), args, path, dynamo=True, input_names=["feats", "guidance", "text"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feeds = dict(zip(["feats", "guidance", "text"], (a.numpy() for a in args)))
+    return lambda *_: session.run(None, feeds)
+
+
 def _child(kind: str, dim: int, grid: int, patch: int, repeats: int, code: str) -> dict:
     """Runs in a fresh process: one cold call (its peak RSS), then the best of ``repeats``."""
     sys.path.insert(0, code)  # the checkout whose simfeatup is timed
@@ -88,9 +114,9 @@ def _child(kind: str, dim: int, grid: int, patch: int, repeats: int, code: str) 
     else:
         up = SimFeatUp(dim, patch).eval()
         args = (torch.randn(1, dim, grid, grid), torch.randn(1, 3, grid * patch, grid * patch))
-        if kind == "cosine":
+        if kind in ("cosine", "onnx"):
             args = (*args, F.normalize(torch.randn(QUERIES, dim), dim=1))
-            model = up.cosine_logits
+            model = up.cosine_logits if kind == "cosine" else _onnx_cosine(up, args, grid)
         elif kind == "forward":
             model = up
         else:
@@ -138,6 +164,16 @@ def extrapolate(xs: list[float], ys: list[float], x: float, what: str) -> float:
     return value
 
 
+def gemm_gflops(n: int = 1024, repeats: int = 3) -> float:
+    """fp32 GEMM throughput of this process's threads (CPU time), to scale the ratios by."""
+    a = torch.randn(n, n)
+    a @ a
+    start = time.process_time()
+    for _ in range(repeats):
+        a @ a
+    return 2 * n**3 * repeats / (time.process_time() - start) / 1e9
+
+
 def _best(runs: list[dict]) -> dict:
     return min(runs, key=lambda r: r["seconds"])
 
@@ -153,6 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds of every row (best counts)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in every measurement")
     parser.add_argument("--baseline", type=Path, help="another checkout whose simfeatup is timed in the same rounds")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also time cosine_logits exported in graph form, in onnxruntime (exports: slow)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--code", default=str(ROOT), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -169,7 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
         return measure(kind, dim, args.grid, args.patch, repeats, args.threads, code)
 
     codes = {"ours": ROOT} | ({"baseline": args.baseline.resolve()} if args.baseline else {})
-    rows = {(who, kind): [] for who in codes for kind in ("cosine", "forward")}
+    kinds = ("cosine", "forward") + (("onnx",) if args.onnx else ())
+    rows = {(who, kind): [] for who in codes for kind in kinds}
     rows["vit"] = []
     for _ in range(args.rounds):
         for key, runs in rows.items():
@@ -182,7 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
     side = args.grid * args.patch
     print(f"SimFeatUp, C={args.dim}, {args.grid}x{args.grid} -> {side}x{side}, batch 1, fp32, "
           f"torch {torch.__version__}, {args.threads} thread(s), CPU seconds, "
-          f"best of {args.repeats} x {args.rounds} round(s), load avg {os.getloadavg()[0]:.1f}")
+          f"best of {args.repeats} x {args.rounds} round(s), load avg {os.getloadavg()[0]:.1f}, "
+          f"fp32 GEMM {gemm_gflops():.0f} GFLOP/s")
     print(f"{'':44} {'seconds':>8} {'peak MB':>9} {'x ViT':>7}")
 
     def line(name, r):
@@ -193,7 +233,9 @@ def main(argv: list[str] | None = None) -> dict:
         tag = "" if who == "ours" else f" [baseline {args.baseline}]"
         line(f"cosine_logits, {QUERIES} queries{tag}", best[(who, "cosine")])
         line(f"forward (C-channel map){tag}", best[(who, "forward")])
-        result[who] = {"cosine": best[(who, "cosine")], "forward": best[(who, "forward")]}
+        if args.onnx:
+            line(f"cosine_logits, onnxruntime{tag}", best[(who, "onnx")])
+        result[who] = {kind: best[(who, kind)] for kind in kinds}
     line("JBU steps on all C channels", best["per-channel"])
     line("ViT-B/16 224 window forward (random)", best["vit"])
     for r in naive:
@@ -209,8 +251,11 @@ def main(argv: list[str] | None = None) -> dict:
         result.update(unfold=naive, unfold_fitted=fitted, speedup=speedup, memory_ratio=memory)
     cos = best[("ours", "cosine")]["seconds"]
     print(f"cosine_logits = {cos / vit:.2f} x one ViT-B/16 window forward (issue 10's target: <= 0.5)")
+    if args.onnx:
+        onnx = best[("ours", "onnx")]["seconds"]
+        print(f"cosine_logits in onnxruntime = {onnx / vit:.2f} x the same (eager) ViT forward")
     if args.baseline:
-        for kind in ("cosine", "forward"):
+        for kind in kinds:
             ratio = best[("ours", kind)]["seconds"] / best[("baseline", kind)]["seconds"]
             print(f"{kind}: ours / baseline = {ratio:.2f}")
     return result
