@@ -231,6 +231,12 @@ class Tiles(nn.Module):
         shape = (*weight.shape[:3], T, T, d, d)
         return weight.as_strided(shape, (b, i, j, T * S * S + S, S * S + 1, S, 1), weight.storage_offset())
 
+    def jbu(self, kernel_of, key: torch.Tensor, key_pad: torch.Tensor, guide: torch.Tensor,
+            src_pad: torch.Tensor) -> torch.Tensor:
+        """A JBU step's sums: range logits of key (B, H, W, K) with its padding, ``kernel_of(logits,
+        guide)`` over the last axis (the step's kernel formula), then the filter of src_pad -> (B, H, W, C)."""
+        return self.filter(src_pad, kernel_of(self.range_logits(key, key_pad), self.split(guide)))
+
     def filter(self, src_pad: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
         """The adaptive filter: src_pad (B, H + d-1, W + d-1, C), kernel (B, h, w, T*T, d*d) -> (B, H, W, C)."""
         B, h, w = kernel.shape[:3]
@@ -282,12 +288,29 @@ class Strips:
         return strip.as_strided(shape, strides, strip.storage_offset())
 
     def _windows_of(self, rows: torch.Tensor) -> torch.Tensor:
-        """The d x d window of every strip pixel inside its row of ``rows`` (B, n, H, T, d*S), as
-        a strided view (B, n, H, T, d, d): offset (oy, ox) of pixel t sits at column oy*S + t + ox."""
+        """The d x d window of every strip pixel inside its row of ``rows`` (..., T, d*S), as a
+        strided view (..., T, d, d): offset (oy, ox) of pixel t sits at column oy*S + t + ox."""
         d, S = self.d, self.S
-        b, j, y = rows.stride()[:3]
-        shape = (*rows.shape[:4], d, d)
-        return rows.as_strided(shape, (b, j, y, d * S + 1, S, 1), rows.storage_offset())
+        shape = (*rows.shape[:-1], d, d)
+        return rows.as_strided(shape, (*rows.stride()[:-2], d * S + 1, S, 1), rows.storage_offset())
+
+    def jbu(self, kernel_of, key: torch.Tensor, key_pad: torch.Tensor, guide: torch.Tensor,
+            src_pad: torch.Tensor) -> torch.Tensor:
+        """:meth:`Tiles.jbu`, one strip at a time: its logits, kernel and filter weights (~1 MB at
+        224 x 224) stay in cache from the range matmul to the filter matmul."""
+        keys, guides = self.split(key), self.split(guide)  # (B, n, H, T, .)
+        key_src, src = self.sources(key_pad), self.sources(src_pad)  # (B, n, H + d-1, S, .)
+        B, n, H, T, _ = keys.shape
+        d = self.d
+        out = src.new_empty(B, n, H, T, src.shape[-1])
+        for b in range(B):
+            for j in range(n):
+                rows = torch.bmm(keys[b, j], self._rows(key_src[b, j], True))  # (H, T, d*S)
+                kernel = kernel_of(self._windows_of(rows).reshape(H, T, d * d), guides[b, j]).to(src.dtype)
+                weight = rows.zero_()  # reused: the logits are read
+                self._windows_of(weight).copy_(kernel.view(H, T, d, d))
+                torch.bmm(weight, self._rows(src[b, j]), out=out[b, j])
+        return self.join(out)
 
     def _per_strip(self, a: torch.Tensor, strips: torch.Tensor, out: torch.Tensor, transposed: bool) -> torch.Tensor:
         for b in range(a.shape[0]):

@@ -158,10 +158,9 @@ class JBUStep(nn.Module):
         """
         r = self.radius
         key = pointwise(self.range_proj, guide, dim=-1)  # (B, H, W, key_dim)
-        logits = tiles.range_logits(key, reflect_pad(key, r, dims=(1, 2)))  # (B, h', w', T*T, d*d)
-        k = self.kernel_from_range(logits, tiles.split(guide), dim=-1)
         src_pad = bicubic_resize(source, guide.shape[1:3], channels_last=True, pad=r)
-        return tiles.filter(src_pad, k.to(src_pad.dtype))
+        kernel_of = lambda logits, g: self.kernel_from_range(logits, g, dim=-1).to(src_pad.dtype)  # noqa: E731
+        return tiles.jbu(kernel_of, key, reflect_pad(key, r, dims=(1, 2)), guide, src_pad)
 
 
 class SimFeatUp(nn.Module):
