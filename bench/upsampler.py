@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dim", type=int, default=512, help="feature channels C")
     parser.add_argument("--grid", type=int, default=14, help="token grid side h = w")
     parser.add_argument("--patch", type=int, default=16)
-    parser.add_argument("--naive-dims", type=int, nargs="+", default=[16, 64],
+    parser.add_argument("--naive-dims", type=int, nargs="*", default=[16, 64],
                         help="channel counts at which the unfold form is really run (>= 2 values; [] to skip it)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after one cold one (best counts)")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds of every row (best counts)")
