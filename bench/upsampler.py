@@ -85,10 +85,10 @@ def _onnx_cosine(up, args, grid: int):
     class Scores(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.graph = GraphUpsampler(up, grid * grid)
+            self.form = GraphUpsampler(up, grid * grid)  # not "graph": torch.fx modules own that name
 
         def forward(self, feats, guidance, text):
-            return self.graph.cosine_logits(feats, guidance, text)
+            return self.form.cosine_logits(feats, guidance, text)
 
     path = Path(tempfile.mkdtemp()) / "scores.onnx"
     with torch.no_grad():
