@@ -2,8 +2,8 @@
 
 The reference computes each step with a CUDA extension, and its PyTorch fallback unfolds the
 features into C x 121 x H x W (~12 GB at C=512, 224x224). Here the same sums are exact but cheap:
-- inference runs each step channels-last as dense matmuls over small tiles
-  (:meth:`JBUStep.forward_tiled`, the same step the ONNX graph form traces); training
+- inference runs each step channels-last as dense matmuls over narrow strips (eager) or small
+  tiles (the ONNX graph form), both through :meth:`JBUStep.forward_tiled`; training
   accumulates 121 shifted slices, a cache-sized channel chunk at a time, with its own backward;
 - every step is linear in the features with one kernel for all channels, so the final 1x1 conv
   runs on the token grid, and with h*w < C the steps run on the h*w unit images (the columns of
@@ -59,7 +59,7 @@ def factored_cosine(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor, text: 
     # (B, n); not x^T @ bias: onnxruntime 1.32's MatmulTransposeFusion computes a transposed
     # batched matrix times a vector wrongly (relative error ~1)
     cross = bias @ x
-    sq = ((u @ gram) * u).sum(-1) + 2 * (u @ cross[..., None]).squeeze(-1) + bias @ bias  # (B, P)
+    sq = torch.einsum("bpn,bpn->bp", u @ gram, u) + 2 * (u @ cross[..., None]).squeeze(-1) + bias @ bias  # (B, P)
     norm = sq.clamp(min=0).sqrt().clamp(min=1e-12)  # F.normalize's eps
     return (num / norm[..., None]).transpose(1, 2)
 
@@ -126,7 +126,23 @@ class JBUStep(nn.Module):
         temp = self.range_temp.exp().clamp(TEMP_MIN, TEMP_MAX)
         k = torch.softmax(temp * logits, dim=dim) * self.spatial_kernel().view(shape)
         k = k / k.sum(dim, keepdim=True).clamp(min=NORM_EPS)
-        return k + RESIDUAL * pointwise(self.fixup_proj, torch.cat([k, guide], dim=dim), dim)
+        if dim == 1 or self.training:
+            return k + RESIDUAL * pointwise(self.fixup_proj, torch.cat([k, guide], dim=dim), dim)
+        return k + RESIDUAL * self._fixup_channels_last(torch.cat([k, guide], dim=-1))
+
+    def _fixup_channels_last(self, x: torch.Tensor) -> torch.Tensor:
+        """fixup_proj in eval over the last axis, its d*d outputs zero-padded to a multiple of 16.
+
+        The same sums (the padding rows and columns are zeros, GELU(0) = 0), but a GEMM with 128
+        output columns ran 1.6x faster than with 121 (MKL, AVX-512, 1 thread).
+        """
+        first, act, _, last = self.fixup_proj
+        n = last.out_channels
+        pad = -n % 16
+        w0 = F.pad(first.weight.flatten(1), (0, 0, 0, pad))
+        w1 = F.pad(last.weight.flatten(1), (0, pad, 0, pad))
+        h = act(F.linear(x, w0, F.pad(first.bias, (0, pad))))
+        return F.linear(h, w1, F.pad(last.bias, (0, pad)))[..., :n]
 
     def forward(self, source: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
         """source (B, C, h, w), guide (B, 3, H, W) already pooled -> (B, C, H, W)."""
@@ -142,10 +158,9 @@ class JBUStep(nn.Module):
         """
         r = self.radius
         key = pointwise(self.range_proj, guide, dim=-1)  # (B, H, W, key_dim)
-        logits = tiles.range_logits(key, reflect_pad(key, r, dims=(1, 2)))  # (B, h', w', T*T, d*d)
-        k = self.kernel_from_range(logits, tiles.split(guide), dim=-1)
         src_pad = bicubic_resize(source, guide.shape[1:3], channels_last=True, pad=r)
-        return tiles.filter(src_pad, k.to(src_pad.dtype))
+        kernel_of = lambda logits, g: self.kernel_from_range(logits, g, dim=-1).to(src_pad.dtype)  # noqa: E731
+        return tiles.jbu(kernel_of, key, reflect_pad(key, r, dims=(1, 2)), guide, src_pad)
 
 
 class SimFeatUp(nn.Module):
@@ -216,14 +231,15 @@ class SimFeatUp(nn.Module):
     def _upsample_tiled(self, x: torch.Tensor, guidance: torch.Tensor, tiles=None) -> torch.Tensor:
         """The JBU steps channels-last (:meth:`JBUStep.forward_tiled`): x (B, h, w, K) -> (B, H, W, K).
 
-        ``tiles``: one :class:`simfeatup.filters.Tiles` per step. The graph form passes tiles of
-        one token's pixels (static sides for every window size); eager, each step takes the
-        largest side <= ``filters.TILE`` that divides its output.
+        ``tiles``: one :class:`simfeatup.filters.Tiles` per step. The graph form passes square
+        tiles with static sides for every window size; eager, each step runs
+        :class:`simfeatup.filters.Strips` of the largest width <= ``filters.STRIP`` dividing its
+        output width.
         """
         sizes = self._sizes(*x.shape[1:3], guidance)
         for i, (step, size) in enumerate(zip(self.steps(), sizes)):
-            t = tiles[i] if tiles is not None else filters.tiles(filters.tile_side(*size, filters.TILE), step.diameter,
-                                                                 x.device)
+            t = tiles[i] if tiles is not None else filters.Strips(filters.tile_side(size[1], size[1], filters.STRIP),
+                                                                  step.diameter)
             x = step.forward_tiled(x, pool_guidance(guidance, size).permute(0, 2, 3, 1), t)
         return x
 
