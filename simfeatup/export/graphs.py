@@ -17,6 +17,7 @@ from ..model_folder import (
     IMAGE_GRAPH,
     LAM,
     LOGITS,
+    METADATA_PREFIX,
     TEXT,
     TEXT_GRAPH,
     TOKENS,
@@ -191,7 +192,8 @@ def write_metadata(folder: Path, manifest: dict) -> None:
         path = folder / entry["file"]
         model = onnx.load(str(path), load_external_data=False)
         props = graph_metadata(manifest, graph)
-        kept = [(p.key, p.value) for p in model.metadata_props if p.key not in props]
+        # ours are all replaced (a fixed folder's image graph drops the text side's keys); others kept
+        kept = [(p.key, p.value) for p in model.metadata_props if not p.key.startswith(METADATA_PREFIX)]
         del model.metadata_props[:]
         onnx.helper.set_model_props(model, {**dict(kept), **props})
         onnx.save(model, str(path))
