@@ -66,7 +66,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         choices=["auto", "float32", "float16", "bfloat16"],
-        help="auto: float32 on CPU, float16 on CUDA",
+        help="auto: float32 on CPU, float16 on CUDA; bfloat16 casts the image tower only (CPUs with bf16 units)",
     )
     p.add_argument("--bands", help="for multi-band images: the 0-based bands that are R,G,B, e.g. 3,2,1")
     p.add_argument(
