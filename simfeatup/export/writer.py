@@ -15,11 +15,13 @@ from ..atomic import atomic_dir, remove_stale_temporaries
 from ..constants import CLIP_MEAN, CLIP_STD, DEFAULT_LAMBDA, LOGIT_SCALE
 from ..model_folder import FORMAT, FORMAT_VERSION, IMAGE_GRAPH, MANIFEST, MERGES, TEXT_GRAPH, sha256, write_manifest
 from .graphs import check_opset, check_tokenizer, export_image, export_text, graph_opset
+from .quantize import quantize_image_graph
 from .verify import verify_onnx
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# the graphs' precision -> the dtype traced; int8 traces float32, then quantises (.quantize)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float32}
 
 
 def export_onnx(
@@ -41,7 +43,8 @@ def export_onnx(
     The backbone and upsampler are chosen as in :func:`simfeatup.segmenter.build_segmenter`
     (``upsampler``: artefact path, or None/"bilinear"); or pass a ready ``segmenter`` (e.g. a
     randomly initialised one for benchmarks). ``dtype`` "fp32" or "fp16" is the graphs' weight
-    precision (inputs and outputs stay float32). ``samples``: images for the parity check
+    precision (inputs and outputs stay float32); "int8" quantises the image tower's linear layers
+    (:mod:`.quantize`) and is verified by label agreement. ``samples``: images for the parity check
     (default: the repository's ``samples/``). Everything is written to a temporary folder
     beside ``out_dir`` and renamed into place only after :func:`verify_onnx` passed; on any
     failure nothing is left behind. Raises ValueError for bad arguments, OnnxExportError when
@@ -90,10 +93,13 @@ def export_onnx(
             export_image(traced, tmp / IMAGE_GRAPH, opset)
             export_text(traced.encoder, tmp / TEXT_GRAPH, opset)
         del traced
+        quantization = quantize_image_graph(tmp / IMAGE_GRAPH) if dtype == "int8" else None
         if opset is not None:
             check_opset(tmp, opset)
         shutil.copyfile(_open_clip_merges(), tmp / MERGES)
         manifest = _manifest(reference, upsampler_info, dtype, tmp)
+        if quantization is not None:
+            manifest["quantization"] = quantization
         write_manifest(tmp, manifest)
         logger.info("exported %s in %.0f s; verifying against torch", out_dir, time.perf_counter() - started)
         report = verify_onnx(tmp, reference, samples=samples)
