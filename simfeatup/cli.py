@@ -46,6 +46,14 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         "--onnx", type=Path, help="model folder from export/to_onnx.py: run with onnxruntime instead of torch"
     )
     p.add_argument(
+        "--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime",
+        help="with --onnx: what runs the model folder (openvino: pip install 'simfeatup[openvino]')",
+    )
+    p.add_argument(
+        "--precision", choices=["f32", "bf16"],
+        help="with --runtime openvino: the image graph's precision (default f32; bf16 on CPUs with bf16 units)",
+    )
+    p.add_argument(
         "--model",
         help="open_clip model name, or a model config .json in open_clip's model_configs format "
         f"(default: the upsampler's backbone, else {DEFAULT_MODEL})",

@@ -271,10 +271,12 @@ def evaluate(args) -> int:
 
 
 def _segmenter(args):
-    """The one segmenter a run uses: onnxruntime over ``--onnx DIR``, else torch."""
+    """The one segmenter a run uses: onnxruntime or OpenVINO over ``--onnx DIR``, else torch."""
+    if not args.onnx and (args.runtime != "onnxruntime" or args.precision):
+        raise UsageError("--runtime and --precision apply to a model folder: give --onnx DIR")
+    if args.onnx and args.precision and args.runtime != "openvino":
+        raise UsageError("--precision applies to --runtime openvino (onnxruntime runs the folder's own --dtype)")
     if args.onnx:
-        from .runtime import OnnxSegmenter, providers_for_device
-
         for flag in ("upsampler", "model", "pretrained", "attention"):
             if getattr(args, flag):
                 raise UsageError(
@@ -284,6 +286,16 @@ def _segmenter(args):
             raise UsageError(
                 "--dtype does not apply with --onnx: the precision was fixed at export (export/to_onnx.py --dtype)"
             )
+        if args.runtime == "openvino":
+            from .openvino_runtime import OpenVinoSegmenter, openvino_device
+
+            try:
+                device = openvino_device(args.device)
+            except ValueError as err:
+                raise UsageError(str(err)) from None
+            return OpenVinoSegmenter(args.onnx, precision=args.precision or "f32", device=device)
+        from .runtime import OnnxSegmenter, providers_for_device
+
         return OnnxSegmenter(args.onnx, providers=providers_for_device(args.device))
 
     import torch
