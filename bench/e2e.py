@@ -185,7 +185,6 @@ def table(args, root: Path) -> dict:
     print(f"GEMM 2048^2 (torch {torch.__version__}, {torch.get_num_threads()} threads): "
           f"fp32 {gemm_gflops(torch.float32):.0f} GFLOP/s, bf16 {gemm_gflops(torch.bfloat16):.0f} GFLOP/s", flush=True)
     torch_seg = build_torch(args.torch_window_batch)
-    torch_seg.cache.folder = None
     image = test_image(args.size)
     vocabulary = Vocabulary.from_preset("openearthmap")
     scoring = Scoring(prob_thd=0.1)
