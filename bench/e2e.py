@@ -1,7 +1,16 @@
-"""Per-image segmentation time, torch eager vs onnxruntime (CPU), ViT-B/16 + SimFeatUp, in one run.
+"""Per-image segmentation time of every CPU path (issue 10's table), ViT-B/16 + SimFeatUp, in one run.
 
-    python bench/e2e.py                       # 448 x 448 image, random ViT-B/16 + random SimFeatUp
-    python bench/e2e.py --repeats 5 --onnx-window-batch 2 --profile
+    python bench/e2e.py                       # 448 x 448 image, random ViT-B/16 + random SimFeatUp, every row
+    python bench/e2e.py --rows vit ort-simfeatup torch-bf16 --repeats 2 --no-rss   # a quick run
+    python bench/e2e.py --repeats 5 --onnx-window-batch 2 --profile --keep /tmp/e2e_folders
+
+The rows (``--rows``, default all): ``vit`` plain open_clip ViT-B/16 eager on the 9 windows (the
+reference's upsampler-OFF cost, the baseline of every ratio), ``ort-bilinear``, ``ort-simfeatup``,
+``torch-simfeatup`` (fp32 eager), ``torch-bf16`` (image tower in bf16), ``ort-int8`` (export
+``--dtype int8``), ``ov-f32`` and ``ov-bf16`` (OpenVINO over the fp32 folder). Each prints its
+ratio to ``vit`` and its label agreement with the fp32 torch SimFeatUp labels (share of equal
+pixels of the full-size label map; the bilinear row is another method, so it has none). The
+machine's fp32 and bf16 2048^2 GEMM GFLOP/s (torch) are printed first, so readers can scale.
 
 Both backends get the same random weights (open_clip's ViT-B-16 architecture, nothing is
 downloaded), the same image and vocabulary; the ONNX folder is exported and verified first.
@@ -120,6 +129,120 @@ def op_profile(model_dir: Path, windows, text, top: int = 12) -> list[tuple[str,
     return [(op, d / total) for op, d in per_op.most_common(top)]
 
 
+ROWS = {
+    "vit": "plain open_clip ViT-B/16 eager, 9 windows (upsampler-OFF cost)",
+    "ort-bilinear": "simfeatup onnxruntime, bilinear",
+    "ort-simfeatup": "simfeatup onnxruntime, SimFeatUp",
+    "torch-simfeatup": "simfeatup torch eager, SimFeatUp",
+    "torch-bf16": "simfeatup torch eager bf16 ViT, SimFeatUp",
+    "ort-int8": "simfeatup onnxruntime int8 ViT, SimFeatUp",
+    "ov-f32": "simfeatup OpenVINO f32, SimFeatUp",
+    "ov-bf16": "simfeatup OpenVINO bf16, SimFeatUp",
+}
+FOLDER_OF_ROW = {"ort-bilinear": "bilinear", "ort-simfeatup": "fp32", "ort-int8": "int8", "ov-f32": "fp32",
+                 "ov-bf16": "fp32"}
+
+
+def gemm_gflops(dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Best-of-``repeats`` GFLOP/s of one n x n torch matmul in ``dtype`` (what the CPU's units deliver)."""
+    import torch
+
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def _folder(kind: str, torch_seg, root: Path) -> Path:
+    """The exported folder of ``kind`` (fp32, bilinear, int8) under ``root``, exported once and reused."""
+    from simfeatup.export import export_onnx
+    from simfeatup.segmenter import Segmenter
+
+    folder = root / kind
+    if (folder / "manifest.json").is_file():
+        return folder
+    segmenter = torch_seg if kind != "bilinear" else Segmenter(torch_seg.encoder, None, cache=False).eval()
+    started = time.perf_counter()
+    export_onnx(folder, segmenter=segmenter, dtype="int8" if kind == "int8" else "fp32", overwrite=True)
+    print(f"export + verification ({kind}): {time.perf_counter() - started:.0f} s -> {folder}", flush=True)
+    return folder
+
+
+def table(args, root: Path) -> dict:
+    """Issue 10's table: every selected row timed on the same image, interleaved, medians."""
+    import copy
+
+    import torch
+
+    from simfeatup import imaging, windows
+    from simfeatup.scores import Scoring
+    from simfeatup.vocabulary import Vocabulary
+
+    print(f"GEMM 2048^2 (torch {torch.__version__}, {torch.get_num_threads()} threads): "
+          f"fp32 {gemm_gflops(torch.float32):.0f} GFLOP/s, bf16 {gemm_gflops(torch.bfloat16):.0f} GFLOP/s", flush=True)
+    torch_seg = build_torch(args.torch_window_batch)
+    image = test_image(args.size)
+    vocabulary = Vocabulary.from_preset("openearthmap")
+    scoring = Scoring(prob_thd=0.1)
+    text = torch_seg.encode_queries(vocabulary.queries)  # fp32 text: every row scores the same queries
+    segmenters = {}
+    for row in args.rows:
+        if row == "torch-simfeatup":
+            segmenters[row] = torch_seg
+        elif row == "torch-bf16":
+            segmenters[row] = copy.deepcopy(torch_seg).to_dtype(torch.bfloat16)
+        elif row in ("ort-bilinear", "ort-simfeatup", "ort-int8"):
+            from simfeatup.runtime import OnnxSegmenter
+
+            segmenters[row] = OnnxSegmenter(_folder(FOLDER_OF_ROW[row], torch_seg, root),
+                                            window_batch=args.onnx_window_batch, cache=False)
+        elif row in ("ov-f32", "ov-bf16"):
+            from simfeatup.openvino_runtime import OpenVinoSegmenter
+
+            segmenters[row] = OpenVinoSegmenter(_folder("fp32", torch_seg, root), precision=row[3:],
+                                                window_batch=args.onnx_window_batch, cache=False)
+    prepared = imaging.preprocess(image, torch_seg.long_side)
+    boxes = windows.window_boxes(*prepared.shape[1:], torch_seg.window, torch_seg.stride)
+    crops = [torch.from_numpy(prepared[:, y0:y1, x0:x1].copy())[None] for y0, y1, x0, x1 in boxes]
+    visual = torch_seg.encoder.clip.visual
+
+    def plain_vit():
+        with torch.inference_mode():
+            for crop in crops:  # the reference: one open_clip forward per window
+                visual(crop)
+
+    runs = {"vit": plain_vit}
+    for row, seg in segmenters.items():
+        runs[row] = lambda seg=seg: seg.segment([image], vocabulary, scoring=scoring, text=text)[0].labels
+    labels = {row: run() for row, run in runs.items()}  # warm-up; the label maps compared below
+    reference = labels.get("torch-simfeatup")
+    if reference is None and any(r not in ("vit", "ort-bilinear") for r in runs):
+        reference = torch_seg.segment([image], vocabulary, scoring=scoring, text=text)[0].labels
+    times = {row: [] for row in runs}
+    for _ in range(args.repeats):  # interleaved, so load spikes hit every row alike
+        for row, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[row].append(time.perf_counter() - start)
+    med = {row: statistics.median(t) for row, t in times.items()}
+    base = med.get("vit")
+    print(f"\n{args.size}x{args.size} image, {len(boxes)} windows, {len(vocabulary.queries)} queries, "
+          f"random ViT-B/16 + random SimFeatUp, medians of {args.repeats}\n")
+    print("| path | s/image | ratio to plain ViT | labels = fp32 torch SimFeatUp |\n|---|---|---|---|")
+    agreement = {}
+    for row in runs:
+        if row not in ("vit", "ort-bilinear"):
+            agreement[row] = float((labels[row] == reference).mean())
+        ratio = f"{med[row] / base:.2f}" if base else "-"
+        agree = f"{100 * agreement[row]:.2f}%" if row in agreement else "-"
+        print(f"| {ROWS[row]} | {med[row]:.2f} | {ratio} | {agree} |")
+    return {"seconds": med, "label_agreement": agreement}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=448, help="image side in pixels (448: 3 x 3 windows)")
@@ -136,7 +259,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model-dir", type=Path, help="reuse an exported folder (from a previous run's --keep)")
     parser.add_argument("--keep", type=Path, help="export into this folder and keep it")
     parser.add_argument("--profile", action="store_true", help="print onnxruntime's time per op type")
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="the table's rows (all)")
+    parser.add_argument("--no-rss", action="store_true", help="skip the torch vs onnxruntime RSS curves")
     args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="simfeatup_e2e_folders_") as tmp:  # each export is ~600 MB
+        root = args.keep or Path(tmp)
+        result = table(args, root)
+        if args.no_rss and not args.profile:
+            return result
+        if args.model_dir is None:  # the RSS curves and the profile run on the table's fp32 folder
+            args.model_dir = _folder("fp32", build_torch(args.torch_window_batch), root)
+        return {**result, **_memory_and_profile(args)}
+
+
+def _memory_and_profile(args) -> dict:
+    """torch eager vs onnxruntime: their ratio, peak RSS curves, onnxruntime's op profile."""
 
     import numpy as np
     import onnxruntime as ort

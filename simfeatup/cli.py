@@ -47,6 +47,14 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         "--onnx", type=Path, help="model folder from export/to_onnx.py: run with onnxruntime instead of torch"
     )
     p.add_argument(
+        "--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime",
+        help="with --onnx: what runs the model folder (openvino: pip install 'simfeatup[openvino]')",
+    )
+    p.add_argument(
+        "--precision", choices=["f32", "bf16"],
+        help="with --runtime openvino: the image graph's precision (default f32; bf16 on CPUs with bf16 units)",
+    )
+    p.add_argument(
         "--model",
         help="open_clip model name, or a model config .json in open_clip's model_configs format "
         f"(default: the upsampler's backbone, else {DEFAULT_MODEL})",
@@ -67,7 +75,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         choices=["auto", "float32", "float16", "bfloat16"],
-        help="auto: float32 on CPU, float16 on CUDA",
+        help="auto: float32 on CPU, float16 on CUDA; bfloat16 casts the image tower only (CPUs with bf16 units)",
     )
     p.add_argument("--bands", help="for multi-band images: the 0-based bands that are R,G,B, e.g. 3,2,1")
     p.add_argument(

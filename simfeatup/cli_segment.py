@@ -389,7 +389,7 @@ def evaluate(args) -> int:
 
 
 def _segmenter(args):
-    """The one segmenter a run uses: onnxruntime over ``--onnx DIR``, else torch."""
+    """The one segmenter a run uses: onnxruntime or OpenVINO over ``--onnx DIR``, else torch."""
     started = time.perf_counter()
     segmenter = _build_segmenter(args)
     logger.debug("model loaded in %.1f s", time.perf_counter() - started)
@@ -397,10 +397,11 @@ def _segmenter(args):
 
 
 def _build_segmenter(args):
+    if not args.onnx and (args.runtime != "onnxruntime" or args.precision):
+        raise UsageError("--runtime and --precision apply to a model folder: give --onnx DIR")
+    if args.onnx and args.precision and args.runtime != "openvino":
+        raise UsageError("--precision applies to --runtime openvino (onnxruntime runs the folder's own --dtype)")
     if args.onnx:
-        from .runtime import providers_for_device
-        from .runtime_fixed import open_model_folder
-
         for flag in ("upsampler", "model", "pretrained", "attention"):
             if getattr(args, flag):
                 raise UsageError(
@@ -410,6 +411,17 @@ def _build_segmenter(args):
             raise UsageError(
                 "--dtype does not apply with --onnx: the precision was fixed at export (export/to_onnx.py --dtype)"
             )
+        if args.runtime == "openvino":
+            from .openvino_runtime import OpenVinoSegmenter, openvino_device
+
+            try:
+                device = openvino_device(args.device)
+            except ValueError as err:
+                raise UsageError(str(err)) from None
+            return OpenVinoSegmenter(args.onnx, precision=args.precision or "f32", device=device)
+        from .runtime import providers_for_device
+        from .runtime_fixed import open_model_folder
+
         return open_model_folder(args.onnx, providers=providers_for_device(args.device))
 
     import torch

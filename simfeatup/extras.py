@@ -7,6 +7,7 @@ onnxruntime. The extras add the rest (keep in step with pyproject.toml):
 - ``simfeatup[torch]``: PyTorch, open_clip and Lightning for the torch segmenter, training,
   weight conversion and export.
 - ``simfeatup[geo]``: rasterio (and friends) for georeferenced scenes (scene mode, SPEC 9).
+- ``simfeatup[openvino]``: OpenVINO, the other runtime of a model folder (``--runtime openvino``).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ ADVICE = {
     **{module: TORCH_ADVICE for module in TORCH_MODULES},
     "onnxruntime": 'pip install "simfeatup[onnxruntime]" (CPU) or "simfeatup[gpu]" (onnxruntime-gpu), not both',
     **{module: 'pip install "simfeatup[geo]"' for module in GEO_MODULES},
+    "openvino": 'pip install "simfeatup[openvino]"',
 }
 
 

@@ -1,7 +1,8 @@
 """Segmentation with onnxruntime and a model folder from :func:`simfeatup.export.export_onnx`.
 
 Never imports torch: only onnxruntime, numpy and the torch-free simfeatup modules (imaging,
-scores, vocabulary, templates, cache, presets, tokenizer). Every pixel rule comes from the
+scores, vocabulary, templates, cache, presets, tokenizer); what every runtime of a folder shares
+is :mod:`simfeatup.folder_segmenter`. Every pixel rule comes from the
 same functions the torch segmenter uses, so both paths give the same label maps.
 """
 from __future__ import annotations
@@ -9,27 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from .backbone import Backbone, warn_if_trained_on_random
-from .cache import EmbeddingCache
-from .model_folder import (
-    LAM,
-    MANIFEST,
-    TEXT,
-    TOKENS,
-    WINDOWS,
-    ModelFolderError,
-    check_graph_io,
-    check_graph_metadata,
-    read_manifest,
-    static_shapes,
-)
-from .pipeline import WindowSegmenter
-from .tokenizer import Tokenizer
+from .folder_segmenter import FolderSegmenter
+from .model_folder import ModelFolderError, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +23,6 @@ logger = logging.getLogger(__name__)
 # new engine whenever a window shape leaves the range seen so far, minutes each for ViT-B/16.
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 PROVIDERS_ENV = "SIMFEATUP_ORT_PROVIDERS"
-# Prompts per text-graph call: 80 at once grew onnxruntime's arena by ~400 MB (ViT-B/16), 16 by ~70 MB
-# for the same total time.
-TEXT_BATCH = 16
 
 
 def session_options() -> ort.SessionOptions:
@@ -96,73 +79,29 @@ def _shapes(args) -> dict:
     return {a.name: [d if isinstance(d, int) else None for d in a.shape] for a in args}
 
 
-def run_in_chunks(run, x: np.ndarray, size: int, out_axis: int = 0) -> np.ndarray:
-    """``run`` on the rows of ``x`` in pieces of exactly ``size`` (the last one padded by repeating its
-    final row), the padding's outputs (along ``out_axis`` of ``run``'s result) dropped: a static
-    graph on any count (docs/model-folder.md "Static shapes"). Rows are independent in the graphs,
-    so the padding changes nothing."""
-    parts = []
-    for start in range(0, len(x), size):
-        piece = x[start : start + size]
-        short = size - len(piece)
-        if short:
-            piece = np.concatenate([piece, np.repeat(piece[-1:], short, axis=0)])
-        out = run(piece)
-        parts.append(np.take(out, np.arange(size - short), axis=out_axis))
-    return np.concatenate(parts, axis=out_axis)
+class OnnxSegmenter(FolderSegmenter):
+    """Sliding-window segmentation (SPEC 2) with the exported graphs on onnxruntime.
 
-
-class OnnxSegmenter(WindowSegmenter):
-    """Sliding-window segmentation (SPEC 2) with the exported image and text graphs.
-
-    ``window_batch`` windows go through the image graph per call, so memory stays flat however
-    many windows an image has (ViT-B/16 on CPU: one window per call is as fast per window as
-    two and peaks ~600 MB lower). ``cache``: True for the on-disk text-embedding cache (keyed by
-    the text graph's checksum), False for memory only, or an :class:`EmbeddingCache`.
+    ``providers``: as :func:`choose_providers` takes them. ``window_batch``, ``cache``: see
+    :class:`~simfeatup.folder_segmenter.FolderSegmenter`.
     """
 
-    def __init__(self, model_dir, *, providers=None, window_batch: int = 1, cache=True):
-        self.model_dir = Path(model_dir)
-        self.manifest = read_manifest(self.model_dir)
-        pre = self.manifest["preprocessing"]
-        self.long_side, self.window, self.stride, self.patch_size = (
-            pre["long_side"],
-            pre["window"],
-            pre["stride"],
-            pre["patch"],
-        )
-        self.default_lambda = float(self.manifest["default_lambda"])
-        if window_batch < 1:
-            raise ValueError(f"window_batch must be >= 1, got {window_batch}")
-        self.window_batch = window_batch
-        self.static = static_shapes(self.manifest)
-        if self.static:  # fixed shapes: the graph's own batch, windows padded to the full side
-            self.window_batch = self.static["window_batch"]
-        self.providers = choose_providers(providers)
-        graphs = self.manifest["graphs"]
-        self.image_session = self._session(graphs["image"]["file"])
-        self.text_session = self._session(graphs["text"]["file"])
-        check_graph_io(
-            self.model_dir / MANIFEST, self.manifest, _shapes(self.image_session.get_inputs()),
-            _shapes(self.text_session.get_inputs()), _shapes(self.text_session.get_outputs()),
-        )
-        for graph, session in (("image", self.image_session), ("text", self.text_session)):
-            meta = session.get_modelmeta().custom_metadata_map
-            check_graph_metadata(self.model_dir / graphs[graph]["file"], self.manifest, graph, meta)
-        logger.info("onnxruntime %s with %s", ort.__version__, ", ".join(self.image_session.get_providers()))
-        upsampler = self.manifest.get("upsampler") or {}
-        if upsampler.get("backbone"):  # the record of the artefact the folder was exported from
-            warn_if_trained_on_random(Backbone.from_dict(upsampler["backbone"]), f"the upsampler of {self.model_dir}")
-        tok = self.manifest["tokenizer"]
-        self.tokenizer = Tokenizer(self.model_dir / tok["merges"], context_length=tok["context_length"])
-        if cache is True or cache is False:
-            # The text graph's checksum identifies its weights; a random model is still reproducible.
-            files = self.manifest["files"]
-            identity = f"onnx:{files[graphs['text']['file']]}:{files.get(graphs['text']['file'] + '.data', '')}"
-            cache = EmbeddingCache(identity if cache else None)
-        self.cache = cache
+    runtime = "onnxruntime"
 
-    def _session(self, name: str) -> ort.InferenceSession:
+    def __init__(self, model_dir, *, providers=None, window_batch: int = 1, cache=True):
+        self.providers = choose_providers(providers)
+        super().__init__(model_dir, window_batch=window_batch, cache=cache)
+        logger.info("onnxruntime %s with %s", ort.__version__, ", ".join(self.image_session.get_providers()))
+
+    @property
+    def image_session(self) -> ort.InferenceSession:
+        return self.image_graph
+
+    @property
+    def text_session(self) -> ort.InferenceSession:
+        return self.text_graph
+
+    def _load(self, name: str, graph: str) -> ort.InferenceSession:
         options = session_options()
         started = time.perf_counter()
         try:
@@ -178,54 +117,16 @@ class OnnxSegmenter(WindowSegmenter):
         )
         return session
 
-    # ------------------------------------------------------------------ WindowSegmenter
-    def encode_texts(self, texts: list[str]) -> np.ndarray:
-        """Texts -> (N, D) unit-norm embeddings from the text graph."""
-        tokens = self.tokenizer(texts)
-        if not len(tokens):
-            return np.zeros((0, self.manifest["embed_dim"]), np.float32)
-        if self.static:
-            run = lambda t: self.text_session.run(None, {TOKENS: t})[0]  # noqa: E731
-            return run_in_chunks(run, tokens, self.static["text_batch"])
-        parts = [
-            self.text_session.run(None, {TOKENS: tokens[i : i + TEXT_BATCH]})[0]
-            for i in range(0, len(tokens), TEXT_BATCH)
-        ]
-        return np.concatenate(parts)
+    def _run(self, graph: ort.InferenceSession, feeds: dict) -> np.ndarray:
+        return graph.run(None, feeds)[0]
 
-    def window_logits(self, windows: np.ndarray, text: np.ndarray, lam: float) -> np.ndarray:
-        """(B, 3, h, w) normalised windows, (Q, D) queries -> (B, Q, h, w) cosine logits.
+    def _io_shapes(self) -> tuple[dict, dict, dict]:
+        return (_shapes(self.image_session.get_inputs()), _shapes(self.text_session.get_inputs()),
+                _shapes(self.text_session.get_outputs()))
 
-        A static folder takes any B and Q: batches and query sets of its fixed sizes are padded
-        and their padding dropped (:func:`run_in_chunks`); h and w must be its window side.
-        """
-        windows = np.ascontiguousarray(windows, np.float32)
-        text = np.ascontiguousarray(text, np.float32)
-        lam = np.asarray(lam, np.float32)
-
-        def run(w: np.ndarray, t: np.ndarray) -> np.ndarray:
-            return self.image_session.run(None, {WINDOWS: w, TEXT: t, LAM: lam})[0]
-
-        if not self.static:
-            return run(windows, text)
-        by_queries = lambda w: run_in_chunks(lambda t: run(w, t), text, self.static["queries"], 1)  # noqa: E731
-        return run_in_chunks(by_queries, windows, self.static["window_batch"])
-
-    @property
-    def geometry(self) -> dict:
-        """A static folder's windows are padded to the full window side, not to the patch multiple
-        (docs/model-folder.md "Static shapes"): the window walk's padding rule pads to multiples of
-        ``patch``, so it is given the window."""
-        geometry = super().geometry
-        if self.static:
-            geometry["patch"] = self.window
-        return geometry
-
-    def _window_logits(self, windows: np.ndarray, text: np.ndarray, lam: float) -> np.ndarray:
-        return self.window_logits(windows, text, lam)
-
-    def describe(self) -> dict:
-        return {"onnx": str(self.model_dir), **{k: self.manifest.get(k) for k in ("model", "upsampler", "dtype")}}
+    def _metadata(self, graph: str) -> dict:
+        session = self.image_session if graph == "image" else self.text_session
+        return session.get_modelmeta().custom_metadata_map
 
 
 __all__ = ["OnnxSegmenter", "ModelFolderError", "read_manifest", "session_options", "choose_providers"]

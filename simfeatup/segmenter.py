@@ -21,6 +21,11 @@ logger = logging.getLogger(__name__)
 # Windows per forward by default: one at a time on CPU, where bench/e2e.py measured it faster per
 # window than 2-4 (the working set stays in cache) and it needs the least memory; 4 on accelerators.
 CPU_WINDOW_BATCH, ACCELERATOR_WINDOW_BATCH = 1, 4
+# bfloat16 is applied to the image tower only (docs/method.md section 8): the ViT's GEMMs are what bf16 units speed
+# up, while the text tower runs once per vocabulary (and its embeddings are cached under the weights' identity,
+# so they must not depend on the dtype) and the upsampler's kernel softmax and the factored cosine's norms
+# |f|^2 = u^T G u keep float32's mantissa. The scores and the softmax are float32 on every path.
+VISION_ONLY_DTYPES = (torch.bfloat16,)
 
 
 class Segmenter(torch.nn.Module, WindowSegmenter):
@@ -61,7 +66,22 @@ class Segmenter(torch.nn.Module, WindowSegmenter):
 
     @property
     def _param(self) -> torch.Tensor:
-        return next(self.encoder.parameters())
+        return next(self.encoder.clip.visual.parameters())
+
+    @property
+    def upsampler_dtype(self) -> torch.dtype:
+        """The upsampler's dtype (float32 under a bf16 image tower), else the image tower's."""
+        return next(self.upsampler.parameters()).dtype if self.upsampler is not None else self._param.dtype
+
+    def to_dtype(self, dtype: torch.dtype) -> "Segmenter":
+        """Cast for inference: everything to ``dtype``, except that a :data:`VISION_ONLY_DTYPES` dtype
+        reaches the image tower only (text tower and upsampler stay float32)."""
+        if dtype not in VISION_ONLY_DTYPES:
+            return self.to(dtype=dtype)
+        self.float()
+        self.encoder.clip.visual.to(dtype=dtype)
+        self.encoder._clear_pos_cache()  # sized copies of the positional embedding in the old dtype
+        return self
 
     def window_logits(
         self, windows: torch.Tensor, text: torch.Tensor, lam: float | torch.Tensor = DEFAULT_LAMBDA
@@ -73,10 +93,11 @@ class Segmenter(torch.nn.Module, WindowSegmenter):
         ``<f, t> + lam * <c, t>`` with f the (upsampled) pixel feature and c the [CLS]
         feature, both L2-normalised.
         """
-        feats, cls = self.encoder(windows)  # (B, D, h/p, w/p), (B, D)
+        feats, cls = self.encoder(windows)  # (B, D, h/p, w/p), (B, D); the encoder casts to its own dtype
         text = text.float()
         if self.upsampler is not None:
-            logits = self.upsampler.cosine_logits(feats, windows, text)  # (B, Q, h, w)
+            dtype = self.upsampler_dtype
+            logits = self.upsampler.cosine_logits(feats.to(dtype), windows.to(dtype), text)  # (B, Q, h, w)
         else:  # SPEC 2.4: the bilinear ablation scores the token grid and resizes the LOGITS
             logits = torch.einsum("bdhw,qd->bqhw", F.normalize(feats.float(), dim=1), text)
             logits = F.interpolate(logits, size=windows.shape[-2:], mode="bilinear", align_corners=False)
@@ -95,8 +116,10 @@ class Segmenter(torch.nn.Module, WindowSegmenter):
     @torch.inference_mode()
     def _window_logits(self, windows: np.ndarray, text: np.ndarray, lam: float) -> np.ndarray:
         param = self._param
+        # the windows are the upsampler's guidance too: sent in its dtype, the encoder casts its own copy
         out = self.window_logits(
-            torch.from_numpy(windows).to(param.device, param.dtype), torch.from_numpy(text).to(param.device), lam
+            torch.from_numpy(windows).to(param.device, self.upsampler_dtype), torch.from_numpy(text).to(param.device),
+            lam,
         )
         return out.cpu().numpy()
 
@@ -111,6 +134,7 @@ class Segmenter(torch.nn.Module, WindowSegmenter):
                 **self.encoder.backbone.to_dict(),
                 "upsampler": up,
                 "dtype": str(self._param.dtype).removeprefix("torch."),
+                "upsampler_dtype": str(self.upsampler_dtype).removeprefix("torch."),
             }
         }
 
@@ -159,6 +183,6 @@ def build_segmenter(
                 f"upsampler {upsampler} was built for patch {module.config.get('patch_size')} "
                 f"but the backbone has patch {encoder.patch_size}"
             )
-    segmenter = Segmenter(encoder, module, window_batch=window_batch).to(device=device, dtype=dtype).eval()
+    segmenter = Segmenter(encoder, module, window_batch=window_batch).to(device=device).to_dtype(dtype).eval()
     logger.debug("torch segmenter: %s", segmenter.describe()["torch"])
     return segmenter

@@ -177,3 +177,27 @@ def test_artefact_finds_its_weights_beside_it_or_says_which_file(config_weights,
     shutil.copy(path, run)
     segmenter = build_segmenter(run / "upsampler.json")
     assert _same_weights(segmenter.encoder, state) and segmenter.upsampler is not None
+
+
+def test_bfloat16_reaches_the_image_tower_only_and_keeps_the_labels(encoder, upsampler):
+    """--dtype bfloat16: the ViT in bf16; text tower, upsampler and scores float32 (docs/method.md section 8)."""
+    import copy
+
+    fp32 = Segmenter(encoder, upsampler, cache=False)
+    bf16 = copy.deepcopy(fp32).to_dtype(torch.bfloat16)
+    assert {p.dtype for p in bf16.encoder.clip.visual.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in bf16.encoder.clip.transformer.parameters()} == {torch.float32}
+    assert {p.dtype for p in bf16.upsampler.parameters()} == {torch.float32}
+    assert bf16.describe()["torch"]["dtype"] == "bfloat16"
+    assert bf16.describe()["torch"]["upsampler_dtype"] == "float32"
+    assert fp32.describe()["torch"]["dtype"] == fp32.describe()["torch"]["upsampler_dtype"] == "float32"
+    vocabulary = Vocabulary.from_lines(["road", "building", "tree", "water"])
+    # the text side is untouched: the same embeddings (and so the same cache entries) as float32
+    np.testing.assert_array_equal(bf16.encode_queries(vocabulary.queries), fp32.encode_queries(vocabulary.queries))
+    from conftest import REPO
+
+    image = imaging.load_image(REPO / "samples" / "spacenet6_rotterdam.jpg")
+    ref, got = (s.segment([image], vocabulary, return_probs=True)[0] for s in (fp32, bf16))
+    assert got.probs.dtype == np.float32
+    # a random 2-block model has many near-ties; a real ViT-B/16 is measured by bench/e2e.py
+    assert (got.labels == ref.labels).mean() > 0.95

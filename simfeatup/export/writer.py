@@ -29,11 +29,13 @@ from ..model_folder import (
 )
 from .graph_form import layer_norms_in_fp32
 from .graphs import check_opset, check_tokenizer, export_image, export_text, graph_opset, stage, write_metadata
+from .quantize import quantize_image_graph
 from .verify import verify_onnx
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# the graphs' precision -> the dtype traced; int8 traces float32, then quantises (.quantize)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float32}
 
 
 def export_onnx(
@@ -62,7 +64,8 @@ def export_onnx(
     The backbone and upsampler are chosen as in :func:`simfeatup.segmenter.build_segmenter`
     (``upsampler``: artefact path, or None/"bilinear"); or pass a ready ``segmenter`` (e.g. a
     randomly initialised one for benchmarks). ``dtype`` "fp32" or "fp16" is the graphs' weight
-    precision (inputs and outputs stay float32). ``samples``: images for the parity check
+    precision (inputs and outputs stay float32); "int8" quantises the image tower's linear layers
+    (:mod:`.quantize`) and is verified by label agreement. ``samples``: images for the parity check
     (default: the repository's ``samples/``). Everything is written to a temporary folder
     beside ``out_dir`` and renamed into place only after :func:`verify_onnx` passed; on any
     failure nothing is left behind. Raises ValueError for bad arguments, OnnxExportError when
@@ -144,10 +147,13 @@ def export_onnx(
             export_image(traced, tmp / IMAGE_GRAPH, opset, *shapes)
             export_text(traced.encoder, tmp / TEXT_GRAPH, opset, *shapes)
         del traced
+        quantization = quantize_image_graph(tmp / IMAGE_GRAPH) if dtype == "int8" else None
         if opset is not None:
             check_opset(tmp, opset)
         shutil.copyfile(_open_clip_merges(), tmp / MERGES)
         manifest = _manifest(reference, upsampler_info, dtype, tmp, static)
+        if quantization is not None:
+            manifest["quantization"] = quantization
         write_metadata(tmp, manifest)  # before the checksums: the graphs change
         manifest["files"] = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.name != MANIFEST}
         write_manifest(tmp, manifest)
