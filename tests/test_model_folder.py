@@ -31,9 +31,9 @@ def test_each_graph_describes_itself_as_its_manifest_does(onnx_dir):
         assert json.loads(meta["simfeatup.mean"]) == manifest["preprocessing"]["mean"]
         assert json.loads(meta["simfeatup.model"]) == manifest["model"]
         assert json.loads(meta["simfeatup.graph"]) == graph
-    # a dynamic folder has no static entry; every other field is there
+    # a dynamic default folder has no static entry nor a fixed vocabulary's; every other field is there
     assert set(graph_metadata(manifest, "image")) == {METADATA_PREFIX + k for k in (*METADATA_FIELDS, "graph")} - {
-        "simfeatup.static"
+        "simfeatup.static", "simfeatup.vocabulary", "simfeatup.image_input"
     }
 
 
