@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
+from simfeatup.folder_segmenter import run_in_chunks
 from simfeatup.model_folder import (
     METADATA_FIELDS,
     METADATA_PREFIX,
@@ -16,7 +17,7 @@ from simfeatup.model_folder import (
     sha256,
     write_manifest,
 )
-from simfeatup.runtime import OnnxSegmenter, run_in_chunks
+from simfeatup.runtime import OnnxSegmenter
 
 
 def test_each_graph_describes_itself_as_its_manifest_does(onnx_dir):
