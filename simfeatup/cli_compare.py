@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from . import cli_segment
+from . import cli_segment, flags
 from .entry import UsageError
 
 logger = logging.getLogger("simfeatup")
@@ -71,7 +71,7 @@ def compare(args) -> int:
     _check_flags(args)
     images, vocabulary, scoring, bands = cli_segment._inputs(args)
     names = dict(zip(images, cli_segment._output_names(images)))
-    cli_segment._output_folder(args.out, "--out")  # before the models load
+    flags.check_output_folder(args.out, "--out")  # before the models load
     bilinear, upsampled = _segmenters(args)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic.remove_stale_temporaries(args.out)
