@@ -143,6 +143,17 @@ FOLDER_OF_ROW = {"ort-bilinear": "bilinear", "ort-simfeatup": "fp32", "ort-int8"
                  "ov-bf16": "fp32"}
 
 
+
+def interleaved(runs: dict, repeats: int) -> dict:
+    """{name: [seconds per call]}: every run once per round, so load spikes hit them all alike."""
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return times
+
 def gemm_gflops(dtype, n: int = 2048, repeats: int = 5) -> float:
     """Best-of-``repeats`` GFLOP/s of one n x n torch matmul in ``dtype`` (what the CPU's units deliver)."""
     import torch
@@ -222,12 +233,7 @@ def table(args, root: Path) -> dict:
     reference = labels.get("torch-simfeatup")
     if reference is None and any(r not in ("vit", "ort-bilinear") for r in runs):
         reference = torch_seg.segment([image], vocabulary, scoring=scoring, text=text)[0].labels
-    times = {row: [] for row in runs}
-    for _ in range(args.repeats):  # interleaved, so load spikes hit every row alike
-        for row, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[row].append(time.perf_counter() - start)
+    times = interleaved(runs, args.repeats)
     med = {row: statistics.median(t) for row, t in times.items()}
     base = med.get("vit")
     print(f"\n{args.size}x{args.size} image, {len(boxes)} windows, {len(vocabulary.queries)} queries, "
@@ -305,12 +311,7 @@ def _memory_and_profile(args) -> dict:
             "onnxruntime": lambda: onnx_seg.segment([image], vocabulary, scoring=scoring, text=texts[onnx_seg])[0],
         }
         results = {name: run() for name, run in runs.items()}  # warm-up; also the label maps compared below
-        times = {name: [] for name in runs}
-        for _ in range(args.repeats):  # interleaved, so load spikes hit both backends alike
-            for name, run in runs.items():
-                start = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - start)
+        times = interleaved(runs, args.repeats)
 
         agree = float((results["torch eager"].labels == results["onnxruntime"].labels).mean())
         med = {name: statistics.median(t) for name, t in times.items()}
