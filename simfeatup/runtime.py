@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -79,6 +80,22 @@ def _shapes(args) -> dict:
     return {a.name: [d if isinstance(d, int) else None for d in a.shape] for a in args}
 
 
+def open_session(path: Path, providers) -> ort.InferenceSession:
+    """An onnxruntime session of the graph file ``path`` with :func:`session_options`; one line when it cannot load."""
+    options = session_options()
+    started = time.perf_counter()
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as err:  # onnxruntime raises its own (Fail, InvalidGraph, ...) types
+        raise ModelFolderError(f"{path}: onnxruntime cannot load it ({str(err).splitlines()[0]})") from None
+    logger.debug(
+        "%s: session in %.1f s, providers %s, %s, intra-op threads %s (0: onnxruntime's choice)",
+        path, time.perf_counter() - started, session.get_providers(),
+        options.graph_optimization_level.name, options.intra_op_num_threads,
+    )
+    return session
+
+
 class OnnxSegmenter(FolderSegmenter):
     """Sliding-window segmentation (SPEC 2) with the exported graphs on onnxruntime.
 
@@ -102,20 +119,7 @@ class OnnxSegmenter(FolderSegmenter):
         return self.text_graph
 
     def _load(self, name: str, graph: str) -> ort.InferenceSession:
-        options = session_options()
-        started = time.perf_counter()
-        try:
-            session = ort.InferenceSession(str(self.model_dir / name), options, providers=self.providers)
-        except Exception as err:  # onnxruntime raises its own (Fail, InvalidGraph, ...) types
-            raise ModelFolderError(
-                f"{self.model_dir / name}: onnxruntime cannot load it ({str(err).splitlines()[0]})"
-            ) from None
-        logger.debug(
-            "%s: session in %.1f s, providers %s, %s, intra-op threads %s (0: onnxruntime's choice)",
-            self.model_dir / name, time.perf_counter() - started, session.get_providers(),
-            options.graph_optimization_level.name, options.intra_op_num_threads,
-        )
-        return session
+        return open_session(self.model_dir / name, self.providers)
 
     def _run(self, graph: ort.InferenceSession, feeds: dict) -> np.ndarray:
         return graph.run(None, feeds)[0]

@@ -25,7 +25,7 @@ from .model_folder import (
     read_manifest,
 )
 from .pipeline import WindowSegmenter
-from .runtime import OnnxSegmenter, _shapes, choose_providers, session_options
+from .runtime import OnnxSegmenter, _shapes, choose_providers, open_session
 from .scores import Scoring
 from .vocabulary import Vocabulary
 
@@ -53,8 +53,6 @@ class FixedOnnxSegmenter(WindowSegmenter):
     """Sliding-window segmentation (docs/method.md 2) with a fixed-vocabulary image graph."""
 
     def __init__(self, model_dir, *, providers=None, window_batch: int = 1):
-        import onnxruntime as ort
-
         self.model_dir = Path(model_dir)
         self.manifest = read_manifest(self.model_dir)
         if not is_fixed(self.manifest):
@@ -72,12 +70,7 @@ class FixedOnnxSegmenter(WindowSegmenter):
         self.cache = None
         self.providers = choose_providers(providers)
         name = self.manifest["graphs"]["image"]["file"]
-        try:
-            self.image_session = ort.InferenceSession(str(self.model_dir / name), session_options(),
-                                                      providers=self.providers)
-        except Exception as err:  # onnxruntime raises its own types
-            raise ModelFolderError(f"{self.model_dir / name}: onnxruntime cannot load it "
-                                   f"({str(err).splitlines()[0]})") from None
+        self.image_session = open_session(self.model_dir / name, self.providers)
         check_fixed_graph_io(self.model_dir / MANIFEST, self.manifest, _shapes(self.image_session.get_inputs()),
                              _shapes(self.image_session.get_outputs()))
         check_graph_metadata(self.model_dir / name, self.manifest, "image",
