@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .interp import bicubic_resize, padded_bicubic_matrix
+
 # Channels per chunk of the adaptive filter are chosen so one chunk of the output is about this
 # many bytes: it then stays in cache across the 121 offsets. Measured on a 2-core EPYC
 # (2 MiB L2, 32 MiB L3), C=196..512 at 224x224 fp32: 4-10 MiB chunks are 2.5x faster than
@@ -149,7 +151,7 @@ class _ShiftedSliceFilter(torch.autograd.Function):
 TILE = 8
 # Width of the eager strips (:class:`Strips`): 8 and 16 ran alike at 224 x 224 with 196 channels,
 # 4 slower (small GEMMs), 32 slower (3.8x the window sum's multiply-adds).
-STRIP = 8
+STRIP = 16
 
 
 def tile_side(H: int, W: int, largest: int) -> int:
@@ -232,10 +234,14 @@ class Tiles(nn.Module):
         return weight.as_strided(shape, (b, i, j, T * S * S + S, S * S + 1, S, 1), weight.storage_offset())
 
     def jbu(self, kernel_of, key: torch.Tensor, key_pad: torch.Tensor, guide: torch.Tensor,
-            src_pad: torch.Tensor) -> torch.Tensor:
+            source: torch.Tensor) -> torch.Tensor:
         """A JBU step's sums: range logits of key (B, H, W, K) with its padding, ``kernel_of(logits,
-        guide)`` over the last axis (the step's kernel formula), then the filter of src_pad -> (B, H, W, C)."""
-        return self.filter(src_pad, kernel_of(self.range_logits(key, key_pad), self.split(guide)))
+        guide)`` over the last axis (the step's kernel formula), then the filter of the step's source
+        (B, h, w, C) bicubic-resized to (H, W) and reflect-padded -> (B, H, W, C)."""
+        r = (self.d - 1) // 2
+        src_pad = bicubic_resize(source, key.shape[1:3], channels_last=True, pad=r)
+        kernel = kernel_of(self.range_logits(key, key_pad), self.split(guide)).to(src_pad.dtype)
+        return self.filter(src_pad, kernel)
 
     def filter(self, src_pad: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
         """The adaptive filter: src_pad (B, H + d-1, W + d-1, C), kernel (B, h, w, T*T, d*d) -> (B, H, W, C)."""
@@ -251,15 +257,19 @@ class Tiles(nn.Module):
 
 
 class Strips:
-    """Eager twin of :class:`Tiles` over vertical strips T pixels wide, channels-last.
+    """Eager twin of :class:`Tiles` over vertical strips T pixels wide, channels-last, whose filter
+    reads the step's source before its bicubic resize.
 
-    Output row y of strip j needs the d rows y..y+d-1 of its (T + d - 1)-wide source strip,
-    which are contiguous: one (T, d*S) @ (d*S, C) matmul per row, read through a strided view
-    of the strip (no copy). Per pixel that is d*S*C multiply-adds (1.6x the window sum at
-    T=8) against S*S*C for square tiles (2.7x), and the sources are copied once at S/T
-    (2.25x) instead of (S/T)^2 (5x). Strides cannot be expressed in ONNX: the graph form
-    keeps :class:`Tiles`. Same interface: :meth:`split` and :meth:`range_logits` give the
-    strip layout (B, W/T, H, T, .), :meth:`filter` takes it and returns (B, H, W, C).
+    Range logits: output row y of strip j needs the d key rows y..y+d-1 of its (T + d - 1)-wide
+    padded strip, which are contiguous: one (T, K) @ (K, d*S) matmul per row through a strided
+    view (no copy). Filter: the resize (:func:`simfeatup.interp.padded_bicubic_matrix`, rows By,
+    columns Bx) and the window sum are both linear, so out(y, x) = sum_q Wc(y, x, q) src(q) with
+    Wc(y, x, qy, qx) = sum_(dy, dx) K(y, x, dy, dx) By(y + dy, qy) Bx(x + dx, qx). Row y of strip
+    j touches only Ly source rows and its strip only Lx source columns (9 x 17 at x2 with T=16
+    and d=11), so each output row of every strip is one (T, Ly*Lx) @ (Ly*Lx, C) matmul on the
+    source: 1.3x the window sum's multiply-adds at x2, against 1.6x on the resized map, and
+    the (H + d-1, W + d-1, C) resized map is never built. Strides cannot be expressed in ONNX:
+    the graph form keeps :class:`Tiles`.
     """
 
     def __init__(self, T: int, d: int):
@@ -270,22 +280,14 @@ class Strips:
         B, H, W, C = x.shape
         return x.view(B, H, W // self.T, self.T, C).permute(0, 2, 1, 3, 4).contiguous()
 
-    def join(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, W/T, H, T, C) -> (B, H, W, C)."""
-        B, n, H, T, C = x.shape
-        return x.permute(0, 2, 1, 3, 4).reshape(B, H, n * T, C)
-
     def sources(self, x_pad: torch.Tensor) -> torch.Tensor:
-        """(B, H + d-1, W + d-1, C) -> (B, W/T, H + d-1, S, C): the overlapping source strips."""
+        """(B, H + d-1, W + d-1, C) -> (B, W/T, H + d-1, S, C): the overlapping padded strips."""
         return x_pad.unfold(2, self.S, self.T).permute(0, 2, 1, 4, 3).contiguous()
 
-    def _rows(self, strip: torch.Tensor, transposed: bool = False) -> torch.Tensor:
-        """A source strip (H + d-1, S, C) as the H matrices (d*S, C) of rows y..y+d-1 (a view)."""
-        rows, S, C = strip.shape
-        shape, strides = (rows - self.d + 1, self.d * S, C), (S * C, C, 1)
-        if transposed:
-            shape, strides = (shape[0], C, shape[1]), (S * C, 1, C)
-        return strip.as_strided(shape, strides, strip.storage_offset())
+    def _rows(self, strip: torch.Tensor) -> torch.Tensor:
+        """A padded strip (H + d-1, S, K) as the H matrices (K, d*S) of rows y..y+d-1 (a view)."""
+        rows, S, K = strip.shape
+        return strip.as_strided((rows - self.d + 1, K, self.d * S), (S * K, 1, K), strip.storage_offset())
 
     def _windows_of(self, rows: torch.Tensor) -> torch.Tensor:
         """The d x d window of every strip pixel inside its row of ``rows`` (..., T, d*S), as a
@@ -295,43 +297,59 @@ class Strips:
         return rows.as_strided(shape, (*rows.stride()[:-2], d * S + 1, S, 1), rows.storage_offset())
 
     def jbu(self, kernel_of, key: torch.Tensor, key_pad: torch.Tensor, guide: torch.Tensor,
-            src_pad: torch.Tensor) -> torch.Tensor:
-        """:meth:`Tiles.jbu`, one strip at a time: its logits, kernel and filter weights (~1 MB at
-        224 x 224) stay in cache from the range matmul to the filter matmul."""
+            source: torch.Tensor) -> torch.Tensor:
+        """:meth:`Tiles.jbu` with the step's source (B, h, w, C) before its resize -> (B, H, W, C).
+
+        One strip at a time, its logits and kernel (~2 MB at 224 x 224) stay in cache from the
+        range matmul to the resampled filter weights Wc; then one batched matmul per output row
+        over the strips, written in place into the (B, H, W, C) output."""
         keys, guides = self.split(key), self.split(guide)  # (B, n, H, T, .)
-        key_src, src = self.sources(key_pad), self.sources(src_pad)  # (B, n, H + d-1, S, .)
+        key_src = self.sources(key_pad)  # (B, n, H + d-1, S, K)
         B, n, H, T, _ = keys.shape
-        d = self.d
-        out = src.new_empty(B, n, H, T, src.shape[-1])
+        d, r = self.d, (self.d - 1) // 2
+        h, w, C = source.shape[1:]
+        by, first_y, Ly = _local_resample(padded_bicubic_matrix(H, h, r, source), torch.arange(H), d)  # (H, d, Ly)
+        bx, first_x, Lx = _local_resample(padded_bicubic_matrix(n * T, w, r, source), torch.arange(n) * T, self.S)
+        bx = bx.unfold(1, d, 1).permute(0, 1, 3, 2).contiguous()  # (n, T, d, Lx): columns t..t+d-1 of strip j
+        cols = (first_x[:, None] + torch.arange(Lx)).flatten()
+        strips = source[:, :, cols].view(B, h, n, Lx, C).permute(0, 2, 1, 3, 4).contiguous()  # (B, n, h, Lx, C)
+        resampled = by.new_empty(B, n, H, T, Ly * Lx)
         for b in range(B):
             for j in range(n):
-                rows = torch.bmm(keys[b, j], self._rows(key_src[b, j], True))  # (H, T, d*S)
-                kernel = kernel_of(self._windows_of(rows).reshape(H, T, d * d), guides[b, j]).to(src.dtype)
-                weight = rows.zero_()  # reused: the logits are read
-                self._windows_of(weight).copy_(kernel.view(H, T, d, d))
-                torch.bmm(weight, self._rows(src[b, j]), out=out[b, j])
-        return self.join(out)
-
-    def _per_strip(self, a: torch.Tensor, strips: torch.Tensor, out: torch.Tensor, transposed: bool) -> torch.Tensor:
-        for b in range(a.shape[0]):
-            for j in range(a.shape[1]):
-                torch.bmm(a[b, j], self._rows(strips[b, j], transposed), out=out[b, j])
+                rows = torch.bmm(keys[b, j], self._rows(key_src[b, j]))  # (H, T, d*S)
+                k = kernel_of(self._windows_of(rows).reshape(H, T, d * d), guides[b, j]).to(by.dtype)
+                k = k.view(H, T, d, d).transpose(1, 2).reshape(H, d, T * d)  # rows dy, columns (t, dx)
+                k = (by.transpose(1, 2) @ k).view(H, Ly, T, d).permute(2, 0, 1, 3).reshape(T, H * Ly, d)
+                k = torch.bmm(k, bx[j])  # (T, H*Ly, Lx): one matmul per pixel column
+                resampled[b, j].view(H, T, Ly, Lx).copy_(k.view(T, H, Ly, Lx).transpose(0, 1))
+        resampled = resampled.to(source.dtype)
+        out = source.new_empty(B, H, n * T, C)
+        sb, sj = strips.stride()[:2]
+        starts = (first_y * (Lx * C)).tolist()
+        for b in range(B):
+            for y in range(H):
+                src = strips.as_strided((n, Ly * Lx, C), (sj, C, 1), strips.storage_offset() + b * sb + starts[y])
+                torch.bmm(resampled[b, :, y], src, out=out[b, y].view(n, T, C))
         return out
 
-    def range_logits(self, key: torch.Tensor, key_pad: torch.Tensor) -> torch.Tensor:
-        """<key(p + o), key(p)>: key (B, H, W, K) and its reflect padding -> (B, W/T, H, T, d*d)."""
-        k = self.split(key)  # (B, n, H, T, K)
-        B, n, H, T, _ = k.shape
-        rows = self._per_strip(k, self.sources(key_pad), k.new_empty(B, n, H, T, self.d * self.S), True)
-        return self._windows_of(rows).reshape(B, n, H, T, self.d * self.d)
 
-    def filter(self, src_pad: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-        """The adaptive filter: src_pad (B, H + d-1, W + d-1, C), kernel (B, W/T, H, T, d*d) -> (B, H, W, C)."""
-        B, n, H, T, _ = kernel.shape
-        weight = kernel.new_zeros(B, n, H, T, self.d * self.S)
-        self._windows_of(weight).copy_(kernel.view(B, n, H, T, self.d, self.d))
-        out = self._per_strip(weight, self.sources(src_pad), src_pad.new_empty(B, n, H, T, src_pad.shape[-1]), False)
-        return self.join(out)
+def _local_resample(m: torch.Tensor, starts: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The blocks of a resize matrix ``m`` (n_out, n_in) that windows of ``span`` output rows use.
+
+    For each window of rows starts[i]..starts[i] + span - 1 of ``m``: the first of the L input
+    columns holding all its nonzero weights (L the widest such range, the first clamped so the
+    block stays inside ``m``), and the block itself -> (blocks (len(starts), span, L), firsts, L).
+    """
+    n_in = m.shape[1]
+    cols = torch.arange(n_in)
+    nonzero = m != 0
+    lo = torch.where(nonzero, cols, n_in).amin(1).unfold(0, span, 1)[starts].amin(1)
+    hi = torch.where(nonzero, cols, -1).amax(1).unfold(0, span, 1)[starts].amax(1)
+    L = int((hi - lo).max()) + 1
+    first = lo.clamp(max=n_in - L)
+    rows = starts[:, None] + torch.arange(span)
+    blocks = m[rows[:, :, None], (first[:, None] + torch.arange(L))[:, None, :]]
+    return blocks, first, L
 
 
 _TILES: dict[tuple, Tiles] = {}

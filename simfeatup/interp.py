@@ -37,26 +37,30 @@ def bicubic_matrix(n_out, n_in: int, scale, like: torch.Tensor) -> torch.Tensor:
     return (coef[..., None] * onehot).sum(1)
 
 
+def padded_bicubic_matrix(n_out, n_in: int, pad: int, like: torch.Tensor) -> torch.Tensor:
+    """(n_out + 2 pad, n_in): :func:`bicubic_matrix` for a target size, its rows picked by the mirror
+    index, so that ``M @ x`` is the resize reflect-padded by ``pad`` (SPEC 3: every step pads its
+    source by the window radius). Computed in float32 at least, in ``like``'s device."""
+    from .filters import mirror_index
+
+    one = like.new_ones((), dtype=torch.promote_types(like.dtype, torch.float32))
+    m = bicubic_matrix(n_out, n_in, (one * n_in) / (one * n_out), one)
+    return m.index_select(0, mirror_index(n_out, pad, like.device)) if pad else m
+
+
 def bicubic_resize(x: torch.Tensor, size, *, channels_last: bool = False, pad: int = 0) -> torch.Tensor:
     """``F.interpolate(x, size, mode="bicubic", align_corners=False)`` as two matmuls.
 
     x (B, C, h, w), or (B, h, w, C) with ``channels_last``; returns the same layout at ``size``.
     The weights are computed in float32 (at least) and cast to x's dtype. ``pad``: the result
-    reflect-padded by ``pad`` on every side (:func:`simfeatup.filters.reflect_pad`), made by
-    the matmuls themselves: the rows of the weights are picked by the mirror index, so the
-    padded values are the same dot products, with no copy of the resized map.
+    reflect-padded by ``pad`` on every side (:func:`padded_bicubic_matrix`), made by the matmuls
+    themselves: the padded values are the same dot products, with no copy of the resized map.
     """
-    from .filters import mirror_index
-
     H, W = size
     h, w = (x.shape[1], x.shape[2]) if channels_last else (x.shape[-2], x.shape[-1])
-    one = x.new_ones((), dtype=torch.promote_types(x.dtype, torch.float32))
-    mh = bicubic_matrix(H, h, (one * h) / (one * H), one).to(x.dtype)  # (H, h)
-    mw = bicubic_matrix(W, w, (one * w) / (one * W), one).to(x.dtype)  # (W, w)
-    if pad:
-        mh = mh.index_select(0, mirror_index(H, pad, x.device))  # (H + 2 pad, h)
-        mw = mw.index_select(0, mirror_index(W, pad, x.device))
-        H, W = H + 2 * pad, W + 2 * pad
+    mh = padded_bicubic_matrix(H, h, pad, x).to(x.dtype)  # (H + 2 pad, h)
+    mw = padded_bicubic_matrix(W, w, pad, x).to(x.dtype)  # (W + 2 pad, w)
+    H, W = H + 2 * pad, W + 2 * pad
     if not channels_last:
         return mh @ x @ mw.T  # (B, C, H, W)
     B, _, _, C = x.shape

@@ -44,22 +44,27 @@ class UpsamplerFileError(ValueError):
     """An upsampler file that cannot be loaded: wrong format, missing tensor or wrong shape."""
 
 
-def factored_cosine(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+def factored_cosine(
+    x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor, text: torch.Tensor, *, orthonormal: bool = False
+) -> torch.Tensor:
     """Cosine logits <f / |f|, t> of features given as f(p) = x u(p) + bias, never building f.
 
-    x (B, C, n): the mixed token features; u (B, P, n): each pixel's coordinates on them (the
-    upsampling operator's rows); bias (C,); text (Q, C). Then <f, t> = (x^T t) . u + t . b and
-    |f|^2 = u^T (x^T x) u + 2 (x^T b) . u + |b|^2: n-wide products per pixel instead of a C-wide
-    feature map to normalise and project. Returns (B, Q, P) float32, as F.normalize + einsum.
-    The eager upsampler and its ONNX graph form both score with this.
+    x (B, C, n): the mixed token features, or an orthonormal basis of their span; u (B, P, n):
+    each pixel's coordinates on x (the upsampling operator's rows, or the operator applied to
+    the features' coordinates in that basis); bias (C,); text (Q, C). Then
+    <f, t> = (x^T t) . u + t . b and |f|^2 = u^T (x^T x) u + 2 (x^T b) . u + |b|^2: n-wide
+    products per pixel instead of a C-wide feature map to normalise and project. With
+    ``orthonormal`` x^T x is the identity and |f|^2 needs only |u|^2 (a 196 x 196 Gram product per
+    pixel saved at ViT-B/16). Returns (B, Q, P) float32, as F.normalize + einsum. The eager
+    upsampler and its ONNX graph form both score with this.
     """
     x, u, bias, text = x.float(), u.float(), bias.float(), text.float()
     num = u @ (text @ x).transpose(1, 2) + text @ bias  # (B, P, Q)
-    gram = x.transpose(1, 2) @ x  # (B, n, n)
     # (B, n); not x^T @ bias: onnxruntime 1.32's MatmulTransposeFusion computes a transposed
     # batched matrix times a vector wrongly (relative error ~1)
     cross = bias @ x
-    sq = torch.einsum("bpn,bpn->bp", u @ gram, u) + 2 * (u @ cross[..., None]).squeeze(-1) + bias @ bias  # (B, P)
+    quad = u if orthonormal else u @ (x.transpose(1, 2) @ x)  # u^T (x^T x) u, as a row-wise dot with u
+    sq = torch.einsum("bpn,bpn->bp", quad, u) + 2 * (u @ cross[..., None]).squeeze(-1) + bias @ bias  # (B, P)
     norm = sq.clamp(min=0).sqrt().clamp(min=1e-12)  # F.normalize's eps
     return (num / norm[..., None]).transpose(1, 2)
 
@@ -149,18 +154,18 @@ class JBUStep(nn.Module):
         src_pad = bicubic_resize(source, guide.shape[-2:], pad=self.radius)
         return adaptive_filter(src_pad, self.kernel(guide))
 
-    def forward_tiled(self, source: torch.Tensor, guide: torch.Tensor, tiles: filters.Tiles) -> torch.Tensor:
+    def forward_tiled(self, source: torch.Tensor, guide: torch.Tensor, tiles) -> torch.Tensor:
         """The same step channels-last, for inference and the ONNX graph form.
 
-        source (B, h, w, C), guide (B, H, W, 3) already pooled -> (B, H, W, C). The range logits
-        and the filter are the tiled matmuls of ``tiles`` (whose tile side divides H and W), so
-        nothing is permuted between steps.
+        source (B, h, w, C), guide (B, H, W, 3) already pooled -> (B, H, W, C). ``tiles`` (a
+        :class:`simfeatup.filters.Tiles`, whose tile side divides H and W, or eager
+        :class:`simfeatup.filters.Strips`) computes the range logits, calls the step's kernel
+        formula and filters the bicubic-resized source, so nothing is permuted between steps.
         """
         r = self.radius
         key = pointwise(self.range_proj, guide, dim=-1)  # (B, H, W, key_dim)
-        src_pad = bicubic_resize(source, guide.shape[1:3], channels_last=True, pad=r)
-        kernel_of = lambda logits, g: self.kernel_from_range(logits, g, dim=-1).to(src_pad.dtype)  # noqa: E731
-        return tiles.jbu(kernel_of, key, reflect_pad(key, r, dims=(1, 2)), guide, src_pad)
+        kernel_of = lambda logits, g: self.kernel_from_range(logits, g, dim=-1)  # noqa: E731
+        return tiles.jbu(kernel_of, key, reflect_pad(key, r, dims=(1, 2)), guide, source)
 
 
 class SimFeatUp(nn.Module):
@@ -279,22 +284,34 @@ class SimFeatUp(nn.Module):
             f = self(feats, guidance, tiles=tiles, operator=False)
             return torch.einsum("bchw,qc->bqhw", F.normalize(f.float(), dim=1), text.float())
         x = self._mix_channels(feats)
-        u = self._operator(x, guidance, tiles)  # (B, H, W, n)
-        return factored_cosine(x.flatten(2), u.reshape(B, H * W, -1), self.bias(), text).reshape(B, -1, H, W)
+        if tiles is not None:  # the graph form: ONNX has no QR
+            u = self._operator(x, guidance, tiles)  # (B, H, W, n)
+            return factored_cosine(x.flatten(2), u.reshape(B, H * W, -1), self.bias(), text).reshape(B, -1, H, W)
+        # x = basis @ coords with an orthonormal basis: the steps run on the coordinates (as many
+        # images as unit images, the same cost) and the norm needs no Gram matrix
+        exact = torch.promote_types(x.dtype, torch.float32)
+        basis, coords = torch.linalg.qr(x.flatten(2).to(exact))  # (B, C, n), (B, n, n)
+        v = self._operator(x, guidance, coords=coords.transpose(1, 2).to(x.dtype))  # (B, H, W, n)
+        logits = factored_cosine(basis, v.reshape(B, H * W, -1), self.bias(), text, orthonormal=True)
+        return logits.reshape(B, -1, H, W)
 
-    def _operator(self, x: torch.Tensor, guidance: torch.Tensor, tiles=None) -> torch.Tensor:
-        """The steps applied to the h*w unit images: (B, H, W, n), the rows of the linear map per pixel.
+    def _operator(self, x: torch.Tensor, guidance: torch.Tensor, tiles=None, coords=None) -> torch.Tensor:
+        """The steps applied to images on the h*w token grid -> (B, H, W, m).
 
-        Every step is one image-dependent linear map, identical for every channel (SPEC 3), so
-        with n < C running it on the n unit images and mixing them into C channels is cheaper.
+        coords (B, h*w, m): image j has value coords[:, k, j] at token k; by default the n = h*w
+        unit images, whose results are the rows of the linear map per pixel. Every step is one
+        image-dependent linear map, identical for every channel (SPEC 3), so with n < C running
+        it on n images and mixing them into C channels is cheaper.
         """
         B, _, h, w = x.shape
         n = h * w
         guidance = guidance.to(x.dtype)
-        eye = torch.eye(n, dtype=x.dtype, device=x.device)
-        if tiles is None and self._autograd(x, guidance):
-            return self._upsample(eye.view(1, n, h, w).expand(B, n, h, w), guidance).permute(0, 2, 3, 1)
-        return self._upsample_tiled(eye.view(1, h, w, n).expand(B, h, w, n), guidance, tiles)
+        if coords is None:
+            coords = torch.eye(n, dtype=x.dtype, device=x.device).expand(B, n, n)
+        images = coords.reshape(B, h, w, -1)
+        if tiles is None and self._autograd(x, guidance, coords):
+            return self._upsample(images.permute(0, 3, 1, 2), guidance).permute(0, 2, 3, 1)
+        return self._upsample_tiled(images, guidance, tiles)
 
     def bias(self) -> torch.Tensor:
         """(C,) what the final fixup adds to every pixel: 0.1 * its conv's bias (SPEC 3)."""
