@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .interp import bicubic_resize, padded_bicubic_matrix
+from .interp import padded_bicubic_matrix
 
 # Channels per chunk of the adaptive filter are chosen so one chunk of the output is about this
 # many bytes: it then stays in cache across the 121 offsets. Measured on a 2-core EPYC
@@ -175,9 +175,9 @@ class Tiles(nn.Module):
     scatter/gather (index_select along middle axes is ~10x slower in eager PyTorch).
     """
 
-    def __init__(self, T: int, d: int):
+    def __init__(self, T: int, d: int, scale: float | None = None):
         super().__init__()
-        self.T, self.d, self.S = T, d, T + d - 1
+        self.T, self.d, self.S, self.scale = T, d, T + d - 1, scale
         S = self.S
         py, px, oy, ox = torch.meshgrid(*(torch.arange(n) for n in (T, T, d, d)), indexing="ij")
         p, o, q = py * T + px, oy * d + ox, (py + oy) * S + px + ox  # pixel, offset (row-major), source
@@ -237,11 +237,40 @@ class Tiles(nn.Module):
             source: torch.Tensor) -> torch.Tensor:
         """A JBU step's sums: range logits of key (B, H, W, K) with its padding, ``kernel_of(logits,
         guide)`` over the last axis (the step's kernel formula), then the filter of the step's source
-        (B, h, w, C) bicubic-resized to (H, W) and reflect-padded -> (B, H, W, C)."""
-        r = (self.d - 1) // 2
-        src_pad = bicubic_resize(source, key.shape[1:3], channels_last=True, pad=r)
-        kernel = kernel_of(self.range_logits(key, key_pad), self.split(guide)).to(src_pad.dtype)
-        return self.filter(src_pad, kernel)
+        (B, h, w, C) bicubic-resized to (H, W) and reflect-padded -> (B, H, W, C).
+
+        As in :class:`Strips`, the resize is folded into the filter: each tile's kernels are pushed
+        through the resize weights onto the L x L source pixels the tile's padded window reads
+        (13 x 13 at x2 for 8 x 8 tiles, against 18 x 18 on the resized map), and the filter is one
+        (T*T, L*L) @ (L*L, C) matmul per tile on the source. L is a bound from the step's scale
+        (``scale``: input over output side), since the graph's sizes are symbolic; eager, the
+        exact width.
+        """
+        B, H, W, _ = key.shape
+        T, d, S = self.T, self.d, self.S
+        h, w = H // T, W // T
+        n_y, n_x, C = source.shape[1:]
+        r = (d - 1) // 2
+        kernel = kernel_of(self.range_logits(key, key_pad), self.split(guide))  # (B, h, w, T*T, d*d)
+        bound = None if self.scale is None else math.ceil((S - 1) * self.scale) + 4
+        ar = torch.arange(T, device=key.device)
+        starts_y, starts_x = (torch.arange(n, device=key.device) * T for n in (h, w))  # first padded row of a tile
+        by, first_y, Ly = _local_resample(padded_bicubic_matrix(H, n_y, r, source), starts_y, S, bound)  # (h, S, Ly)
+        bx, first_x, Lx = _local_resample(padded_bicubic_matrix(W, n_x, r, source), starts_x, S, bound)
+        window = (ar[:, None] + torch.arange(d, device=key.device)).flatten()  # padded rows py + dy of a tile
+        by = by.index_select(1, window).reshape(h, T, d, Ly)
+        bx = bx.index_select(1, window).reshape(w, T, d, Lx)
+        k = kernel.to(by.dtype).reshape(B, h, w, T, T, d, d)
+        k = k @ bx.reshape(1, 1, w, 1, T, d, Lx)  # (B, h, w, T, T, d, Lx): dx contracted
+        k = by.transpose(-1, -2).reshape(1, h, 1, T, 1, Ly, d) @ k  # (B, h, w, T, T, Ly, Lx): dy contracted
+        weight = k.reshape(B, h, w, T * T, Ly * Lx).to(source.dtype)
+        rows = _clamped(first_y[:, None] + torch.arange(Ly, device=key.device), n_y)  # (h, Ly)
+        cols = _clamped(first_x[:, None] + torch.arange(Lx, device=key.device), n_x)  # (w, Lx)
+        # one gather straight into the tile layout (B, h, w, Ly*Lx, C): gathering rows, then
+        # columns, then permuting cost onnxruntime twice the time (a 26 M-value transpose at 224)
+        flat = (rows[:, None, :, None] * n_x + cols[None, :, None, :]).reshape(-1)  # (h, w, Ly, Lx)
+        src = source.reshape(B, -1, C).index_select(1, flat).reshape(B, h, w, Ly * Lx, C)
+        return self.join(weight @ src)
 
     def filter(self, src_pad: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
         """The adaptive filter: src_pad (B, H + d-1, W + d-1, C), kernel (B, h, w, T*T, d*d) -> (B, H, W, C)."""
@@ -333,23 +362,32 @@ class Strips:
         return out
 
 
-def _local_resample(m: torch.Tensor, starts: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _clamped(index: torch.Tensor, n) -> torch.Tensor:
+    """``index`` clamped to [0, n - 1]; ``n`` may be symbolic."""
+    return torch.minimum(index, index.new_ones(()) * (n - 1)).clamp(min=0)
+
+
+def _local_resample(m: torch.Tensor, starts: torch.Tensor, span: int, L: int | None = None):
     """The blocks of a resize matrix ``m`` (n_out, n_in) that windows of ``span`` output rows use.
 
-    For each window of rows starts[i]..starts[i] + span - 1 of ``m``: the first of the L input
-    columns holding all its nonzero weights (L the widest such range, the first clamped so the
-    block stays inside ``m``), and the block itself -> (blocks (len(starts), span, L), firsts, L).
+    For each window of rows starts[i]..starts[i] + span - 1 of ``m``: the first of L input
+    columns holding all its nonzero weights, and the block of those rows and columns ->
+    (blocks (N, span, L), firsts (N,), L). L: the widest such range (eager), or a bound given by
+    the caller (the graph form, whose sizes are symbolic); the first is clamped so the block
+    stays inside ``m``, and columns past its edge (an input narrower than L) get zero weights.
     """
     n_in = m.shape[1]
-    cols = torch.arange(n_in)
+    ar = torch.arange(span, device=m.device)
+    cols = torch.arange(n_in, device=m.device)
     nonzero = m != 0
-    lo = torch.where(nonzero, cols, n_in).amin(1).unfold(0, span, 1)[starts].amin(1)
-    hi = torch.where(nonzero, cols, -1).amax(1).unfold(0, span, 1)[starts].amax(1)
-    L = int((hi - lo).max()) + 1
-    first = lo.clamp(max=n_in - L)
-    rows = starts[:, None] + torch.arange(span)
-    blocks = m[rows[:, :, None], (first[:, None] + torch.arange(L))[:, None, :]]
-    return blocks, first, L
+    rows = starts[:, None] + ar  # (N, span)
+    lo = torch.where(nonzero, cols, n_in).amin(1)[rows].amin(1)
+    if L is None:
+        L = int((torch.where(nonzero, cols, -1).amax(1)[rows].amax(1) - lo).max()) + 1
+    first = torch.minimum(lo, cols.new_ones(()) * (n_in - L)).clamp(min=0)
+    idx = first[:, None] + torch.arange(L, device=m.device)  # (N, L)
+    picked = m[rows.flatten()].reshape(-1, span, n_in).gather(2, _clamped(idx, n_in)[:, None, :].expand(-1, span, L))
+    return torch.where((idx < n_in)[:, None, :], picked, picked.new_zeros(())), first, L
 
 
 _TILES: dict[tuple, Tiles] = {}

@@ -64,7 +64,8 @@ def factored_cosine(
     # batched matrix times a vector wrongly (relative error ~1)
     cross = bias @ x
     quad = u if orthonormal else u @ (x.transpose(1, 2) @ x)  # u^T (x^T x) u, as a row-wise dot with u
-    sq = torch.einsum("bpn,bpn->bp", quad, u) + 2 * (u @ cross[..., None]).squeeze(-1) + bias @ bias  # (B, P)
+    # (a product and a sum: onnxruntime's Einsum took 8x longer for this row-wise dot)
+    sq = (quad * u).sum(-1) + 2 * (u @ cross[..., None]).squeeze(-1) + bias @ bias  # (B, P)
     norm = sq.clamp(min=0).sqrt().clamp(min=1e-12)  # F.normalize's eps
     return (num / norm[..., None]).transpose(1, 2)
 

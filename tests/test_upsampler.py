@@ -304,3 +304,17 @@ def test_training_after_inference_in_one_process():
     m.train()
     m(feats, guidance).sum().backward()
     assert m.up.range_temp.grad is not None
+
+
+@pytest.mark.parametrize("patch,h,w", [(16, 1, 2), (16, 3, 5), (14, 1, 1), (14, 4, 3)])
+def test_graph_form_equals_eager_where_the_tile_window_outgrows_the_input(patch, h, w):
+    """The graph form's tiles read a bounded source window (its sizes are symbolic), wider than a
+    1- or 2-token grid: the clamped, zero-weighted columns must leave the sums exact."""
+    from simfeatup.export.graph_form import GraphUpsampler
+
+    m = perturbed(SimFeatUp(40, patch)).double().eval()
+    feats = torch.randn(2, 40, h, w, dtype=torch.float64)
+    guidance = torch.randn(2, 3, h * patch, w * patch, dtype=torch.float64)
+    with torch.no_grad():
+        want, got = m(feats, guidance), GraphUpsampler(m, 196)(feats, guidance)
+    assert (got - want).abs().max() <= 1e-10 * want.abs().max()

@@ -41,7 +41,9 @@ class GraphUpsampler(nn.Module):
         # thread, the operator at 224 x 224: cosine_logits 0.72 s against 0.93 s with 16 x 16)
         per_token = [2 ** (i + 1) for i in range(len(steps) - 1)] + [upsampler.patch_size]
         self.sides = [max(t for t in range(1, TILE + 1) if side % t == 0) for side in per_token]
-        self.tiles = nn.ModuleList(Tiles(T, step.diameter) for T, step in zip(self.sides, steps))
+        # each step's input side over its output side, per token: bounds the source window of a tile
+        scales = [a / b for a, b in zip([1, *per_token[:-1]], per_token)]
+        self.tiles = nn.ModuleList(Tiles(T, step.diameter, s) for T, step, s in zip(self.sides, steps, scales))
 
     def forward(self, feats: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
         """feats (B, C, h, w), guidance (B, 3, h*p, w*p) -> (B, C, h*p, w*p), as SimFeatUp.forward."""
