@@ -12,6 +12,9 @@ channel counts and is extrapolated to --dim with a straight line through them; a
 does not rise with C is refused). A ViT-B/16-architecture window forward (random weights, no
 download) is the yardstick.
 
+Allocator: every row runs as the simfeatup commands do, with large freed buffers kept for reuse
+(simfeatup/allocator.py); one more row times cosine_logits with glibc's default allocator.
+
 Timing: CPU seconds (``time.process_time``, all threads of the process), best of --repeats
 after one cold call, each measurement in its own subprocess (so its peak RSS is its own), the
 --rounds interleaved so a change of machine load hits every row alike. CPU time instead of
@@ -72,6 +75,7 @@ def per_channel_forward(module, feats, guidance):
 
 
 QUERIES = 16  # text embeddings scored per window in the cosine_logits row
+DEFAULT_ALLOCATOR = "+default-allocator"  # a row measured without the CLI's allocator setting
 
 
 def _onnx_cosine(up, args, grid: int):
@@ -100,8 +104,23 @@ def _onnx_cosine(up, args, grid: int):
     return lambda *_: session.run(None, feeds)
 
 
+def _keep_freed_memory() -> bool:
+    """What every simfeatup command does first (simfeatup/allocator.py), from this checkout's file
+    whichever checkout is timed, so a --baseline is measured under the same allocator."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_allocator", ROOT / "simfeatup" / "allocator.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.keep_freed_memory()
+
+
 def _child(kind: str, dim: int, grid: int, patch: int, repeats: int, code: str) -> dict:
     """Runs in a fresh process: one cold call (its peak RSS), then the best of ``repeats``."""
+    if kind.endswith(DEFAULT_ALLOCATOR):
+        kind = kind[: -len(DEFAULT_ALLOCATOR)]
+    else:
+        _keep_freed_memory()
     sys.path.insert(0, code)  # the checkout whose simfeatup is timed
     from simfeatup.upsampler import SimFeatUp
 
@@ -210,6 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
     kinds = ("cosine", "forward") + (("onnx",) if args.onnx else ())
     rows = {(who, kind): [] for who in codes for kind in kinds}
     rows["vit"] = []
+    rows[("ours", "cosine" + DEFAULT_ALLOCATOR)] = []
     for _ in range(args.rounds):
         for key, runs in rows.items():
             runs.append(run("vit") if key == "vit" else run(key[1], code=codes[key[0]]))
@@ -236,6 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.onnx:
             line(f"cosine_logits, onnxruntime{tag}", best[(who, "onnx")])
         result[who] = {kind: best[(who, kind)] for kind in kinds}
+    line("cosine_logits, glibc's default allocator", best[("ours", "cosine" + DEFAULT_ALLOCATOR)])
     line("JBU steps on all C channels", best["per-channel"])
     line("ViT-B/16 224 window forward (random)", best["vit"])
     for r in naive:

@@ -21,6 +21,7 @@ import os
 import sys
 from typing import Callable
 
+from .allocator import keep_freed_memory
 from .extras import missing_extra
 
 USER_ERROR = 2
@@ -79,6 +80,7 @@ def run_command(prog: str, body: Callable[[], int | None], *, needs: str, verbos
     needs: what needs a missing optional package, for its line: ``"<needs> needs torch, which
     is not installed: pip install ..."``. Import the optional packages inside ``body``.
     """
+    keep_freed_memory()
     try:
         code = body()
     except BrokenPipeError:  # `simfeatup presets | head`: the reader left; say nothing more

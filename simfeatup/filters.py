@@ -209,10 +209,9 @@ class Tiles(nn.Module):
             windows = x_pad.unfold(1, S, T).unfold(2, S, T)  # (B, h, w, C, S, S), a view
             return windows.permute(0, 1, 2, 4, 5, 3).reshape(B, h, w, S * S, C)
         ar = torch.arange(S, device=x_pad.device)
-        rows = (torch.arange(h, device=x_pad.device)[:, None] * T + ar).reshape(-1)
-        cols = (torch.arange(w, device=x_pad.device)[:, None] * T + ar).reshape(-1)
-        x = x_pad.index_select(1, rows).index_select(2, cols)  # (B, h*S, w*S, C)
-        return x.reshape(B, h, S, w, S, C).permute(0, 1, 3, 2, 4, 5).reshape(B, h, w, S * S, C)
+        rows = torch.arange(h, device=x_pad.device)[:, None] * T + ar
+        cols = torch.arange(w, device=x_pad.device)[:, None] * T + ar
+        return _tile_gather(x_pad, rows, cols)
 
     def range_logits(self, key: torch.Tensor, key_pad: torch.Tensor) -> torch.Tensor:
         """<key(p + o), key(p)>: key (B, H, W, K) and its reflect padding -> (B, h, w, T*T, d*d)."""
@@ -266,11 +265,7 @@ class Tiles(nn.Module):
         weight = k.reshape(B, h, w, T * T, Ly * Lx).to(source.dtype)
         rows = _clamped(first_y[:, None] + torch.arange(Ly, device=key.device), n_y)  # (h, Ly)
         cols = _clamped(first_x[:, None] + torch.arange(Lx, device=key.device), n_x)  # (w, Lx)
-        # one gather straight into the tile layout (B, h, w, Ly*Lx, C): gathering rows, then
-        # columns, then permuting cost onnxruntime twice the time (a 26 M-value transpose at 224)
-        flat = (rows[:, None, :, None] * n_x + cols[None, :, None, :]).reshape(-1)  # (h, w, Ly, Lx)
-        src = source.reshape(B, -1, C).index_select(1, flat).reshape(B, h, w, Ly * Lx, C)
-        return self.join(weight @ src)
+        return self.join(weight @ _tile_gather(source, rows, cols))
 
     def filter(self, src_pad: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
         """The adaptive filter: src_pad (B, H + d-1, W + d-1, C), kernel (B, h, w, T*T, d*d) -> (B, H, W, C)."""
@@ -360,6 +355,19 @@ class Strips:
                 src = strips.as_strided((n, Ly * Lx, C), (sj, C, 1), strips.storage_offset() + b * sb + starts[y])
                 torch.bmm(resampled[b, :, y], src, out=out[b, y].view(n, T, C))
         return out
+
+
+def _tile_gather(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """x (B, n_y, n_x, C), the rows (h, Ly) and columns (w, Lx) of every tile -> (B, h, w, Ly*Lx, C).
+
+    One gather by a flat index, straight into the tile layout: gathering rows, then columns,
+    then permuting took onnxruntime twice as long (a 26 M-value transpose at 224 x 224).
+    """
+    B, _, n_x, C = x.shape
+    h, Ly = rows.shape
+    w, Lx = cols.shape
+    flat = (rows[:, None, :, None] * n_x + cols[None, :, None, :]).reshape(-1)  # (h, w, Ly, Lx)
+    return x.reshape(B, -1, C).index_select(1, flat).reshape(B, h, w, Ly * Lx, C)
 
 
 def _clamped(index: torch.Tensor, n) -> torch.Tensor:

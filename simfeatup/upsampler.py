@@ -63,9 +63,11 @@ def factored_cosine(
     # (B, n); not x^T @ bias: onnxruntime 1.32's MatmulTransposeFusion computes a transposed
     # batched matrix times a vector wrongly (relative error ~1)
     cross = bias @ x
-    quad = u if orthonormal else u @ (x.transpose(1, 2) @ x)  # u^T (x^T x) u, as a row-wise dot with u
-    # (a product and a sum: onnxruntime's Einsum took 8x longer for this row-wise dot)
-    sq = (quad * u).sum(-1) + 2 * (u @ cross[..., None]).squeeze(-1) + bias @ bias  # (B, P)
+    if orthonormal:
+        quad = torch.linalg.vector_norm(u, dim=-1).square()  # |u|^2, no (B, P, n) temporary
+    else:  # u^T (x^T x) u as a product and a sum: onnxruntime's Einsum took 8x longer for this row-wise dot
+        quad = (u @ (x.transpose(1, 2) @ x) * u).sum(-1)
+    sq = quad + 2 * (u @ cross[..., None]).squeeze(-1) + bias @ bias  # (B, P)
     norm = sq.clamp(min=0).sqrt().clamp(min=1e-12)  # F.normalize's eps
     return (num / norm[..., None]).transpose(1, 2)
 
