@@ -149,9 +149,10 @@ class _ShiftedSliceFilter(torch.autograd.Function):
 # 0.48 s against 0.52 s for 16 x 16 and 0.66 s for 4 x 4 (2 busy cores); under autograd the range
 # logits keep (T*T, S*S) pairs per tile, which 8 keeps small. (The graph form: sides dividing a token, <= TILE.)
 TILE = 8
-# Width of the eager strips (:class:`Strips`): 8 and 16 ran alike at 224 x 224 with 196 channels,
-# 4 slower (small GEMMs), 32 slower (3.8x the window sum's multiply-adds).
-STRIP = 16
+# Width of the eager strips (:class:`Strips`), with the resize folded into the filter: at 224 x 224
+# with 196 channels, 8 (9 x 12 sources per row) ran cosine_logits ~6% faster than 16 (9 x 16:
+# fewer, larger matmuls, but 1.7x the range logits' pairs) and 32 ~12% slower (1 thread).
+STRIP = 8
 
 
 def tile_side(H: int, W: int, largest: int) -> int:
@@ -233,10 +234,11 @@ class Tiles(nn.Module):
         return weight.as_strided(shape, (b, i, j, T * S * S + S, S * S + 1, S, 1), weight.storage_offset())
 
     def jbu(self, kernel_of, key: torch.Tensor, key_pad: torch.Tensor, guide: torch.Tensor,
-            source: torch.Tensor) -> torch.Tensor:
+            source: torch.Tensor, join: bool = True) -> torch.Tensor:
         """A JBU step's sums: range logits of key (B, H, W, K) with its padding, ``kernel_of(logits,
         guide)`` over the last axis (the step's kernel formula), then the filter of the step's source
-        (B, h, w, C) bicubic-resized to (H, W) and reflect-padded -> (B, H, W, C).
+        (B, h, w, C) bicubic-resized to (H, W) and reflect-padded -> (B, H, W, C), or with
+        ``join=False`` the tile layout (B, H/T, W/T, T*T, C) (a per-pixel consumer saves the transpose).
 
         As in :class:`Strips`, the resize is folded into the filter: each tile's kernels are pushed
         through the resize weights onto the L x L source pixels the tile's padded window reads
@@ -265,7 +267,8 @@ class Tiles(nn.Module):
         weight = k.reshape(B, h, w, T * T, Ly * Lx).to(source.dtype)
         rows = _clamped(first_y[:, None] + torch.arange(Ly, device=key.device), n_y)  # (h, Ly)
         cols = _clamped(first_x[:, None] + torch.arange(Lx, device=key.device), n_x)  # (w, Lx)
-        return self.join(weight @ _tile_gather(source, rows, cols))
+        out = weight @ _tile_gather(source, rows, cols)
+        return self.join(out) if join else out
 
     def filter(self, src_pad: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
         """The adaptive filter: src_pad (B, H + d-1, W + d-1, C), kernel (B, h, w, T*T, d*d) -> (B, H, W, C)."""
@@ -289,11 +292,11 @@ class Strips:
     view (no copy). Filter: the resize (:func:`simfeatup.interp.padded_bicubic_matrix`, rows By,
     columns Bx) and the window sum are both linear, so out(y, x) = sum_q Wc(y, x, q) src(q) with
     Wc(y, x, qy, qx) = sum_(dy, dx) K(y, x, dy, dx) By(y + dy, qy) Bx(x + dx, qx). Row y of strip
-    j touches only Ly source rows and its strip only Lx source columns (9 x 17 at x2 with T=16
+    j touches only Ly source rows and its strip only Lx source columns (9 x 12 at x2 with T=8
     and d=11), so each output row of every strip is one (T, Ly*Lx) @ (Ly*Lx, C) matmul on the
-    source: 1.3x the window sum's multiply-adds at x2, against 1.6x on the resized map, and
-    the (H + d-1, W + d-1, C) resized map is never built. Strides cannot be expressed in ONNX:
-    the graph form keeps :class:`Tiles`.
+    source: 0.9x the window sum's 121 multiply-adds per channel at x2, against 1.6x on the
+    resized map, and the (H + d-1, W + d-1, C) resized map is never built. Strides cannot be
+    expressed in ONNX: the graph form keeps :class:`Tiles`, which folds the resize the same way.
     """
 
     def __init__(self, T: int, d: int):

@@ -59,15 +59,16 @@ def factored_cosine(
     upsampler and its ONNX graph form both score with this.
     """
     x, u, bias, text = x.float(), u.float(), bias.float(), text.float()
-    num = u @ (text @ x).transpose(1, 2) + text @ bias  # (B, P, Q)
-    # (B, n); not x^T @ bias: onnxruntime 1.32's MatmulTransposeFusion computes a transposed
-    # batched matrix times a vector wrongly (relative error ~1)
-    cross = bias @ x
+    # x^T t for every query and x^T b, as rows of one (B, Q + 1, n) matrix: one product with u.
+    # (bias @ x, not x^T @ bias: onnxruntime 1.32's MatmulTransposeFusion computes a transposed
+    # batched matrix times a vector wrongly, relative error ~1)
+    both = u @ torch.cat([text @ x, (bias @ x)[:, None, :]], dim=1).transpose(1, 2)  # (B, P, Q + 1)
+    num, cross = both[..., :-1] + text @ bias, both[..., -1]  # (B, P, Q), (B, P): <f, t> and (x^T b) . u
     if orthonormal:
         quad = torch.linalg.vector_norm(u, dim=-1).square()  # |u|^2, no (B, P, n) temporary
     else:  # u^T (x^T x) u as a product and a sum: onnxruntime's Einsum took 8x longer for this row-wise dot
         quad = (u @ (x.transpose(1, 2) @ x) * u).sum(-1)
-    sq = quad + 2 * (u @ cross[..., None]).squeeze(-1) + bias @ bias  # (B, P)
+    sq = quad + 2 * cross + bias @ bias  # (B, P)
     norm = sq.clamp(min=0).sqrt().clamp(min=1e-12)  # F.normalize's eps
     return (num / norm[..., None]).transpose(1, 2)
 
@@ -157,18 +158,19 @@ class JBUStep(nn.Module):
         src_pad = bicubic_resize(source, guide.shape[-2:], pad=self.radius)
         return adaptive_filter(src_pad, self.kernel(guide))
 
-    def forward_tiled(self, source: torch.Tensor, guide: torch.Tensor, tiles) -> torch.Tensor:
+    def forward_tiled(self, source: torch.Tensor, guide: torch.Tensor, tiles, **layout) -> torch.Tensor:
         """The same step channels-last, for inference and the ONNX graph form.
 
         source (B, h, w, C), guide (B, H, W, 3) already pooled -> (B, H, W, C). ``tiles`` (a
         :class:`simfeatup.filters.Tiles`, whose tile side divides H and W, or eager
         :class:`simfeatup.filters.Strips`) computes the range logits, calls the step's kernel
         formula and filters the bicubic-resized source, so nothing is permuted between steps.
+        ``layout``: passed on to ``tiles.jbu`` (``join=False``: :class:`Tiles`' tile layout).
         """
         r = self.radius
         key = pointwise(self.range_proj, guide, dim=-1)  # (B, H, W, key_dim)
         kernel_of = lambda logits, g: self.kernel_from_range(logits, g, dim=-1)  # noqa: E731
-        return tiles.jbu(kernel_of, key, reflect_pad(key, r, dims=(1, 2)), guide, source)
+        return tiles.jbu(kernel_of, key, reflect_pad(key, r, dims=(1, 2)), guide, source, **layout)
 
 
 class SimFeatUp(nn.Module):
@@ -236,19 +238,21 @@ class SimFeatUp(nn.Module):
             x = step(x, pool_guidance(guidance, size))
         return x
 
-    def _upsample_tiled(self, x: torch.Tensor, guidance: torch.Tensor, tiles=None) -> torch.Tensor:
+    def _upsample_tiled(self, x: torch.Tensor, guidance: torch.Tensor, tiles=None, tile_layout=False) -> torch.Tensor:
         """The JBU steps channels-last (:meth:`JBUStep.forward_tiled`): x (B, h, w, K) -> (B, H, W, K).
 
         ``tiles``: one :class:`simfeatup.filters.Tiles` per step. The graph form passes square
         tiles with static sides for every window size; eager, each step runs
         :class:`simfeatup.filters.Strips` of the largest width <= ``filters.STRIP`` dividing its
-        output width.
+        output width. ``tile_layout`` (graph form): the last step's output in its tiles' layout.
         """
         sizes = self._sizes(*x.shape[1:3], guidance)
-        for i, (step, size) in enumerate(zip(self.steps(), sizes)):
+        steps = self.steps()
+        for i, (step, size) in enumerate(zip(steps, sizes)):
             t = tiles[i] if tiles is not None else filters.Strips(filters.tile_side(size[1], size[1], filters.STRIP),
                                                                   step.diameter)
-            x = step.forward_tiled(x, pool_guidance(guidance, size).permute(0, 2, 3, 1), t)
+            layout = {"join": False} if tile_layout and i == len(steps) - 1 else {}
+            x = step.forward_tiled(x, pool_guidance(guidance, size).permute(0, 2, 3, 1), t, **layout)
         return x
 
     def forward(self, feats: torch.Tensor, guidance: torch.Tensor, *, tiles=None, operator=None) -> torch.Tensor:
@@ -287,9 +291,10 @@ class SimFeatUp(nn.Module):
             f = self(feats, guidance, tiles=tiles, operator=False)
             return torch.einsum("bchw,qc->bqhw", F.normalize(f.float(), dim=1), text.float())
         x = self._mix_channels(feats)
-        if tiles is not None:  # the graph form: ONNX has no QR
-            u = self._operator(x, guidance, tiles)  # (B, H, W, n)
-            return factored_cosine(x.flatten(2), u.reshape(B, H * W, -1), self.bias(), text).reshape(B, -1, H, W)
+        if tiles is not None:  # the graph form: ONNX has no QR; pixels scored in the last step's tile order
+            u = self._operator(x, guidance, tiles, tile_layout=True)  # (B, H/T, W/T, T*T, n)
+            logits = factored_cosine(x.flatten(2), u.reshape(B, H * W, -1), self.bias(), text)  # (B, Q, H*W)
+            return tiles[-1].join(logits.transpose(1, 2).reshape(*u.shape[:-1], -1)).permute(0, 3, 1, 2)
         # x = basis @ coords with an orthonormal basis: the steps run on the coordinates (as many
         # images as unit images, the same cost) and the norm needs no Gram matrix
         exact = torch.promote_types(x.dtype, torch.float32)
@@ -298,11 +303,13 @@ class SimFeatUp(nn.Module):
         logits = factored_cosine(basis, v.reshape(B, H * W, -1), self.bias(), text, orthonormal=True)
         return logits.reshape(B, -1, H, W)
 
-    def _operator(self, x: torch.Tensor, guidance: torch.Tensor, tiles=None, coords=None) -> torch.Tensor:
+    def _operator(self, x: torch.Tensor, guidance: torch.Tensor, tiles=None, coords=None,
+                  tile_layout=False) -> torch.Tensor:
         """The steps applied to images on the h*w token grid -> (B, H, W, m).
 
         coords (B, h*w, m): image j has value coords[:, k, j] at token k; by default the n = h*w
-        unit images, whose results are the rows of the linear map per pixel. Every step is one
+        unit images, whose results are the rows of the linear map per pixel. ``tile_layout``: as
+        in :meth:`_upsample_tiled`. Every step is one
         image-dependent linear map, identical for every channel (SPEC 3), so with n < C running
         it on n images and mixing them into C channels is cheaper.
         """
@@ -314,7 +321,7 @@ class SimFeatUp(nn.Module):
         images = coords.reshape(B, h, w, -1)
         if tiles is None and self._autograd(x, guidance, coords):
             return self._upsample(images.permute(0, 3, 1, 2), guidance).permute(0, 2, 3, 1)
-        return self._upsample_tiled(images, guidance, tiles)
+        return self._upsample_tiled(images, guidance, tiles, tile_layout)
 
     def bias(self) -> torch.Tensor:
         """(C,) what the final fixup adds to every pixel: 0.1 * its conv's bias (SPEC 3)."""

@@ -315,6 +315,11 @@ def test_graph_form_equals_eager_where_the_tile_window_outgrows_the_input(patch,
     m = perturbed(SimFeatUp(40, patch)).double().eval()
     feats = torch.randn(2, 40, h, w, dtype=torch.float64)
     guidance = torch.randn(2, 3, h * patch, w * patch, dtype=torch.float64)
+    text = F.normalize(torch.randn(5, 40, dtype=torch.float64), dim=1)
+    graph = GraphUpsampler(m, 196)
     with torch.no_grad():
-        want, got = m(feats, guidance), GraphUpsampler(m, 196)(feats, guidance)
+        want, got = m(feats, guidance), graph(feats, guidance)
+        # scored in the last step's tile order, then put back in place (float32, as eager)
+        torch.testing.assert_close(graph.cosine_logits(feats, guidance, text), m.cosine_logits(feats, guidance, text),
+                                   atol=2e-6, rtol=1e-5)
     assert (got - want).abs().max() <= 1e-10 * want.abs().max()
