@@ -335,10 +335,12 @@ class Strips:
         B, n, H, T, _ = keys.shape
         d, r = self.d, (self.d - 1) // 2
         h, w, C = source.shape[1:]
-        by, first_y, Ly = _local_resample(padded_bicubic_matrix(H, h, r, source), torch.arange(H), d)  # (H, d, Ly)
-        bx, first_x, Lx = _local_resample(padded_bicubic_matrix(n * T, w, r, source), torch.arange(n) * T, self.S)
+        dev = source.device
+        by, first_y, Ly = _local_resample(padded_bicubic_matrix(H, h, r, source), torch.arange(H, device=dev), d)
+        bx, first_x, Lx = _local_resample(padded_bicubic_matrix(n * T, w, r, source), torch.arange(n, device=dev) * T,
+                                          self.S)  # by (H, d, Ly), bx (n, S, Lx)
         bx = bx.unfold(1, d, 1).permute(0, 1, 3, 2).contiguous()  # (n, T, d, Lx): columns t..t+d-1 of strip j
-        cols = (first_x[:, None] + torch.arange(Lx)).flatten()
+        cols = (first_x[:, None] + torch.arange(Lx, device=dev)).flatten()
         strips = source[:, :, cols].view(B, h, n, Lx, C).permute(0, 2, 1, 3, 4).contiguous()  # (B, n, h, Lx, C)
         resampled = by.new_empty(B, n, H, T, Ly * Lx)
         for b in range(B):
