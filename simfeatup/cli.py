@@ -77,6 +77,11 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         choices=["auto", "float32", "float16", "bfloat16"],
         help="auto: float32 on CPU, float16 on CUDA; bfloat16 casts the image tower only (CPUs with bf16 units)",
     )
+    p.add_argument(
+        "--threads", type=flags.count,
+        help="CPU threads of the model (torch, onnxruntime or OpenVINO; default: theirs, one per core): "
+        "set it to the cores you were given on a shared node",
+    )
     p.add_argument("--bands", help="for multi-band images: the 0-based bands that are R,G,B, e.g. 3,2,1")
     p.add_argument(
         "--stretch",

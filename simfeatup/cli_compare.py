@@ -41,7 +41,7 @@ def _segmenters(args):
         return upsampled.without_upsampler(), upsampled
     from .runtime import OnnxSegmenter, providers_for_device
 
-    bilinear = OnnxSegmenter(args.onnx_bilinear, providers=providers_for_device(args.device))
+    bilinear = OnnxSegmenter(args.onnx_bilinear, providers=providers_for_device(args.device), threads=args.threads)
     kinds = {flag: (seg.manifest.get("upsampler") or {}).get("kind")
              for flag, seg in (("--onnx", upsampled), ("--onnx-bilinear", bilinear))}
     if kinds["--onnx"] != "simfeatup":

@@ -412,22 +412,25 @@ def _build_segmenter(args):
                 "--dtype does not apply with --onnx: the precision was fixed at export (export/to_onnx.py --dtype)"
             )
         if args.runtime == "openvino":
-            from .openvino_runtime import OpenVinoSegmenter, openvino_device
+            from .openvino_runtime import IMAGE_GRAPH_THREADS, OpenVinoSegmenter, openvino_device
 
             try:
                 device = openvino_device(args.device)
             except ValueError as err:
                 raise UsageError(str(err)) from None
-            return OpenVinoSegmenter(args.onnx, precision=args.precision or "f32", device=device)
+            threads = args.threads or IMAGE_GRAPH_THREADS
+            return OpenVinoSegmenter(args.onnx, precision=args.precision or "f32", device=device, threads=threads)
         from .runtime import providers_for_device
         from .runtime_fixed import open_model_folder
 
-        return open_model_folder(args.onnx, providers=providers_for_device(args.device))
+        return open_model_folder(args.onnx, providers=providers_for_device(args.device), threads=args.threads)
 
     import torch
 
     from .segmenter import build_segmenter
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -253,6 +253,9 @@ class Tiles(nn.Module):
         n_y, n_x, C = source.shape[1:]
         r = (d - 1) // 2
         kernel = kernel_of(self.range_logits(key, key_pad), self.split(guide))  # (B, h, w, T*T, d*d)
+        if self.scale is None and _tracing():
+            raise ValueError("Tiles.jbu in a traced graph needs the step's scale (Tiles(T, d, scale))")
+        # S padded rows span (S - 1) * scale input rows, plus the 4 cubic taps: a bound for every size
         bound = None if self.scale is None else math.ceil((S - 1) * self.scale) + 4
         ar = torch.arange(T, device=key.device)
         starts_y, starts_x = (torch.arange(n, device=key.device) * T for n in (h, w))  # first padded row of a tile

@@ -26,9 +26,9 @@ DEVICES = {"auto": "CPU", "cpu": "CPU"}  # --device -> OpenVINO device (the CPU 
 # Threads per image-graph call (None: OpenVINO's choice, all cores). OpenVINO 2026.4's CPU plugin, on more than
 # one thread, miscomputed the last JBU step's tile Gather of the padded kernels in full 224x224 windows (logits
 # off by ~0.5), so this was 1 until the graph form folded the bicubic resize into its filter: that Gather is
-# gone, and on 2 threads a ViT-B/16 folder's probabilities match onnxruntime's within 5e-7 on the bundled
-# 448 px sample (9 full windows), 1.7x faster than on one thread. tests/test_openvino_runtime.py checks the
-# parity at 224x224 with this default.
+# gone: a ViT-B/16 folder's probabilities match onnxruntime's within 5e-7 on the bundled 448 px sample (9 full
+# windows) on 2, 4 and 8 threads (INFERENCE_NUM_THREADS, on a 2-core machine), and 2 threads ran 1.7x faster
+# than one. tests/test_openvino_runtime.py checks the parity at 224x224 with this default.
 IMAGE_GRAPH_THREADS = None
 
 
@@ -44,7 +44,7 @@ class OpenVinoSegmenter(FolderSegmenter):
 
     ``precision``: "f32" (default; matches onnxruntime within 1e-4) or "bf16" (the image graph
     only; needs a CPU that OpenVINO reports BF16 for). ``device``: an OpenVINO device name.
-    ``threads``: for the image graph (None: OpenVINO's choice; see :data:`IMAGE_GRAPH_THREADS`).
+    ``threads``: CPU threads per graph call (None: OpenVINO's choice; see :data:`IMAGE_GRAPH_THREADS`).
     ``window_batch``, ``cache``: see :class:`~simfeatup.folder_segmenter.FolderSegmenter`.
     """
 
@@ -70,7 +70,7 @@ class OpenVinoSegmenter(FolderSegmenter):
 
     def _load(self, name: str, graph: str):
         config = {"INFERENCE_PRECISION_HINT": PRECISIONS[self.precision] if graph == "image" else "f32"}
-        if graph == "image" and self.threads:
+        if self.threads:
             config["INFERENCE_NUM_THREADS"] = self.threads
         try:
             model = self.core.read_model(str(self.model_dir / name))

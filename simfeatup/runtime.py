@@ -80,9 +80,13 @@ def _shapes(args) -> dict:
     return {a.name: [d if isinstance(d, int) else None for d in a.shape] for a in args}
 
 
-def open_session(path: Path, providers) -> ort.InferenceSession:
-    """An onnxruntime session of the graph file ``path`` with :func:`session_options`; one line when it cannot load."""
+def open_session(path: Path, providers, threads: int | None = None) -> ort.InferenceSession:
+    """An onnxruntime session of the graph file ``path`` with :func:`session_options`; one line when it cannot load.
+
+    ``threads``: intra-op threads (None: onnxruntime's choice, one per physical core)."""
     options = session_options()
+    if threads:
+        options.intra_op_num_threads = threads
     started = time.perf_counter()
     try:
         session = ort.InferenceSession(str(path), options, providers=providers)
@@ -99,14 +103,16 @@ def open_session(path: Path, providers) -> ort.InferenceSession:
 class OnnxSegmenter(FolderSegmenter):
     """Sliding-window segmentation (SPEC 2) with the exported graphs on onnxruntime.
 
-    ``providers``: as :func:`choose_providers` takes them. ``window_batch``, ``cache``: see
+    ``providers``: as :func:`choose_providers` takes them. ``threads``: CPU threads per graph call
+    (None: onnxruntime's choice). ``window_batch``, ``cache``: see
     :class:`~simfeatup.folder_segmenter.FolderSegmenter`.
     """
 
     runtime = "onnxruntime"
 
-    def __init__(self, model_dir, *, providers=None, window_batch: int = 1, cache=True):
+    def __init__(self, model_dir, *, providers=None, threads: int | None = None, window_batch: int = 1, cache=True):
         self.providers = choose_providers(providers)
+        self.threads = threads
         super().__init__(model_dir, window_batch=window_batch, cache=cache)
         logger.info("onnxruntime %s with %s", ort.__version__, ", ".join(self.image_session.get_providers()))
 
@@ -119,7 +125,7 @@ class OnnxSegmenter(FolderSegmenter):
         return self.text_graph
 
     def _load(self, name: str, graph: str) -> ort.InferenceSession:
-        return open_session(self.model_dir / name, self.providers)
+        return open_session(self.model_dir / name, self.providers, self.threads)
 
     def _run(self, graph: ort.InferenceSession, feeds: dict) -> np.ndarray:
         return graph.run(None, feeds)[0]

@@ -42,17 +42,17 @@ def fixed_vocabulary(manifest: dict) -> tuple[Vocabulary, Scoring]:
     )
 
 
-def open_model_folder(model_dir, *, providers=None, window_batch: int = 1, cache=True):
+def open_model_folder(model_dir, *, providers=None, threads: int | None = None, window_batch: int = 1, cache=True):
     """The segmenter for a model folder: :class:`FixedOnnxSegmenter` (fixed vocabulary) or :class:`OnnxSegmenter`."""
     if is_fixed(read_manifest(model_dir, check_files=False)):
-        return FixedOnnxSegmenter(model_dir, providers=providers, window_batch=window_batch)
-    return OnnxSegmenter(model_dir, providers=providers, window_batch=window_batch, cache=cache)
+        return FixedOnnxSegmenter(model_dir, providers=providers, threads=threads, window_batch=window_batch)
+    return OnnxSegmenter(model_dir, providers=providers, threads=threads, window_batch=window_batch, cache=cache)
 
 
 class FixedOnnxSegmenter(WindowSegmenter):
     """Sliding-window segmentation (docs/method.md 2) with a fixed-vocabulary image graph."""
 
-    def __init__(self, model_dir, *, providers=None, window_batch: int = 1):
+    def __init__(self, model_dir, *, providers=None, threads: int | None = None, window_batch: int = 1):
         self.model_dir = Path(model_dir)
         self.manifest = read_manifest(self.model_dir)
         if not is_fixed(self.manifest):
@@ -70,7 +70,7 @@ class FixedOnnxSegmenter(WindowSegmenter):
         self.cache = None
         self.providers = choose_providers(providers)
         name = self.manifest["graphs"]["image"]["file"]
-        self.image_session = open_session(self.model_dir / name, self.providers)
+        self.image_session = open_session(self.model_dir / name, self.providers, threads)
         check_fixed_graph_io(self.model_dir / MANIFEST, self.manifest, _shapes(self.image_session.get_inputs()),
                              _shapes(self.image_session.get_outputs()))
         check_graph_metadata(self.model_dir / name, self.manifest, "image",

@@ -295,6 +295,9 @@ class SimFeatUp(nn.Module):
             u = self._operator(x, guidance, tiles, tile_layout=True)  # (B, H/T, W/T, T*T, n)
             logits = factored_cosine(x.flatten(2), u.reshape(B, H * W, -1), self.bias(), text)  # (B, Q, H*W)
             return tiles[-1].join(logits.transpose(1, 2).reshape(*u.shape[:-1], -1)).permute(0, 3, 1, 2)
+        if self._autograd(x, guidance):  # QR's backward is undefined for rank-deficient tokens (a uniform window)
+            u = self._operator(x, guidance)
+            return factored_cosine(x.flatten(2), u.reshape(B, H * W, -1), self.bias(), text).reshape(B, -1, H, W)
         # x = basis @ coords with an orthonormal basis: the steps run on the coordinates (as many
         # images as unit images, the same cost) and the norm needs no Gram matrix
         exact = torch.promote_types(x.dtype, torch.float32)
@@ -305,7 +308,8 @@ class SimFeatUp(nn.Module):
 
     def _operator(self, x: torch.Tensor, guidance: torch.Tensor, tiles=None, coords=None,
                   tile_layout=False) -> torch.Tensor:
-        """The steps applied to images on the h*w token grid -> (B, H, W, m).
+        """The steps applied to images on the h*w token grid -> (B, H, W, m), or with ``tile_layout``
+        the last step's tile layout (B, H/T, W/T, T*T, m).
 
         coords (B, h*w, m): image j has value coords[:, k, j] at token k; by default the n = h*w
         unit images, whose results are the rows of the linear map per pixel. ``tile_layout``: as

@@ -6,6 +6,9 @@ import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# commands run in-process here (cli.main, fit, to_onnx) would change the pytest process's malloc
+# settings for every later test (simfeatup.allocator); tests/test_allocator.py checks them in subprocesses
+os.environ["SIMFEATUP_KEEP_FREED_MEMORY"] = "0"
 
 # Where the user's caches are (what tests must never write into), then every cache simfeatup and
 # its libraries use pointed at a folder of this session, before any of them is imported (the Hugging

@@ -339,3 +339,33 @@ def test_providers_fall_back_to_cpu_and_unknown_ones_are_refused(monkeypatch):
     monkeypatch.setenv("SIMFEATUP_ORT_PROVIDERS", "NoSuchExecutionProvider, CPUExecutionProvider")
     with pytest.raises(ValueError, match="NoSuchExecutionProvider"):
         choose_providers()
+
+
+def test_threads_flag_reaches_onnxruntime_and_torch(artefacts, tmp_path, monkeypatch):
+    """--threads N: onnxruntime sessions get N intra-op threads, the torch path torch.set_num_threads(N);
+    0 or a non-number is refused by argparse."""
+    import onnxruntime
+    import torch
+
+    from simfeatup.cli import main
+
+    path, onnx_dir = artefacts
+    seen = []
+    real = onnxruntime.InferenceSession
+
+    def recording(path, options=None, **kwargs):
+        seen.append(options.intra_op_num_threads)
+        return real(path, options, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", recording)
+    common = ["segment", str(SAMPLES[0]), "--classes", "road;tree", "--out", str(tmp_path)]
+    assert main([*common, "--onnx", str(onnx_dir), "--threads", "1"]) == 0
+    assert seen and set(seen) == {1}  # the image and the text graph
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)  # the pytest process keeps its own count
+    assert main([*common, "--upsampler", str(path), "--device", "cpu", "--threads", "2"]) == 0
+    assert threads == [2]
+    for bad in ("0", "two"):
+        with pytest.raises(SystemExit) as exit_:
+            main([*common, "--onnx", str(onnx_dir), "--threads", bad])
+        assert exit_.value.code == 2

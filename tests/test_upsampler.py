@@ -306,8 +306,9 @@ def test_training_after_inference_in_one_process():
     assert m.up.range_temp.grad is not None
 
 
+@pytest.mark.parametrize("operator", [True, False])  # the unit images' columns (and tile-order scores), or C channels
 @pytest.mark.parametrize("patch,h,w", [(16, 1, 2), (16, 3, 5), (14, 1, 1), (14, 4, 3)])
-def test_graph_form_equals_eager_where_the_tile_window_outgrows_the_input(patch, h, w):
+def test_graph_form_equals_eager_where_the_tile_window_outgrows_the_input(patch, h, w, operator):
     """The graph form's tiles read a bounded source window (its sizes are symbolic), wider than a
     1- or 2-token grid: the clamped, zero-weighted columns must leave the sums exact."""
     from simfeatup.export.graph_form import GraphUpsampler
@@ -316,10 +317,21 @@ def test_graph_form_equals_eager_where_the_tile_window_outgrows_the_input(patch,
     feats = torch.randn(2, 40, h, w, dtype=torch.float64)
     guidance = torch.randn(2, 3, h * patch, w * patch, dtype=torch.float64)
     text = F.normalize(torch.randn(5, 40, dtype=torch.float64), dim=1)
-    graph = GraphUpsampler(m, 196)
+    graph = GraphUpsampler(m, h * w if operator else 196)
+    assert graph.operator == operator
     with torch.no_grad():
         want, got = m(feats, guidance), graph(feats, guidance)
         # scored in the last step's tile order, then put back in place (float32, as eager)
         torch.testing.assert_close(graph.cosine_logits(feats, guidance, text), m.cosine_logits(feats, guidance, text),
                                    atol=2e-6, rtol=1e-5)
     assert (got - want).abs().max() <= 1e-10 * want.abs().max()
+
+
+def test_cosine_logits_gradients_stay_finite_for_identical_tokens():
+    """A uniform window gives identical, rank-1 tokens: under autograd the scores keep the Gram form
+    (QR's backward is undefined there), so every gradient stays finite."""
+    m = SimFeatUp(40, 16)
+    feats = torch.ones(1, 40, 2, 3, requires_grad=True)
+    text = F.normalize(torch.randn(4, 40), dim=1)
+    m.cosine_logits(feats, torch.randn(1, 3, 32, 48), text).square().sum().backward()
+    assert feats.grad.isfinite().all() and all(p.grad.isfinite().all() for p in m.parameters() if p.grad is not None)

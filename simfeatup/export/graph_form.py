@@ -36,9 +36,10 @@ class GraphUpsampler(nn.Module):
         self.operator = max_tokens < upsampler.dim
         steps = upsampler.steps()
         # static tile side of each step: its output side per token (2, 4, 8, then the patch), or
-        # the largest divisor of it <= TILE: a tile reads (T + d - 1)^2 sources for T^2 pixels of
-        # d^2 taps, so 16 x 16 tiles cost 5.6x the window sum and 8 x 8 2.7x (onnxruntime, one
-        # thread, the operator at 224 x 224: cosine_logits 0.72 s against 0.93 s with 16 x 16)
+        # the largest divisor of it <= TILE. A tile's range logits pair its T^2 pixels with
+        # (T + d - 1)^2 keys, and its filter reads ~(T/2 + 5)^2 input pixels at x2 (13 x 13 for
+        # T = 8, 1.4x the window sum's 121): larger tiles cost more per pixel in both, smaller
+        # ones more gathered duplicates (8 x 8 was the fastest in onnxruntime, one thread)
         per_token = [2 ** (i + 1) for i in range(len(steps) - 1)] + [upsampler.patch_size]
         self.sides = [max(t for t in range(1, TILE + 1) if side % t == 0) for side in per_token]
         # each step's input side over its output side, per token: bounds the source window of a tile
