@@ -313,9 +313,9 @@ class SimFeatUp(nn.Module):
 
         coords (B, h*w, m): image j has value coords[:, k, j] at token k; by default the n = h*w
         unit images, whose results are the rows of the linear map per pixel. ``tile_layout``: as
-        in :meth:`_upsample_tiled`. Every step is one
-        image-dependent linear map, identical for every channel (SPEC 3), so with n < C running
-        it on n images and mixing them into C channels is cheaper.
+        in :meth:`_upsample_tiled`. Every step is one image-dependent linear map, identical for
+        every channel (SPEC 3), so with n < C running it on n images and mixing them into C
+        channels is cheaper.
         """
         B, _, h, w = x.shape
         n = h * w
