@@ -181,13 +181,9 @@ class Tiles(nn.Module):
         self.T, self.d, self.S, self.scale = T, d, T + d - 1, scale
         S = self.S
         py, px, oy, ox = torch.meshgrid(*(torch.arange(n) for n in (T, T, d, d)), indexing="ij")
-        p, o, q = py * T + px, oy * d + ox, (py + oy) * S + px + ox  # pixel, offset (row-major), source
-        # where offset o of tile pixel p sits in the flattened S x S source window (:meth:`_windows_of`
-        # eager), as flat indices for index_select: weight[p, q] = kernel[p, o] where q = p + o,
-        # else the zero slot appended after T*T*d*d; and the (p, q) pairs in (p, o) order
-        weight = torch.full((T * T, S * S), T * T * d * d, dtype=torch.long)
-        weight[p.flatten(), q.flatten()] = (p * d * d + o).flatten()
-        self.register_buffer("weight_index", weight.flatten(), persistent=False)
+        p, q = py * T + px, (py + oy) * S + px + ox  # tile pixel, its source for offset (oy, ox) (row-major)
+        # the (p, q) pairs in (p, offset) order: where offset (oy, ox) of tile pixel p sits in the flattened S x S
+        # source window, as flat indices for index_select in the traced range logits (eager: :meth:`_windows_of`)
         self.register_buffer("pair_index", (p * S * S + q).flatten(), persistent=False)
 
     def split(self, x: torch.Tensor) -> torch.Tensor:
@@ -252,9 +248,9 @@ class Tiles(nn.Module):
         h, w = H // T, W // T
         n_y, n_x, C = source.shape[1:]
         r = (d - 1) // 2
-        kernel = kernel_of(self.range_logits(key, key_pad), self.split(guide))  # (B, h, w, T*T, d*d)
         if self.scale is None and _tracing():
             raise ValueError("Tiles.jbu in a traced graph needs the step's scale (Tiles(T, d, scale))")
+        kernel = kernel_of(self.range_logits(key, key_pad), self.split(guide))  # (B, h, w, T*T, d*d)
         # S padded rows span (S - 1) * scale input rows, plus the 4 cubic taps: a bound for every size
         bound = None if self.scale is None else math.ceil((S - 1) * self.scale) + 4
         ar = torch.arange(T, device=key.device)
@@ -274,15 +270,12 @@ class Tiles(nn.Module):
         return self.join(out) if join else out
 
     def filter(self, src_pad: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-        """The adaptive filter: src_pad (B, H + d-1, W + d-1, C), kernel (B, h, w, T*T, d*d) -> (B, H, W, C)."""
+        """The adaptive filter on a resized, padded map, eager (:func:`adaptive_filter`; the graph form
+        filters the unresized source in :meth:`jbu`): src_pad (B, H + d-1, W + d-1, C), kernel
+        (B, h, w, T*T, d*d) -> (B, H, W, C)."""
         B, h, w = kernel.shape[:3]
-        TT, SS = self.T * self.T, self.S * self.S
-        if not _tracing():
-            weight = kernel.new_zeros(B, h, w, TT, SS)
-            self._windows_of(weight).copy_(kernel.view(B, h, w, self.T, self.T, self.d, self.d))
-        else:
-            k = F.pad(kernel.reshape(B, h, w, -1), (0, 1))  # + the zero slot
-            weight = k.index_select(-1, self.weight_index).reshape(B, h, w, TT, SS)
+        weight = kernel.new_zeros(B, h, w, self.T * self.T, self.S * self.S)
+        self._windows_of(weight).copy_(kernel.view(B, h, w, self.T, self.T, self.d, self.d))
         return self.join(weight @ self.sources(src_pad, h, w))
 
 

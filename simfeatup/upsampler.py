@@ -291,13 +291,14 @@ class SimFeatUp(nn.Module):
             f = self(feats, guidance, tiles=tiles, operator=False)
             return torch.einsum("bchw,qc->bqhw", F.normalize(f.float(), dim=1), text.float())
         x = self._mix_channels(feats)
-        if tiles is not None:  # the graph form: ONNX has no QR; pixels scored in the last step's tile order
-            u = self._operator(x, guidance, tiles, tile_layout=True)  # (B, H/T, W/T, T*T, n)
+        if tiles is not None or self._autograd(x, guidance):
+            # the Gram form: ONNX has no QR, and QR's backward is undefined for rank-deficient tokens (a
+            # uniform window); the graph form scores pixels in its last step's tile order
+            u = self._operator(x, guidance, tiles, tile_layout=tiles is not None)  # (B, H, W, n) or tiled
             logits = factored_cosine(x.flatten(2), u.reshape(B, H * W, -1), self.bias(), text)  # (B, Q, H*W)
+            if tiles is None:
+                return logits.reshape(B, -1, H, W)
             return tiles[-1].join(logits.transpose(1, 2).reshape(*u.shape[:-1], -1)).permute(0, 3, 1, 2)
-        if self._autograd(x, guidance):  # QR's backward is undefined for rank-deficient tokens (a uniform window)
-            u = self._operator(x, guidance)
-            return factored_cosine(x.flatten(2), u.reshape(B, H * W, -1), self.bias(), text).reshape(B, -1, H, W)
         # x = basis @ coords with an orthonormal basis: the steps run on the coordinates (as many
         # images as unit images, the same cost) and the norm needs no Gram matrix
         exact = torch.promote_types(x.dtype, torch.float32)
