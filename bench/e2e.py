@@ -10,7 +10,9 @@ reference's upsampler-OFF cost, the baseline of every ratio), ``ort-bilinear``, 
 ``--dtype int8``), ``ov-f32`` and ``ov-bf16`` (OpenVINO over the fp32 folder). Each prints its
 ratio to ``vit`` and its label agreement with the fp32 torch SimFeatUp labels (share of equal
 pixels of the full-size label map; the bilinear row is another method, so it has none). The
-machine's fp32 and bf16 2048^2 GEMM GFLOP/s (torch) are printed first, so readers can scale.
+machine's CPU features (VNNI, bf16 units) and its fp32 and bf16 2048^2 GEMM GFLOP/s (torch) are
+printed first, so readers can scale; the bf16 rows are skipped, saying why, on a CPU without bf16
+units (PyTorch would emulate bf16, and OpenVINO refuses it).
 
 Both backends get the same random weights (open_clip's ViT-B-16 architecture, nothing is
 downloaded), the same image and vocabulary; the ONNX folder is exported and verified first.
@@ -183,18 +185,42 @@ def _folder(kind: str, torch_seg, root: Path) -> Path:
     return folder
 
 
+def _skipped(row: str, bf16_refused: str | None) -> bool:
+    """Whether ``row`` cannot run on this CPU (bf16 without bf16 units), saying so."""
+    reason = None
+    if row == "torch-bf16":
+        reason = bf16_refused
+    elif row == "ov-bf16":
+        import openvino as ov
+
+        capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        if "BF16" not in capabilities:
+            reason = f"OpenVINO's CPU capabilities have no BF16 ({', '.join(capabilities)})"
+    if reason:
+        print(f"skipped {row}: {reason}", flush=True)
+    return reason is not None
+
+
 def table(args, root: Path) -> dict:
     """Issue 10's table: every selected row timed on the same image, interleaved, medians."""
     import copy
 
     import torch
 
-    from simfeatup import imaging, windows
+    from simfeatup import hardware, imaging, windows
     from simfeatup.scores import Scoring
     from simfeatup.vocabulary import Vocabulary
 
-    print(f"GEMM 2048^2 (torch {torch.__version__}, {torch.get_num_threads()} threads): "
-          f"fp32 {gemm_gflops(torch.float32):.0f} GFLOP/s, bf16 {gemm_gflops(torch.bfloat16):.0f} GFLOP/s", flush=True)
+    bf16_refused = hardware.bf16_refusal()
+    if bf16_refused:  # emulated bf16 is slow: a smaller GEMM, both dtypes, for the ratio
+        small = {dtype: gemm_gflops(dtype, n=1024, repeats=2) for dtype in (torch.float32, torch.bfloat16)}
+        bf16 = (f"no bf16 units: emulated, {small[torch.bfloat16]:.1f} GFLOP/s at 1024^2, "
+                f"{small[torch.float32] / small[torch.bfloat16]:.0f}x slower than fp32 at that size")
+    else:
+        bf16 = f"{gemm_gflops(torch.bfloat16):.0f} GFLOP/s"
+    print(f"CPU: {hardware.describe()}\nGEMM 2048^2 (torch {torch.__version__}, {torch.get_num_threads()} threads): "
+          f"fp32 {gemm_gflops(torch.float32):.0f} GFLOP/s, bf16 {bf16}", flush=True)
+    args.rows = [row for row in args.rows if not _skipped(row, bf16_refused)]
     torch_seg = build_torch(args.torch_window_batch)
     image = test_image(args.size)
     vocabulary = Vocabulary.from_preset("openearthmap")

@@ -238,11 +238,13 @@ def main(argv: list[str] | None = None) -> dict:
     vit = best["vit"]["seconds"]
     naive = [run("unfold", c, repeats=1) for c in args.naive_dims]
 
+    from simfeatup import hardware  # this checkout's, for the header
+
     side = args.grid * args.patch
     print(f"SimFeatUp, C={args.dim}, {args.grid}x{args.grid} -> {side}x{side}, batch 1, fp32, "
           f"torch {torch.__version__}, {args.threads} thread(s), CPU seconds, "
           f"best of {args.repeats} x {args.rounds} round(s), load avg {os.getloadavg()[0]:.1f}, "
-          f"fp32 GEMM {gemm_gflops():.0f} GFLOP/s")
+          f"fp32 GEMM {gemm_gflops():.0f} GFLOP/s\nCPU: {hardware.describe()}")
     print(f"{'':44} {'seconds':>8} {'peak MB':>9} {'x ViT':>7}")
 
     def line(name, r):

@@ -437,6 +437,12 @@ def _build_segmenter(args):
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype)
     if dtype is None:
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+    if dtype == torch.bfloat16 and str(device).startswith("cpu"):
+        from .hardware import bf16_refusal
+
+        reason = bf16_refusal()
+        if reason:
+            raise UsageError(f"--dtype bfloat16: {reason}")
     segmenter = build_segmenter(
         args.upsampler,
         model=args.model,

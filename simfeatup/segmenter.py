@@ -78,6 +78,12 @@ class Segmenter(torch.nn.Module, WindowSegmenter):
         reaches the image tower only (text tower and upsampler stay float32)."""
         if dtype not in VISION_ONLY_DTYPES:
             return self.to(dtype=dtype)
+        if next(self.parameters()).device.type == "cpu":
+            from .hardware import bf16_refusal
+
+            reason = bf16_refusal()
+            if reason:
+                logger.warning("bfloat16: %s", reason)
         self.float()
         self.encoder.clip.visual.to(dtype=dtype)
         self.encoder._clear_pos_cache()  # sized copies of the positional embedding in the old dtype

@@ -263,3 +263,25 @@ def test_export_refuses_an_out_it_cannot_create_before_the_model_loads(random_ar
     assert f"--out {a_file / 'm'} cannot be created: {a_file} is a file, not a folder" in _one_error_line(
         capsys, "to_onnx"
     )
+
+
+def test_bfloat16_on_a_cpu_without_bf16_units_is_refused_before_the_model_loads(random_artefact, labelled, tmp_path,
+                                                                                capsys, monkeypatch):
+    from simfeatup import hardware, segmenter
+
+    def refuse(*args, **kwargs):  # the flag checks run, the model is never built
+        raise AssertionError("the model was loaded before the error")
+
+    monkeypatch.setattr(segmenter, "build_segmenter", refuse)
+
+    images, _ = labelled
+    args = ["segment", str(images / "a.png"), "--classes", "background;road", "--upsampler", str(random_artefact),
+            "--out", str(tmp_path / "out"), "--device", "cpu", "--dtype", "bfloat16"]
+    monkeypatch.setattr(hardware, "bf16_units", lambda: False)
+    assert main(args) == 2
+    line = _one_error_line(capsys)
+    assert "--dtype bfloat16: this CPU has no bf16 units (AVX512-BF16 or AMX)" in line
+    assert "leave --dtype at auto" in line
+    monkeypatch.setattr(hardware, "bf16_units", lambda: True)  # a CPU with them gets as far as the model
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        main(args)

@@ -201,3 +201,16 @@ def test_bfloat16_reaches_the_image_tower_only_and_keeps_the_labels(encoder, ups
     assert got.probs.dtype == np.float32
     # a random 2-block model has many near-ties; a real ViT-B/16 is measured by bench/e2e.py
     assert (got.labels == ref.labels).mean() > 0.95
+
+
+def test_bfloat16_on_a_cpu_without_bf16_units_warns(encoder, upsampler, monkeypatch, caplog):
+    import copy
+
+    from simfeatup import hardware
+
+    for units, warned in ((False, True), (True, False)):
+        monkeypatch.setattr(hardware, "bf16_units", lambda units=units: units)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="simfeatup"):
+            copy.deepcopy(Segmenter(encoder, upsampler, cache=False)).to_dtype(torch.bfloat16)
+        assert ("bfloat16: this CPU has no bf16 units" in caplog.text) == warned
