@@ -77,6 +77,7 @@ def test_a_bad_path_is_exit_2_and_one_line(tmp_path, target, prefix, _, argv):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # 5-8 s on a 2-core AVX2 machine: the default run stays under 5 min
 def test_importing_simfeatup_leaves_the_warning_filters_alone():
     code = (
         "import warnings\n"

@@ -240,6 +240,7 @@ def test_evaluate_problems_end_in_one_line_before_the_model_runs(onnx_dir, tmp_p
     assert code == 2 and "need exactly 2 classes" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 5-8 s on a 2-core AVX2 machine: the default run stays under 5 min
 def test_preset_label_notes_reach_the_command(onnx_dir, tmp_path, caplog):
     # LoveDA: raw 0 is no-data, 1..7 are the classes; without the note, 7 is no class index.
     raw = np.zeros((96, 128), np.uint8)

@@ -151,6 +151,7 @@ def test_a_run_writes_captioned_previews_into_its_folder(tiny_run):
     assert picture.size == grid_layout(2, 4, side, side, note=True)[0]
 
 
+@pytest.mark.slow  # 5-8 s on a 2-core AVX2 machine: the default run stays under 5 min
 def test_resume_continues_the_step_count_and_the_artefact_serves_segment(tmp_path):
     run = tmp_path / "run"
     last = run / "checkpoints" / "last.ckpt"

@@ -57,6 +57,7 @@ def test_image_graph_inputs_are_the_windows_alone(fixed_dirs):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow  # 5-8 s on a 2-core AVX2 machine: the default run stays under 5 min
 def test_labels_equal_the_default_folders_for_the_same_classes(onnx_dir, fixed_dirs):
     images = [imaging.load_image(SAMPLES[-1])]  # the 600x600 sample: a resize, 9 windows, fast
     scoring = Scoring.resolve(presets.load("openearthmap"))
@@ -78,6 +79,7 @@ def test_scoring_graph_matches_simfeatup_scores(fixed_dirs):
     assert labels.dtype == np.uint8
 
 
+@pytest.mark.slow  # 5-8 s on a 2-core AVX2 machine: the default run stays under 5 min
 def test_cli_uses_the_baked_vocabulary_and_refuses_another(onnx_dir, fixed_dirs, tmp_path, capsys):
     from simfeatup.cli import main
 

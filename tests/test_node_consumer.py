@@ -70,7 +70,7 @@ def test_resize_is_opencvs_to_the_grey_level(consumer, png, tmp_path):
         assert int(np.abs(got.astype(int) - want).max()) == 0, (h, w)
 
 
-@pytest.mark.parametrize("kind", ["uint8", pytest.param("float32", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) for k in ("uint8", "float32")])  # ~7 s each
 def test_node_labels_equal_the_python_runtimes(consumer, png, fixed_dirs, tmp_path, kind):
     labels, overlay = tmp_path / "labels.png", tmp_path / "overlay.png"
     node(consumer, "segment.js", fixed_dirs[kind], png, labels, "--overlay", overlay)

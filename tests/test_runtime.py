@@ -174,6 +174,7 @@ def _run_without(blocked, argv, tmp_path):
     )
 
 
+@pytest.mark.slow  # 5-8 s on a 2-core AVX2 machine: the default run stays under 5 min
 def test_cli_segments_with_onnx_without_torch_installed(onnx_dir, tmp_path):
     from simfeatup.cli import main
 

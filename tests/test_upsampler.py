@@ -284,6 +284,7 @@ def test_onnx_export_runs_in_onnxruntime_at_224(tmp_path):
             assert (torch.from_numpy(out) - m(feats[:b], guidance[:b])).abs().max() <= 1e-4
 
 
+@pytest.mark.slow  # 5-8 s on a 2-core AVX2 machine: the default run stays under 5 min
 def test_filter_backward_matches_autograd_through_the_plain_sum():
     # batch 2, 2 channels, a 3x2 output: every tap of the 11x11 window, at a fifth of the larger case's cost
     src = torch.randn(2, 2, 13, 12, dtype=torch.float64, requires_grad=True)
