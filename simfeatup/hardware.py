@@ -2,8 +2,8 @@
 
 bf16 is fast only where the CPU multiplies bf16 in hardware (x86: AVX512-BF16 or AMX); elsewhere
 PyTorch emulates it and ``--dtype bfloat16`` runs slower than float32 (docs/method.md section 8).
-int8 matmuls use VNNI where it exists; the int8 export's 7-bit weights give the same results on
-CPUs without it (:mod:`simfeatup.export.quantize`). PyTorch's own CPU probes answer (the ones its
+int8 matmuls use VNNI where it exists; the int8 export's 7-bit weights keep CPUs without it from
+overflowing (:mod:`simfeatup.export.quantize`). PyTorch's own CPU probes answer (the ones its
 kernels dispatch on); on other architectures than x86 nothing is claimed.
 """
 from __future__ import annotations
