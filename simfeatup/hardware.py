@@ -36,7 +36,8 @@ def bf16_units() -> bool | None:
 
 
 def describe() -> str:
-    """One line for benchmark headers, e.g. "x86_64, AVX2 kernels, VNNI no, bf16 units no"."""
+    """One line for benchmark headers, e.g. "x86_64, AVX2 kernels, AVX512-VNNI no, bf16 units no (AMX no)"
+    (PyTorch's VNNI probe sees AVX512-VNNI only, not the AVX-VNNI of client CPUs)."""
     import torch
 
     line = f"{platform.machine()}, {torch.backends.cpu.get_cpu_capability()} kernels"
@@ -44,7 +45,8 @@ def describe() -> str:
     if features is None:
         return line
     yes = {True: "yes", False: "no"}
-    return f"{line}, VNNI {yes[features['vnni']]}, bf16 units {yes[bool(bf16_units())]} (AMX {yes[features['amx']]})"
+    units = f"bf16 units {yes[bool(bf16_units())]} (AMX {yes[features['amx']]})"
+    return f"{line}, AVX512-VNNI {yes[features['vnni']]}, {units}"
 
 
 def bf16_refusal() -> str | None:
