@@ -191,11 +191,9 @@ def _skipped(row: str, bf16_refused: str | None) -> bool:
     if row == "torch-bf16":
         reason = bf16_refused
     elif row == "ov-bf16":
-        import openvino as ov
+        from simfeatup.openvino_runtime import bf16_problem, ov
 
-        capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-        if "BF16" not in capabilities:
-            reason = f"OpenVINO's CPU capabilities have no BF16 ({', '.join(capabilities)})"
+        reason = bf16_problem(ov.Core())
     if reason:
         print(f"skipped {row}: {reason}", flush=True)
     return reason is not None

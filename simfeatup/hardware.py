@@ -45,7 +45,7 @@ def describe() -> str:
     if features is None:
         return line
     yes = {True: "yes", False: "no"}
-    units = f"bf16 units {yes[bool(bf16_units())]} (AMX {yes[features['amx']]})"
+    units = f"bf16 units {yes[features['avx512_bf16'] or features['amx']]} (AMX {yes[features['amx']]})"
     return f"{line}, AVX512-VNNI {yes[features['vnni']]}, {units}"
 
 

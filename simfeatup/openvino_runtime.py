@@ -39,6 +39,15 @@ def openvino_device(device: str) -> str:
     return DEVICES[device]
 
 
+def bf16_problem(core, device: str = "CPU") -> str | None:
+    """Why OpenVINO cannot run the image graph in bf16 on ``device`` (its capabilities lack BF16), or None."""
+    capabilities = core.get_property(device, "OPTIMIZATION_CAPABILITIES")
+    if "BF16" in capabilities:
+        return None
+    listed = ", ".join(capabilities)
+    return f"this {device} has no bf16 support in OpenVINO (capabilities: {listed}): use --precision f32"
+
+
 class OpenVinoSegmenter(FolderSegmenter):
     """Sliding-window segmentation (SPEC 2) with the exported graphs compiled by OpenVINO.
 
@@ -58,13 +67,9 @@ class OpenVinoSegmenter(FolderSegmenter):
             raise ValueError(f"precision {precision!r} is not one of {sorted(PRECISIONS)}")
         self.core = ov.Core()
         self.device, self.precision, self.threads = device, precision, threads
-        if precision == "bf16":
-            capabilities = self.core.get_property(device, "OPTIMIZATION_CAPABILITIES")
-            if "BF16" not in capabilities:
-                raise ValueError(
-                    f"this {device} has no bf16 support in OpenVINO (capabilities: {', '.join(capabilities)}): "
-                    "use --precision f32"
-                )
+        problem = bf16_problem(self.core, device) if precision == "bf16" else None
+        if problem:
+            raise ValueError(problem)
         super().__init__(model_dir, window_batch=window_batch, cache=cache)
         logger.info("openvino %s on %s, image graph in %s", ov.get_version(), device, precision)
 
