@@ -10,7 +10,7 @@ reference's upsampler-OFF cost, the baseline of every ratio), ``ort-bilinear``, 
 ``--dtype int8``), ``ov-f32`` and ``ov-bf16`` (OpenVINO over the fp32 folder). Each prints its
 ratio to ``vit`` and its label agreement with the fp32 torch SimFeatUp labels (share of equal
 pixels of the full-size label map; the bilinear row is another method, so it has none). The
-machine's CPU features (VNNI, bf16 units) and its fp32 and bf16 2048^2 GEMM GFLOP/s (torch) are
+machine's CPU features (VNNI, bf16 units) and its fp32 and bf16 2048^2 GEMM GFLOP/s (torch; float16 at 1024^2) are
 printed first, so readers can scale; the bf16 rows are skipped, saying why, on a CPU without bf16
 units (PyTorch would emulate bf16, and OpenVINO refuses it).
 
@@ -209,15 +209,18 @@ def table(args, root: Path) -> dict:
     from simfeatup.scores import Scoring
     from simfeatup.vocabulary import Vocabulary
 
-    bf16_refused = hardware.bf16_refusal()
+    advice = hardware.cpu_dtype_advice("bfloat16")
+    bf16_refused = advice[1] if advice and advice[0] == "error" else None
     if bf16_refused:  # emulated bf16 is slow: a smaller GEMM, both dtypes, for the ratio
         small = {dtype: gemm_gflops(dtype, n=1024, repeats=2) for dtype in (torch.float32, torch.bfloat16)}
         bf16 = (f"no bf16 units: emulated, {small[torch.bfloat16]:.1f} GFLOP/s at 1024^2, "
                 f"{small[torch.float32] / small[torch.bfloat16]:.0f}x slower than fp32 at that size")
     else:
         bf16 = f"{gemm_gflops(torch.bfloat16):.0f} GFLOP/s"
+    small = {dtype: gemm_gflops(dtype, n=1024, repeats=2) for dtype in (torch.float32, torch.float16)}
     print(f"CPU: {hardware.describe()}\nGEMM 2048^2 (torch {torch.__version__}, {torch.get_num_threads()} threads): "
-          f"fp32 {gemm_gflops(torch.float32):.0f} GFLOP/s, bf16 {bf16}", flush=True)
+          f"fp32 {gemm_gflops(torch.float32):.0f} GFLOP/s, bf16 {bf16}; float16 at 1024^2 "
+          f"{small[torch.float16]:.0f} GFLOP/s against fp32 {small[torch.float32]:.0f}", flush=True)
     args.rows = [row for row in args.rows if not _skipped(row, bf16_refused)]
     torch_seg = build_torch(args.torch_window_batch)
     image = test_image(args.size)

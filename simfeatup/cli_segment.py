@@ -98,6 +98,7 @@ def _inputs(args):
     """What segment and evaluate share: image files, vocabulary, scoring settings, band choice."""
     from . import imaging
 
+    check_model_flags(args)
     missing = [str(p) for p in args.images if not p.exists()]
     if missing:
         raise UsageError(f"image not found: {', '.join(missing)}")
@@ -396,7 +397,9 @@ def _segmenter(args):
     return segmenter
 
 
-def _build_segmenter(args):
+def check_model_flags(args) -> None:
+    """Every model flag combination checked before any input is read or the model loads: a wrong
+    flag must cost neither a pass over thousands of image headers nor a model load."""
     if not args.onnx and (args.runtime != "onnxruntime" or args.precision):
         raise UsageError("--runtime and --precision apply to a model folder: give --onnx DIR")
     if args.onnx and args.precision and args.runtime != "openvino":
@@ -411,6 +414,24 @@ def _build_segmenter(args):
             raise UsageError(
                 "--dtype does not apply with --onnx: the precision was fixed at export (export/to_onnx.py --dtype)"
             )
+        return
+    if args.dtype in ("bfloat16", "float16") and args.device in ("auto", "cpu"):
+        from .hardware import cpu_dtype_advice
+
+        advice = cpu_dtype_advice(args.dtype)
+        # errors here; a warning comes from Segmenter.to_dtype once the model is on its device
+        if advice and advice[0] == "error" and (args.device == "cpu" or not _cuda_available()):
+            raise UsageError(f"--dtype {args.dtype}: {advice[1]}")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _build_segmenter(args):
+    if args.onnx:
         if args.runtime == "openvino":
             from .openvino_runtime import IMAGE_GRAPH_THREADS, OpenVinoSegmenter, openvino_device
 
@@ -437,12 +458,6 @@ def _build_segmenter(args):
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype)
     if dtype is None:
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
-    if dtype == torch.bfloat16 and str(device).startswith("cpu"):
-        from .hardware import bf16_refusal
-
-        reason = bf16_refusal()
-        if reason:
-            raise UsageError(f"--dtype bfloat16: {reason}")
     segmenter = build_segmenter(
         args.upsampler,
         model=args.model,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import numbers
 from pathlib import Path
@@ -133,7 +134,19 @@ def read_manifest(model_dir: Path, *, check_files: bool = True) -> dict:
                 raise ModelFolderError(
                     f"{file}: checksum mismatch with {MANIFEST} (corrupt or modified); re-export the model folder"
                 )
+        _warn_8bit_int8(model_dir, manifest)
     return manifest
+
+
+def _warn_8bit_int8(model_dir: Path, manifest: dict) -> None:
+    """int8 folders from before the 7-bit weights (``quantization.reduce_range`` absent) overflow in
+    int16 on CPUs without VNNI and give wrong labels there (docs/method.md section 8): say so."""
+    quantization = manifest.get("quantization")
+    if manifest.get("dtype") == "int8" and not (isinstance(quantization, dict) and quantization.get("reduce_range")):
+        logging.getLogger(__name__).warning(
+            "%s: int8 folder with full 8-bit weights (exported by an older simfeatup), whose sums overflow on "
+            "CPUs without VNNI and change labels there; re-export it with export/to_onnx.py --dtype int8", model_dir
+        )
 
 
 def _whole(value) -> bool:

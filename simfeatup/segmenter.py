@@ -76,14 +76,14 @@ class Segmenter(torch.nn.Module, WindowSegmenter):
     def to_dtype(self, dtype: torch.dtype) -> "Segmenter":
         """Cast for inference: everything to ``dtype``, except that a :data:`VISION_ONLY_DTYPES` dtype
         reaches the image tower only (text tower and upsampler stay float32)."""
+        if next(self.parameters()).device.type == "cpu":
+            from .hardware import cpu_dtype_advice
+
+            advice = cpu_dtype_advice(str(dtype).removeprefix("torch."))
+            if advice:
+                logger.warning("%s: %s", str(dtype).removeprefix("torch."), advice[1])
         if dtype not in VISION_ONLY_DTYPES:
             return self.to(dtype=dtype)
-        if next(self.parameters()).device.type == "cpu":
-            from .hardware import bf16_refusal
-
-            reason = bf16_refusal()
-            if reason:
-                logger.warning("bfloat16: %s", reason)
         self.float()
         self.encoder.clip.visual.to(dtype=dtype)
         self.encoder._clear_pos_cache()  # sized copies of the positional embedding in the old dtype

@@ -265,23 +265,26 @@ def test_export_refuses_an_out_it_cannot_create_before_the_model_loads(random_ar
     )
 
 
-def test_bfloat16_on_a_cpu_without_bf16_units_is_refused_before_the_model_loads(random_artefact, labelled, tmp_path,
-                                                                                capsys, monkeypatch):
-    from simfeatup import hardware, segmenter
+def test_bfloat16_on_a_cpu_without_bf16_units_is_refused_before_any_input_is_read(random_artefact, labelled,
+                                                                                    tmp_path, capsys, monkeypatch):
+    from simfeatup import hardware, imaging, segmenter
 
-    def refuse(*args, **kwargs):  # the flag checks run, the model is never built
-        raise AssertionError("the model was loaded before the error")
+    def refuse(*args, **kwargs):  # the flag checks run, no image is opened, the model is never built
+        raise AssertionError("an image or the model was loaded before the error")
 
     monkeypatch.setattr(segmenter, "build_segmenter", refuse)
-
+    monkeypatch.setattr(imaging, "check_file", refuse)
     images, _ = labelled
-    args = ["segment", str(images / "a.png"), "--classes", "background;road", "--upsampler", str(random_artefact),
-            "--out", str(tmp_path / "out"), "--device", "cpu", "--dtype", "bfloat16"]
-    monkeypatch.setattr(hardware, "bf16_units", lambda: False)
-    assert main(args) == 2
-    line = _one_error_line(capsys)
-    assert "--dtype bfloat16: this CPU has no bf16 units (AVX512-BF16 or AMX)" in line
-    assert "leave --dtype at auto" in line
-    monkeypatch.setattr(hardware, "bf16_units", lambda: True)  # a CPU with them gets as far as the model
-    with pytest.raises(AssertionError, match="the model was loaded"):
-        main(args)
+    avx2_only = {"avx512": False, "avx512_bf16": False, "amx": False, "vnni": False, "amx_fp16": False}
+    for device in ("cpu", "auto"):  # auto is the CPU here: no CUDA in the test machine's torch
+        args = ["segment", str(images / "a.png"), "--classes", "background;road", "--upsampler",
+                str(random_artefact), "--out", str(tmp_path / "out"), "--device", device, "--dtype", "bfloat16"]
+        monkeypatch.setattr(hardware, "cpu_features", lambda: avx2_only)
+        assert main(args) == 2
+        line = _one_error_line(capsys)
+        assert "--dtype bfloat16: this CPU has no bf16 units (AVX512-BF16 or AMX)" in line
+        assert "leave --dtype at auto" in line
+        assert not (tmp_path / "out").exists()
+        monkeypatch.setattr(hardware, "cpu_features", lambda: {**avx2_only, "amx": True})  # gets further
+        with pytest.raises(AssertionError, match="was loaded before"):
+            main(args)

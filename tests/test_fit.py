@@ -411,3 +411,23 @@ def test_training_goes_on_past_a_truncated_file_and_a_non_image_member(tmp_path,
         )
     assert json.loads((tmp_path / "run" / "upsampler.json").read_text())["training"]["steps"] == 3
     assert "samples were skipped in total" in caplog.text
+
+
+def test_a_bf16_recipe_on_a_cpu_without_bf16_units_is_refused_in_one_line(tmp_path, monkeypatch, capsys, caplog):
+    from simfeatup import hardware
+
+    none = {"avx512": False, "avx512_bf16": False, "amx": False, "vnni": False, "amx_fp16": False}
+    monkeypatch.setattr(hardware, "cpu_features", lambda: none)
+    base = ["--config", str(TINY), "--trainer.default_root_dir", str(tmp_path), "--trainer.precision", "bf16-mixed"]
+    for accelerator in ("cpu", "auto"):  # auto is the CPU here: the test machine's torch sees no GPU
+        assert fit.main([*base, "--trainer.accelerator", accelerator]) == 2
+        [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fit: error: ")]
+        assert "--trainer.precision bf16-mixed on this CPU: this CPU has no bf16 units" in line
+        assert line.endswith("train with --trainer.precision 32-true")
+    assert list(tmp_path.iterdir()) == []  # refused before any run folder is made
+    from simfeatup.training.cli import SimFeatUpCLI
+
+    monkeypatch.setattr(hardware, "cpu_features", lambda: {**none, "avx512": True})  # emulated by oneDNN: a warning
+    with caplog.at_level("WARNING", logger="simfeatup"):
+        SimFeatUpCLI(args=[*base, "--trainer.logger", "false"])
+    assert "--trainer.precision bf16-mixed on this CPU: this CPU has AVX-512 but no bf16 units" in caplog.text

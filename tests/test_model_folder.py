@@ -97,3 +97,19 @@ def test_run_in_chunks_pads_to_the_static_size_and_drops_the_padding():
     out = run_in_chunks(graph, x, 4, out_axis=1)
     np.testing.assert_array_equal(out, np.stack([x * 2, x + 1], axis=-1)[None])
     assert len(calls) == 3 and list(calls[-1]) == [8.0, 9.0, 9.0, 9.0]  # the last piece repeats its last row
+
+
+def test_an_int8_folder_with_8_bit_weights_is_warned_about(onnx_dir, tmp_path, caplog):
+    manifest = json.loads((onnx_dir / "manifest.json").read_text())
+    old = {"method": "onnxruntime.quantization.quantize_dynamic", "nodes": 7}  # what folders before 7 bits said
+    for quantization, warned in ((old, True), ({**old, "reduce_range": True}, False)):
+        folder = Path(shutil.copytree(onnx_dir, tmp_path / str(warned)))
+        write_manifest(folder, {**manifest, "dtype": "int8", "quantization": quantization})
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="simfeatup"):
+            read_manifest(folder)
+        assert ("full 8-bit weights" in caplog.text and "re-export it" in caplog.text) == warned
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="simfeatup"):
+        read_manifest(onnx_dir)  # float32 folders say nothing
+    assert not caplog.records

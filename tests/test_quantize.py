@@ -74,6 +74,7 @@ def test_int8_export_is_verified_by_label_agreement(artefacts, tiny_weights, tmp
     assert export.main([*args, "--out", str(tmp_path / "int8")]) == 0
     manifest = json.loads((tmp_path / "int8" / "manifest.json").read_text())
     assert manifest["dtype"] == "int8" and manifest["quantization"]["nodes"] == 7
+    assert manifest["quantization"]["reduce_range"] is True  # read back: no 8-bit warning
     assert 0.95 <= manifest["verification"]["sample_label_agreement"] < 1
     segmenter = OnnxSegmenter(tmp_path / "int8", cache=False)
     assert segmenter.describe()["dtype"] == "int8"

@@ -203,14 +203,18 @@ def test_bfloat16_reaches_the_image_tower_only_and_keeps_the_labels(encoder, ups
     assert (got.labels == ref.labels).mean() > 0.95
 
 
-def test_bfloat16_on_a_cpu_without_bf16_units_warns(encoder, upsampler, monkeypatch, caplog):
+def test_reduced_precision_the_cpu_lacks_units_for_warns(encoder, upsampler, monkeypatch, caplog):
     import copy
 
     from simfeatup import hardware
 
-    for units, warned in ((False, True), (True, False)):
-        monkeypatch.setattr(hardware, "bf16_units", lambda units=units: units)
+    for dtype, advice in ((torch.bfloat16, ("error", "no bf16 units")), (torch.float16, ("warning", "no faster")),
+                          (torch.bfloat16, None)):
+        monkeypatch.setattr(hardware, "cpu_dtype_advice", lambda name, advice=advice: advice)
         caplog.clear()
         with caplog.at_level("WARNING", logger="simfeatup"):
-            copy.deepcopy(Segmenter(encoder, upsampler, cache=False)).to_dtype(torch.bfloat16)
-        assert ("bfloat16: this CPU has no bf16 units" in caplog.text) == warned
+            copy.deepcopy(Segmenter(encoder, upsampler, cache=False)).to_dtype(dtype)
+        if advice:
+            assert f"{str(dtype).removeprefix('torch.')}: {advice[1]}" in caplog.text
+        else:
+            assert not caplog.records

@@ -64,6 +64,7 @@ def quantize_image_graph(path: Path) -> dict:
     return {
         "method": "onnxruntime.quantization.quantize_dynamic",
         "weights": "int8 in 7 bits (|w| <= 64: no int16 overflow on CPUs without VNNI), symmetric, per output channel",
+        "reduce_range": True,  # read by simfeatup.model_folder: folders without it have 8-bit weights
         "activations": "uint8, dynamic (per call)",
         "scope": "image tower linear layers (qkv, out_proj, MLP, proj); upsampler, scoring, text graph float32",
         "nodes": len(nodes),

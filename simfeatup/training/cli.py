@@ -144,6 +144,8 @@ class SimFeatUpCLI(LightningCLI):
         for key in SHARD_KEYS:
             if data.get(key):
                 expand_urls(data[key])  # ValueError naming the missing path and the current directory
+        check_cpu_precision(self.config["trainer"])
+
 
     def fit(self) -> None:
         ckpt_path = self.config.ckpt_path
@@ -154,6 +156,31 @@ class SimFeatUpCLI(LightningCLI):
             self.trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
         if self.trainer.is_global_zero:
             log_results(self.trainer, self.model)
+
+
+def check_cpu_precision(trainer) -> None:
+    """A bf16 recipe (simfeatup_vitb16.yaml's bf16-mixed) on a machine that will train on its CPU:
+    refused in one line where PyTorch would emulate bf16 (no bf16 units, no AVX-512: many times
+    slower than 32-true), warned where it is emulated by oneDNN (docs/method.md section 8)."""
+    from simfeatup.entry import UsageError
+    from simfeatup.hardware import cpu_dtype_advice
+
+    precision, accelerator = str(trainer.get("precision")), str(trainer.get("accelerator") or "auto")
+    if not precision.startswith("bf16"):
+        return
+    if accelerator == "auto":
+        import torch
+
+        if torch.cuda.is_available() or torch.backends.mps.is_available():
+            return
+    elif accelerator != "cpu":
+        return
+    advice = cpu_dtype_advice("bfloat16", fix="train with --trainer.precision 32-true")
+    if advice is None:
+        return
+    if advice[0] == "error":
+        raise UsageError(f"--trainer.precision {precision} on this CPU: {advice[1]}")
+    logger.warning("--trainer.precision %s on this CPU: %s", precision, advice[1])
 
 
 def recipe_relative_shards(config, data) -> dict[str, str]:
