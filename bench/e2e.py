@@ -211,13 +211,14 @@ def table(args, root: Path) -> dict:
 
     advice = hardware.cpu_dtype_advice("bfloat16")
     bf16_refused = advice[1] if advice and advice[0] == "error" else None
-    if bf16_refused:  # emulated bf16 is slow: a smaller GEMM, both dtypes, for the ratio
-        small = {dtype: gemm_gflops(dtype, n=1024, repeats=2) for dtype in (torch.float32, torch.bfloat16)}
+    # at 1024^2: float16, and bf16 where it is emulated (slow), each against fp32 at that size
+    small_dtypes = (torch.float32, torch.float16, *((torch.bfloat16,) if bf16_refused else ()))
+    small = {dtype: gemm_gflops(dtype, n=1024, repeats=2) for dtype in small_dtypes}
+    if bf16_refused:
         bf16 = (f"no bf16 units: emulated, {small[torch.bfloat16]:.1f} GFLOP/s at 1024^2, "
                 f"{small[torch.float32] / small[torch.bfloat16]:.0f}x slower than fp32 at that size")
     else:
         bf16 = f"{gemm_gflops(torch.bfloat16):.0f} GFLOP/s"
-    small = {dtype: gemm_gflops(dtype, n=1024, repeats=2) for dtype in (torch.float32, torch.float16)}
     print(f"CPU: {hardware.describe()}\nGEMM 2048^2 (torch {torch.__version__}, {torch.get_num_threads()} threads): "
           f"fp32 {gemm_gflops(torch.float32):.0f} GFLOP/s, bf16 {bf16}; float16 at 1024^2 "
           f"{small[torch.float16]:.0f} GFLOP/s against fp32 {small[torch.float32]:.0f}", flush=True)

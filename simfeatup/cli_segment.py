@@ -415,19 +415,22 @@ def check_model_flags(args) -> None:
                 "--dtype does not apply with --onnx: the precision was fixed at export (export/to_onnx.py --dtype)"
             )
         return
-    if args.dtype in ("bfloat16", "float16") and args.device in ("auto", "cpu"):
+    if args.dtype in ("bfloat16", "float16") and _torch_device(args.device) == "cpu":
         from .hardware import cpu_dtype_advice
 
         advice = cpu_dtype_advice(args.dtype)
         # errors here; a warning comes from Segmenter.to_dtype once the model is on its device
-        if advice and advice[0] == "error" and (args.device == "cpu" or not _cuda_available()):
+        if advice and advice[0] == "error":
             raise UsageError(f"--dtype {args.dtype}: {advice[1]}")
 
 
-def _cuda_available() -> bool:
+def _torch_device(device: str) -> str:
+    """--device for the torch path: auto is cuda when PyTorch sees one, else cpu."""
+    if device != "auto":
+        return device
     import torch
 
-    return torch.cuda.is_available()
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _build_segmenter(args):
@@ -452,9 +455,7 @@ def _build_segmenter(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _torch_device(args.device)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype)
     if dtype is None:
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32

@@ -44,7 +44,11 @@ def cpu_features() -> dict[str, bool] | None:
 def bf16_units() -> bool | None:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); None when that cannot be told."""
     features = cpu_features()
-    return None if features is None else features["avx512_bf16"] or features["amx"]
+    return None if features is None else _bf16(features)
+
+
+def _bf16(features: dict[str, bool]) -> bool:
+    return features["avx512_bf16"] or features["amx"]
 
 
 def describe() -> str:
@@ -56,7 +60,7 @@ def describe() -> str:
     if features is None:
         return line
     yes = {True: "yes", False: "no"}
-    units = f"bf16 units {yes[features['avx512_bf16'] or features['amx']]} (AMX {yes[features['amx']]})"
+    units = f"bf16 units {yes[_bf16(features)]} (AMX {yes[features['amx']]})"
     return f"{line}, VNNI {yes[features['vnni']]}, {units}, AMX-FP16 {yes[features['amx_fp16']]}"
 
 
@@ -70,7 +74,7 @@ def cpu_dtype_advice(dtype: str, fix: str = "leave --dtype at auto (float32 on C
     if features is None or dtype not in ("bfloat16", "float16"):
         return None
     if dtype == "bfloat16":
-        if features["avx512_bf16"] or features["amx"]:
+        if _bf16(features):
             return None
         if features["avx512"]:
             return ("warning", "this CPU has AVX-512 but no bf16 units (AVX512-BF16 or AMX), so bfloat16 is "
@@ -79,6 +83,6 @@ def cpu_dtype_advice(dtype: str, fix: str = "leave --dtype at auto (float32 on C
                 f"many times slower than float32: {fix}")
     if features["amx_fp16"]:
         return None
-    better = "bfloat16 (this CPU has bf16 units)" if features["avx512_bf16"] or features["amx"] else "auto (float32)"
+    better = "bfloat16 (this CPU has bf16 units)" if _bf16(features) else "auto (float32)"
     return ("warning", "float16 on a CPU without AMX-FP16 runs no faster than float32 and rounds the whole "
             f"model, text tower and upsampler too: use --dtype {better}")

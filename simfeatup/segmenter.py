@@ -79,9 +79,10 @@ class Segmenter(torch.nn.Module, WindowSegmenter):
         if next(self.parameters()).device.type == "cpu":
             from .hardware import cpu_dtype_advice
 
-            advice = cpu_dtype_advice(str(dtype).removeprefix("torch."))
+            name = str(dtype).removeprefix("torch.")
+            advice = cpu_dtype_advice(name)
             if advice:
-                logger.warning("%s: %s", str(dtype).removeprefix("torch."), advice[1])
+                logger.warning("%s: %s", name, advice[1])
         if dtype not in VISION_ONLY_DTYPES:
             return self.to(dtype=dtype)
         self.float()

@@ -146,7 +146,6 @@ class SimFeatUpCLI(LightningCLI):
                 expand_urls(data[key])  # ValueError naming the missing path and the current directory
         check_cpu_precision(self.config["trainer"])
 
-
     def fit(self) -> None:
         ckpt_path = self.config.ckpt_path
         if ckpt_path == "last":  # Lightning's "last" is the newest last*.ckpt, even when a step checkpoint is newer
