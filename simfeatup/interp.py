@@ -48,21 +48,17 @@ def padded_bicubic_matrix(n_out, n_in: int, pad: int, like: torch.Tensor) -> tor
     return m.index_select(0, mirror_index(n_out, pad, like.device)) if pad else m
 
 
-def bicubic_resize(x: torch.Tensor, size, *, channels_last: bool = False, pad: int = 0) -> torch.Tensor:
+def bicubic_resize(x: torch.Tensor, size, *, pad: int = 0) -> torch.Tensor:
     """``F.interpolate(x, size, mode="bicubic", align_corners=False)`` as two matmuls.
 
-    x (B, C, h, w), or (B, h, w, C) with ``channels_last``; returns the same layout at ``size``.
-    The weights are computed in float32 (at least) and cast to x's dtype. ``pad``: the result
-    reflect-padded by ``pad`` on every side (:func:`padded_bicubic_matrix`), made by the matmuls
-    themselves: the padded values are the same dot products, with no copy of the resized map.
+    x (B, C, h, w) -> (B, C, *size); channels-last inference folds the resize into each step's
+    filter instead (:meth:`simfeatup.filters.Tiles.jbu`). The weights are computed in float32 (at
+    least) and cast to x's dtype. ``pad``: the result reflect-padded by ``pad`` on every side
+    (:func:`padded_bicubic_matrix`), made by the matmuls themselves: the padded values are the
+    same dot products, with no copy of the resized map.
     """
     H, W = size
-    h, w = (x.shape[1], x.shape[2]) if channels_last else (x.shape[-2], x.shape[-1])
+    h, w = x.shape[-2:]
     mh = padded_bicubic_matrix(H, h, pad, x).to(x.dtype)  # (H + 2 pad, h)
     mw = padded_bicubic_matrix(W, w, pad, x).to(x.dtype)  # (W + 2 pad, w)
-    H, W = H + 2 * pad, W + 2 * pad
-    if not channels_last:
-        return mh @ x @ mw.T  # (B, C, H, W)
-    B, _, _, C = x.shape
-    x = mw @ x  # (B, h, W, C)
-    return (mh @ x.reshape(B, h, W * C)).reshape(B, H, W, C)
+    return mh @ x @ mw.T  # (B, C, H + 2 pad, W + 2 pad)
