@@ -52,10 +52,10 @@ def bicubic_resize(x: torch.Tensor, size, *, pad: int = 0) -> torch.Tensor:
     """``F.interpolate(x, size, mode="bicubic", align_corners=False)`` as two matmuls.
 
     x (B, C, h, w) -> (B, C, *size); channels-last inference folds the resize into each step's
-    filter instead (:meth:`simfeatup.filters.Tiles.jbu`). The weights are computed in float32 (at
-    least) and cast to x's dtype. ``pad``: the result reflect-padded by ``pad`` on every side
-    (:func:`padded_bicubic_matrix`), made by the matmuls themselves: the padded values are the
-    same dot products, with no copy of the resized map.
+    filter instead (:meth:`simfeatup.filters.Strips.jbu`, :meth:`simfeatup.filters.Tiles.jbu`).
+    The weights are computed in float32 (at least) and cast to x's dtype. ``pad``: the result
+    reflect-padded by ``pad`` on every side (:func:`padded_bicubic_matrix`), made by the matmuls
+    themselves: the padded values are the same dot products, with no copy of the resized map.
     """
     H, W = size
     h, w = x.shape[-2:]

@@ -23,7 +23,12 @@ def test_macs_of_products_plain_and_transposed_and_of_convolutions():
     assert macs("FusedMatMul", [[4, 3], [4, 5]], [3, 5]) == 3 * 5 * 4  # A transposed
     assert macs("MatMul", [[4], [4, 5]], [5]) == 5 * 4
     assert macs("Conv", [[1, 3, 32, 32], [8, 3, 16, 16]], [1, 8, 2, 2]) == 8 * 2 * 2 * 3 * 16 * 16
+    # x^T x (A transposed, M == N != K): the contracted length is the 512 channels
+    assert macs("FusedMatMul", [[1, 512, 196], [1, 512, 196]], [1, 196, 196]) == 196 * 196 * 512
     assert macs("Gather", [[10, 4], [3]], [3, 4]) == 0
+    assert macs("MatMul", [[2, 3, 4], []], [2, 3, 5]) is None  # an input nobody recorded: not a guess
+    with pytest.raises(ValueError, match="no product of"):
+        macs("MatMul", [[2, 3, 4], [6, 5]], [2, 3, 5])
 
 
 def _where(node, namespace: str):
@@ -32,21 +37,22 @@ def _where(node, namespace: str):
 
 
 def test_a_profiled_graph_is_split_into_encoder_and_rest_with_prepacked_weights_counted(tmp_path):
-    """A 'patch embedding' conv in the encoder, then a MatMul by a constant (onnxruntime fuses the
-    Transpose before it and pre-packs the constant, which its profile then omits): both products are
-    counted exactly and land in their parts."""
+    """A 'patch embedding' conv in the encoder, then a MatMul by a transposed weight: onnxruntime fuses
+    the Transpose before the product, folds the weight's Transpose into a constant and pre-packs it,
+    and its profile then omits it. Both products are counted exactly and land in their parts."""
     rng = np.random.default_rng(0)
     nodes = [
         _where(helper.make_node("Conv", ["windows", "patch"], ["tokens"], strides=[16, 16], name="conv"),
                "ImageGraph/segmenter.encoder: DenseCLIP/conv"),
         helper.make_node("Reshape", ["tokens", "flat"], ["grid"], name="reshape"),
         helper.make_node("Transpose", ["grid"], ["rows"], perm=[0, 2, 1], name="transpose"),
+        helper.make_node("Transpose", ["proj_t"], ["proj"], perm=[1, 0], name="weight_t"),
         _where(helper.make_node("MatMul", ["rows", "proj"], ["scores"], name="matmul"), "ImageGraph/matmul"),
         _where(helper.make_node("Mul", ["scores", "lam"], ["logits"], name="mul"), "ImageGraph/mul"),
     ]
     inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 16, 16)).astype(np.float32), "patch"),
              numpy_helper.from_array(np.array([1, 8, -1], np.int64), "flat"),
-             numpy_helper.from_array(rng.standard_normal((8, 14)).astype(np.float32), "proj")]
+             numpy_helper.from_array(rng.standard_normal((14, 8)).astype(np.float32), "proj_t")]
     inputs = [helper.make_tensor_value_info("windows", TensorProto.FLOAT, [1, 3, 224, 224]),
               helper.make_tensor_value_info("text", TensorProto.FLOAT, [14, 8]),
               helper.make_tensor_value_info("lam", TensorProto.FLOAT, [])]
