@@ -39,8 +39,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 ENCODER = "segmenter.encoder"  # the module path of the image tower in the exported nodes' metadata
-
-
 PRODUCTS = ("MatMul", "FusedMatMul", "Gemm", "Conv")  # the ops whose multiply-adds are counted
 
 
@@ -97,7 +95,7 @@ def node_info(model_path: Path) -> dict[str, tuple[str, list]]:
         dims = value.type.tensor_type.shape.dim
         if all(d.HasField("dim_value") for d in dims):
             shapes[value.name] = [d.dim_value for d in dims]
-    constant = set(shapes) & {t.name for t in graph.initializer}
+    constant = {t.name for t in graph.initializer}
     info = {}
     for node in graph.node:  # topologically ordered
         if node.op_type == "Constant" or (node.input and all(i in constant for i in node.input if i)):
@@ -110,7 +108,8 @@ def node_info(model_path: Path) -> dict[str, tuple[str, list]]:
 
 def profile_window(model_dir: Path, threads: int | None, repeats: int, window: int = 224) -> list[dict]:
     """Per node, in execution order: {name, op, part, ms (median over repeats), macs (None: a product
-    whose inputs could not be found), shape (of its first output)} for one window."""
+    whose inputs could not be found or do not fit its output), shape (of its first output)} for one
+    window."""
     import numpy as np
     import onnxruntime as ort
 
@@ -152,8 +151,12 @@ def profile_window(model_dir: Path, threads: int | None, repeats: int, window: i
                 listed = iter(inputs)
                 inputs = [shape if shape is not None else next(listed, None) for shape in constants]
             output = (_shapes(args.get("output_type_shape")) or [[0]])[0]
+            try:
+                count = macs(args["op_name"], inputs, output)
+            except ValueError:  # shapes that fit no product: reported with the unresolved ones
+                count = None
             first[name] = {"name": name, "op": args["op_name"], "ts": e["ts"], "shape": output, "source_part": part,
-                           "macs": macs(args["op_name"], inputs, output)}
+                           "macs": count}
     nodes = sorted(first.values(), key=lambda n: n["ts"])
     part = "encoder"
     for node in nodes:
