@@ -75,9 +75,22 @@ def tiny_weights(tmp_path_factory):
     return TINY_NAME, weights
 
 
-@pytest.fixture(scope="session")
-def artefacts(tiny_weights, tmp_path_factory):
-    """A SimFeatUp artefact for the registered tiny model, and its verified ONNX export."""
+# the session's one export, run as users run the script, in a process of its own: the tiny model's
+# name is registered with open_clip there first
+_EXPORT = ("import runpy, sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
+           "sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _export_started(tiny_weights, tmp_path_factory):
+    """A SimFeatUp artefact for the registered tiny model, and its ONNX export started at the first test.
+
+    The export (~2 minutes of tracing and optimising on 2 cores) runs in a subprocess while the
+    test modules that do not need it run (pytest_collection_modifyitems puts those first);
+    :func:`artefacts` waits for it."""
+    import subprocess
+    import sys
+
     from simfeatup.upsampler import SimFeatUp, save_upsampler
 
     name, weights = tiny_weights
@@ -89,12 +102,34 @@ def artefacts(tiny_weights, tmp_path_factory):
             p.add_(0.3 * torch.randn_like(p))
     path = folder / "upsampler.safetensors"
     save_upsampler(up, path, backbone={"model": name, "pretrained": str(weights)})
-    # the session's one export, through the script as users run it
     out = folder / "onnx"
-    assert load_script("export/to_onnx.py").main(
-        ["--upsampler", str(path), "--model", name, "--pretrained", str(weights), "--out", str(out)]
-    ) == 0
+    argv = ["--upsampler", str(path), "--model", name, "--pretrained", str(weights), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tracing is one thread's work; leave the other core to tests
+    log = folder / "export.log"  # a file, not a pipe: nobody reads until a test needs the export
+    with open(log, "w") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-c", _EXPORT, str(weights.parent), str(REPO / "export" / "to_onnx.py"), *argv],
+            stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+        )
+    yield path, out, process, log
+    if process.poll() is None:  # a run that never needed it
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def artefacts(_export_started):
+    """A SimFeatUp artefact for the registered tiny model, and its verified ONNX export."""
+    path, out, process, log = _export_started
+    assert process.wait() == 0, f"export/to_onnx.py failed:\n{log.read_text()[-4000:]}"
     return path, out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Test modules that use the session's export run after the others (stable order otherwise),
+    so the export started with the first test overlaps them; a module is never split."""
+    users = {item.module.__name__ for item in items if "artefacts" in item.fixturenames and hasattr(item, "module")}
+    items.sort(key=lambda item: getattr(getattr(item, "module", None), "__name__", None) in users)
 
 
 @pytest.fixture(scope="session")

@@ -37,6 +37,7 @@ def _no_model(*extra):
     return ["--model", "ViT-B-16", "--pretrained", "/nonexistent/weights.bin", *extra]
 
 
+@pytest.mark.slow  # 3-10 s end to end; the default run must stay under 5 min (README, Tests)
 def test_skip_existing_redoes_only_inputs_with_missing_outputs(tiny_weights, pictures, tmp_path, caplog):
     out = tmp_path / "out"
     assert _segment(tiny_weights, [pictures], out, "--overlay") == 0

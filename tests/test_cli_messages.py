@@ -83,6 +83,7 @@ def _random_warnings(caplog) -> list[str]:
     return [m for m in messages if "random weights" in m]
 
 
+@pytest.mark.slow  # 3-10 s end to end; the default run must stay under 5 min (README, Tests)
 def test_an_artefact_trained_on_a_random_backbone_warns_once(random_artefact, labelled, tmp_path, caplog):
     images, labels = labelled
     common = ["--classes", "background;road", "--upsampler", str(random_artefact), "--device", "cpu"]

@@ -68,6 +68,7 @@ def picture_file(tmp_path):
     return folder / "tile.png"
 
 
+@pytest.mark.slow  # 3-10 s end to end; the default run must stay under 5 min (README, Tests)
 def test_compare_writes_the_picture_and_prints_the_share_that_differs(artefacts, tiny_weights, picture_file,
                                                                       tmp_path, capsys):
     from simfeatup.imaging import load_image

@@ -66,6 +66,7 @@ def test_a_missing_extra_is_exit_2_and_one_line(tmp_path, target, prefix, argv, 
 
 
 @pytest.mark.parametrize("target, prefix, _, argv", ENTRY_POINTS, ids=IDS)
+@pytest.mark.slow  # 3-10 s end to end; the default run must stay under 5 min (README, Tests)
 def test_a_bad_path_is_exit_2_and_one_line(tmp_path, target, prefix, _, argv):
     done = _run(target, argv, tmp_path / "out")
     assert done.returncode == 2, done.stderr
@@ -115,6 +116,7 @@ TIMED = (
     ],
     ids=["fit", "segment"],
 )
+@pytest.mark.slow  # 3-10 s end to end; the default run must stay under 5 min (README, Tests)
 def test_unreachable_hub_and_no_cached_weights_end_in_one_line_at_once(tmp_path, target, argv, flag):
     """No HF_HUB_OFFLINE, an endpoint nobody answers, an empty Hugging Face cache: no retry loop."""
     import os

@@ -158,6 +158,7 @@ def test_labels_are_paired_by_stem_suffixes_and_any_letter_case(tmp_path):
 
 
 # ------------------------------------------------------------------ the command, on a real labelled tile
+@pytest.mark.slow  # 3-10 s end to end; the default run must stay under 5 min (README, Tests)
 def test_evaluate_scores_what_segment_writes(onnx_dir, tmp_path, capsys):
     """SpaceNet 3 Las Vegas roads: the report's IoU is the IoU of `segment`'s label map."""
     common = ["--preset", "spacenet", "--onnx", str(onnx_dir)]
@@ -294,6 +295,7 @@ def test_preset_label_notes_reach_the_command(onnx_dir, tmp_path, caplog):
     assert lost["pixels"] == int((mask == 0).sum()) and "need --binary-255" in caplog.text
 
 
+@pytest.mark.slow  # 3-10 s end to end; the default run must stay under 5 min (README, Tests)
 def test_each_image_is_scored_once_and_labels_beside_images_are_not_images(onnx_dir, tmp_path, capsys):
     mask = np.zeros((96, 128), np.uint8)
     image = _tile(tmp_path / "d", label=mask)

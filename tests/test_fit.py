@@ -385,6 +385,7 @@ def test_learning_signal_on_held_out_real_crops(tmp_path):
     assert trained["val/rec"] < trained["val/rec_bilinear"]
 
 
+@pytest.mark.slow  # 3-10 s end to end; the default run must stay under 5 min (README, Tests)
 def test_training_goes_on_past_a_truncated_file_and_a_non_image_member(tmp_path, caplog):
     """A damaged shard among good ones: training completes and the skip count is reported."""
     import io

@@ -34,6 +34,7 @@ def test_openvino_check(check, onnx_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+@pytest.mark.slow  # 3-10 s end to end; the default run must stay under 5 min (README, Tests)
 def test_the_openvino_runtime_never_imports_torch(onnx_dir):
     code = (
         "import sys; from simfeatup.openvino_runtime import OpenVinoSegmenter; "

@@ -19,6 +19,7 @@ def _scopes(model):
     return {n.name: next((p.value for p in n.metadata_props if p.key == "namespace"), "") for n in model.graph.node}
 
 
+@pytest.mark.slow  # 3-10 s end to end; the default run must stay under 5 min (README, Tests)
 def test_only_the_image_towers_linear_layers_are_quantised(onnx_dir, tmp_path):
     for name in ("image.onnx", "image.onnx.data"):
         shutil.copy(onnx_dir / name, tmp_path / name)

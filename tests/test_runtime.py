@@ -84,6 +84,7 @@ def test_same_label_maps_as_torch_on_the_sample_images(artefacts, tiny_weights):
         _labels_agree(ref.labels, got.labels, ref.probs, scoring.prob_thd)
 
 
+@pytest.mark.slow  # 3-10 s end to end; the default run must stay under 5 min (README, Tests)
 def test_cli_segment_with_onnx_matches_the_torch_cli(artefacts, tiny_weights, tmp_path):
     from simfeatup.cli import main
 
@@ -223,6 +224,7 @@ def test_a_missing_extra_is_named_in_one_line(onnx_dir, tmp_path, blocked, flags
     assert ", which is not installed: pip install \"simfeatup[" in line, line
 
 
+@pytest.mark.slow  # 3-10 s end to end; the default run must stay under 5 min (README, Tests)
 def test_onnx_device_flag_picks_the_provider(onnx_dir, tmp_path, capsys, monkeypatch):
     import onnxruntime
 
@@ -314,6 +316,7 @@ def test_a_manifest_that_does_not_belong_to_its_graphs_is_refused(onnx_dir, tmp_
         assert "re-export the model folder" in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.slow  # 3-10 s end to end; the default run must stay under 5 min (README, Tests)
 def test_windows_go_through_the_graph_in_fixed_size_batches(onnx_dir, monkeypatch):
     segmenter = OnnxSegmenter(onnx_dir, window_batch=2, cache=False)
     sizes = []
@@ -342,6 +345,7 @@ def test_providers_fall_back_to_cpu_and_unknown_ones_are_refused(monkeypatch):
         choose_providers()
 
 
+@pytest.mark.slow  # 3-10 s end to end; the default run must stay under 5 min (README, Tests)
 def test_threads_flag_reaches_onnxruntime_and_torch(artefacts, tmp_path, monkeypatch):
     """--threads N: onnxruntime sessions get N intra-op threads, the torch path torch.set_num_threads(N);
     0 or a non-number is refused by argparse."""

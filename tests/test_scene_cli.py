@@ -110,6 +110,7 @@ def test_small_geotiffs_stay_in_image_mode_unless_scene_is_asked_for(tiny_weight
         assert ds.crs is None and ds.shape == (120, 150)
 
 
+@pytest.mark.slow  # 3-10 s end to end; the default run must stay under 5 min (README, Tests)
 def test_the_torch_free_runtime_segments_scenes_too(onnx_dir, tmp_path, monkeypatch):
     import test_runtime
     from simfeatup.extras import TORCH_MODULES

@@ -42,6 +42,7 @@ def test_strips_of_a_resize_are_the_whole_resize_bit_for_bit():
         np.testing.assert_array_equal(np.concatenate(parts, axis=1), whole)
 
 
+@pytest.mark.slow  # 3-10 s end to end; the default run must stay under 5 min (README, Tests)
 def test_segmentation_at_original_size_matches_resize_then_score_in_bounded_memory(monkeypatch):
     import tracemalloc
 

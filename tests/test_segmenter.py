@@ -179,6 +179,7 @@ def test_artefact_finds_its_weights_beside_it_or_says_which_file(config_weights,
     assert _same_weights(segmenter.encoder, state) and segmenter.upsampler is not None
 
 
+@pytest.mark.slow  # 3-10 s end to end; the default run must stay under 5 min (README, Tests)
 def test_bfloat16_reaches_the_image_tower_only_and_keeps_the_labels(encoder, upsampler):
     """--dtype bfloat16: the ViT in bf16; text tower, upsampler and scores float32 (docs/method.md section 8)."""
     import copy

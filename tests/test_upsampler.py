@@ -163,6 +163,7 @@ MEMORY_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # 3-10 s end to end; the default run must stay under 5 min (README, Tests)
 def test_peak_memory_far_below_unfold():
     """C=512, 14 -> 224: the unfold formulation needs a 12 GB tensor; we must stay under 600 MB."""
     res = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, check=True)
