@@ -81,19 +81,25 @@ _EXPORT = ("import runpy, sys, open_clip; open_clip.add_model_config(sys.argv[1]
            "sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
+_EXPORT_NEEDED = pytest.StashKey[bool]()
+
+
 @pytest.fixture(scope="session", autouse=True)
-def _export_started(tiny_weights, tmp_path_factory):
+def _export_started(request, tmp_path_factory):
     """A SimFeatUp artefact for the registered tiny model, and its ONNX export started at the first test.
 
     The export (~2 minutes of tracing and optimising on 2 cores) runs in a subprocess while the
     test modules that do not need it run (pytest_collection_modifyitems puts those first);
-    :func:`artefacts` waits for it."""
+    :func:`artefacts` waits for it. Not started when no collected test needs it."""
     import subprocess
     import sys
 
     from simfeatup.upsampler import SimFeatUp, save_upsampler
 
-    name, weights = tiny_weights
+    if not request.config.stash.get(_EXPORT_NEEDED, False):
+        yield None
+        return
+    name, weights = request.getfixturevalue("tiny_weights")
     folder = tmp_path_factory.mktemp("runtime")
     torch.manual_seed(5)
     up = SimFeatUp(32, 16)
@@ -129,6 +135,7 @@ def pytest_collection_modifyitems(config, items):
     """Test modules that use the session's export run after the others (stable order otherwise),
     so the export started with the first test overlaps them; a module is never split."""
     users = {item.module.__name__ for item in items if "artefacts" in item.fixturenames and hasattr(item, "module")}
+    config.stash[_EXPORT_NEEDED] = bool(users)
     items.sort(key=lambda item: getattr(getattr(item, "module", None), "__name__", None) in users)
 
 
