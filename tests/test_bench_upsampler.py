@@ -1,16 +1,11 @@
 """bench/upsampler.py's extrapolation of the unfold form: a line that does not rise with C is refused."""
-import importlib.util
-from pathlib import Path
-
 import pytest
+
+from conftest import load_script
 
 
 def _bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "upsampler.py"
-    spec = importlib.util.spec_from_file_location("bench_upsampler", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/upsampler.py")
 
 
 def test_unfold_fit_extrapolates_a_rising_line_and_refuses_a_falling_one():

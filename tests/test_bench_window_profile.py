@@ -1,19 +1,14 @@
 """bench/window_profile.py: multiply-adds from onnxruntime's profile, parts from the nodes' source locations."""
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import load_script
+
 
 def _bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "window_profile.py"
-    spec = importlib.util.spec_from_file_location("bench_window_profile", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/window_profile.py")
 
 
 def test_macs_of_products_plain_and_transposed_and_of_convolutions():
