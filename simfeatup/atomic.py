@@ -8,9 +8,10 @@ torn, so a killed run leaves the old version or the new one, never a truncated o
 Temporary names are ``.NAME.HOST.PID.TOKEN.partial`` (``.NAME.HOST.PID.TOKEN.old`` for a
 folder moved aside while ``atomic_dir`` swaps it): hidden, so ``ls`` and shell globs skip
 them, and ending in ``.partial``, so nothing looking for ``*.tar`` or ``*.ckpt`` picks one
-up. The writer's host and process id in the name let :func:`remove_stale_temporaries` tell a
-leftover of a killed run from a file another run is writing right now; every writer here runs
-it (:func:`sweep_once`) on the first write into a folder, so a rerun clears what a kill left.
+up (nor a side file SQLite keeps beside one, ``.partial-journal``). The writer's host and
+process id in the name let :func:`remove_stale_temporaries` tell a leftover of a killed run
+from a file another run is writing right now; every writer here runs it (:func:`sweep_once`)
+on the first write into a folder, so a rerun clears what a kill left.
 """
 from __future__ import annotations
 
@@ -33,8 +34,12 @@ logger = logging.getLogger(__name__)
 STALE_AFTER_S = 24 * 3600
 
 _HOST = re.sub(r"[^A-Za-z0-9-]+", "-", socket.gethostname())[:32].strip("-") or "host"
+# Files a library keeps beside a temporary while writing it (SQLite's, for a GeoPackage): removed
+# with it, by its writer on abort and by the sweep when its writer died.
+SIDE_FILES = ("-journal", "-wal", "-shm")
 _TEMPORARY = re.compile(
-    r"^\.(?P<target>.+)\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.(?P<kind>partial|old)$"
+    r"^\.(?P<target>.+)\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}\."
+    rf"(?P<kind>partial(?:{'|'.join(SIDE_FILES)})?|old)$"
 )
 
 

@@ -32,8 +32,6 @@ logger = logging.getLogger("simfeatup")
 
 # --vector FORMAT -> (OGR driver, file suffix). GeoJSON is RFC 7946: lon/lat on EPSG:4326.
 FORMATS = {"gpkg": ("GPKG", ".gpkg"), "geojson": ("GeoJSON", ".geojson")}
-# SQLite's side files beside a GeoPackage being written, removed with it on abort.
-_SQLITE_SIDE_FILES = ("-journal", "-wal", "-shm")
 
 
 class RegionPolygons:
@@ -247,5 +245,5 @@ class VectorOutput:
     def abort(self) -> None:
         if self._file is not None:
             self._file.abort()
-            for suffix in _SQLITE_SIDE_FILES:
+            for suffix in atomic.SIDE_FILES:  # SQLite's, beside the GeoPackage
                 self._file.tmp.with_name(self._file.tmp.name + suffix).unlink(missing_ok=True)

@@ -192,11 +192,16 @@ def test_only_our_names_are_swept(tmp_path):
         f".x.tar.{host}.{os.getpid()}.0badc0de.partial",  # this very process: alive
         ".x.tar.elsewhere.1.00000000.partial",  # another host, recent: maybe still being written
         f".gone.{host}.{dead}.12345678.old",  # moved aside, but gone/ is missing: the only copy
+        f".x.gpkg.{host}.{os.getpid()}.44444444.partial-journal",  # a live writer's SQLite journal
+        f".x.gpkg.{host}.{dead}.55555555.partial-backup",  # not a side file of ours
     ]
     sweep = [
         f".x.tar.{host}.{dead}.abcdef01.partial",
         ".x.tar.elsewhere.1.11111111.partial",  # another host, untouched for two days
         f".model.{host}.{dead}.22222222.old",  # swapped-out folder whose replacement is in place
+        f".x.gpkg.{host}.{dead}.33333333.partial",  # a GeoPackage whose run was killed (SIGKILL) ...
+        f".x.gpkg.{host}.{dead}.33333333.partial-journal",  # ... and SQLite's journal beside it
+        f".x.gpkg.{host}.{dead}.33333333.partial-wal",
     ]
     for name in keep + sweep:
         (tmp_path / name).write_text("x")
