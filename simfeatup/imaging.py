@@ -156,13 +156,14 @@ def _read_tiff(data: bytes) -> np.ndarray:
 
 def _read_tiff_cv2(data: bytes, err: Exception) -> np.ndarray:
     import cv2
+    from cv2.utils import logging as cv_log  # OpenCV 4 and 5 (5 dropped cv2.getLogLevel)
 
-    level = cv2.getLogLevel()
-    cv2.setLogLevel(2)  # ERROR: GeoTIFF tags make libtiff warn on every read
+    level = cv_log.getLogLevel()
+    cv_log.setLogLevel(cv_log.LOG_LEVEL_ERROR)  # GeoTIFF tags make libtiff warn on every read
     try:
         arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     finally:
-        cv2.setLogLevel(level)
+        cv_log.setLogLevel(level)
     if arr is None:
         raise ValueError(f"{err}; OpenCV could not read it either (`pip install imagecodecs`)")
     if arr.ndim == 2:

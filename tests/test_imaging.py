@@ -1,3 +1,5 @@
+import sys
+
 import cv2
 import numpy as np
 import pytest
@@ -92,6 +94,16 @@ def test_load_image_formats(tmp_path):
     bands = np.stack([rgb[..., 2], rgb[..., 1], rgb[..., 0], rgb[..., 0]])  # (4, H, W), band-first B,G,R,NIR
     tifffile.imwrite(tmp_path / "m.tif", bands)
     assert np.array_equal(imaging.load_image(tmp_path / "m.tif", bands=(2, 1, 0)), rgb)
+
+
+@pytest.mark.parametrize("compression", ["lzw", "deflate"])
+def test_compressed_tiffs_are_read_without_imagecodecs(tmp_path, monkeypatch, compression):
+    # tifffile decodes LZW only through imagecodecs (not in the default install): OpenCV reads it
+    monkeypatch.setitem(sys.modules, "imagecodecs", None)  # an import of it fails, installed or not
+    rgb = np.random.default_rng(1).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    code = {"lzw": 5, "deflate": 8}[compression]  # TIFF compression tag values
+    assert cv2.imwrite(str(tmp_path / "c.tif"), rgb[..., ::-1], [cv2.IMWRITE_TIFF_COMPRESSION, code])
+    assert np.array_equal(imaging.load_image(tmp_path / "c.tif"), rgb)
 
 
 def test_bad_files_give_one_line_errors(tmp_path):
