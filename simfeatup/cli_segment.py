@@ -415,7 +415,8 @@ def check_model_flags(args) -> None:
                 "--dtype does not apply with --onnx: the precision was fixed at export (export/to_onnx.py --dtype)"
             )
         return
-    if args.dtype in ("bfloat16", "float16") and _torch_device(args.device) == "cpu":
+    device = _torch_device(args.device)  # an unusable --device fails here, before any image is read
+    if args.dtype in ("bfloat16", "float16") and device == "cpu":
         from .hardware import cpu_dtype_advice
 
         advice = cpu_dtype_advice(args.dtype)
@@ -425,12 +426,29 @@ def check_model_flags(args) -> None:
 
 
 def _torch_device(device: str) -> str:
-    """--device for the torch path: auto is cuda when PyTorch sees one, else cpu."""
-    if device != "auto":
-        return device
+    """--device for the torch path: auto is cuda when PyTorch sees one, else cpu; UsageError for a
+    device this PyTorch cannot use (a deep RuntimeError at the model's first .to() otherwise)."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UsageError(f"--device {device}: not a device PyTorch knows: use auto, cpu, cuda or cuda:N") from None
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"--device {device}: PyTorch {torch.__version__} sees no CUDA GPU here (no GPU, no "
+                             "driver, or a CPU-only build): use --device cpu, or auto")
+        index = torch.device(device).index
+        if index is not None and index >= count:
+            raise UsageError(f"--device {device}: PyTorch sees {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: this PyTorch has no usable Apple GPU (MPS): use --device cpu, or auto")
+    elif kind not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {device}: simfeatup runs on cpu, cuda or mps: use auto, cpu, cuda or cuda:N")
+    return device
 
 
 def _build_segmenter(args):

@@ -289,3 +289,32 @@ def test_bfloat16_on_a_cpu_without_bf16_units_is_refused_before_any_input_is_rea
         monkeypatch.setattr(hardware, "cpu_features", lambda: {**avx2_only, "amx": True})  # gets further
         with pytest.raises(AssertionError, match="was loaded before"):
             main(args)
+
+
+def test_a_torch_device_that_cannot_be_used_is_refused_before_any_input_is_read(random_artefact, labelled,
+                                                                              tmp_path, capsys, monkeypatch):
+    import torch
+
+    from simfeatup import imaging, segmenter
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an image or the model was loaded before the error")
+
+    monkeypatch.setattr(segmenter, "build_segmenter", refuse)
+    monkeypatch.setattr(imaging, "check_file", refuse)
+    images, _ = labelled
+    common = ["segment", str(images / "a.png"), "--classes", "background;road", "--upsampler",
+              str(random_artefact), "--out", str(tmp_path / "out"), "--device"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without a GPU (or its driver)
+    for device, message in [("cuda", "sees no CUDA GPU here"), ("cuda:0", "sees no CUDA GPU here"),
+                            ("tpu", "not a device PyTorch knows"), ("cuda:x", "not a device PyTorch knows")]:
+        assert main([*common, device]) == 2
+        line = _one_error_line(capsys)
+        assert f"--device {device}: " in line and message in line, line
+        assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one GPU: cuda:1 is not there
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main([*common, "cuda:1"]) == 2
+    assert "PyTorch sees 1 CUDA GPU(s), cuda:0..cuda:0" in _one_error_line(capsys)
+    with pytest.raises(AssertionError, match="was loaded before"):  # cuda:0 passes the check
+        main([*common, "cuda:0"])
