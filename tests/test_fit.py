@@ -11,6 +11,9 @@ import time
 from contextlib import redirect_stdout
 from pathlib import Path
 
+# imported at collection: the handler Lightning adds on import must not hold one test's captured
+# stderr, closed when that test ends ("--- Logging error ---" in the tests after it)
+import lightning.pytorch  # noqa: F401
 import pytest
 import torch
 
@@ -432,3 +435,17 @@ def test_a_bf16_recipe_on_a_cpu_without_bf16_units_is_refused_in_one_line(tmp_pa
     with caplog.at_level("WARNING", logger="simfeatup"):
         SimFeatUpCLI(args=[*base, "--trainer.logger", "false"])
     assert "--trainer.precision bf16-mixed on this CPU: this CPU has AVX-512 but no bf16 units" in caplog.text
+
+
+def test_a_gpu_trainer_on_a_machine_without_one_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
+
+    monkeypatch.setattr(CUDAAccelerator, "is_available", staticmethod(lambda: False))  # as on a CPU-only machine
+    monkeypatch.setattr(MPSAccelerator, "is_available", staticmethod(lambda: False))
+    args = ["--config", str(TINY), "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", "gpu"]
+    assert fit.main(args) == 2
+    err = capsys.readouterr().err
+    [line] = [line for line in err.splitlines() if line.startswith("fit: error: ")]
+    assert "Traceback" not in err and line.startswith("fit: error: the --trainer settings cannot run here: ")
+    assert line.endswith("(on a machine without a GPU: --trainer.accelerator cpu, or auto)")
+    assert list(tmp_path.iterdir()) == []

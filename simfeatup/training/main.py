@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fit(argv: list[str] | None) -> None:
     import simfeatup.encoder  # noqa: F401 -- torch and open_clip first: a missing extra is named by them
+    # isort: split
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     from simfeatup.backbone import BackboneError
     from simfeatup.training.cli import SimFeatUpCLI, expected_warnings
 
@@ -93,6 +96,11 @@ def _fit(argv: list[str] | None) -> None:
         cli.fit()
     except BackboneError as err:  # unavailable weights, unreadable model config: its advice names segment's flags
         raise BackboneError(fit_flags(str(err))) from None
+    except MisconfigurationException as err:  # Trainer settings this machine cannot run, e.g. a GPU that is not there
+        message = " ".join(str(err).split())
+        if any(word in message.lower() for word in ("gpu", "cuda", "accelerator")):
+            message += " (on a machine without a GPU: --trainer.accelerator cpu, or auto)"
+        raise UsageError(f"the --trainer settings cannot run here: {message}") from None
     except ValueError as err:  # raised in a DataLoader worker, it arrives wrapped in that worker's traceback
         lines = str(err).strip().splitlines()
         if "Original Traceback" not in str(err):
