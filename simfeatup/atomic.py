@@ -94,10 +94,20 @@ class AtomicFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         sweep_once(self.path.parent)
         self.tmp = _claim(self.path, _create_file)
+        created = os.stat(self.tmp)
+        self._created = created.st_ino, created.st_mode & 0o7777
 
     def commit(self) -> Path:
-        """fsync ``tmp``, rename it to ``path``, fsync the folder; on any error ``tmp`` is removed."""
+        """fsync ``tmp``, rename it to ``path``, fsync the folder; on any error ``tmp`` is removed.
+
+        A writer that replaced ``tmp`` with a file of its own (safetensors' ``save_file`` does,
+        mode 0600) gets the permissions ``tmp`` was created with: others on a shared cluster can
+        read the result as they can every other output.
+        """
         try:
+            inode, mode = self._created
+            if os.stat(self.tmp).st_ino != inode:
+                os.chmod(self.tmp, mode)
             fd = os.open(self.tmp, os.O_RDONLY)
             try:
                 os.fsync(fd)

@@ -78,6 +78,16 @@ def test_a_file_is_replaced_whole_with_umask_permissions(tmp_path, umask_027):
     assert _names(target.parent) == ["report.json"]
 
 
+def test_a_writer_that_replaces_the_temporary_keeps_umask_permissions(tmp_path, umask_027):
+    import torch
+    from safetensors.torch import save_file
+
+    target = tmp_path / "upsampler.safetensors"
+    with atomic_write(target) as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp))  # writes a file of its own over tmp, mode 0600
+    assert _mode(target) == 0o640  # as every other output: group members can read the artefact
+
+
 def test_a_failed_write_keeps_the_old_file_and_leaves_nothing(tmp_path):
     target = tmp_path / "upsampler.safetensors"
     target.write_text("old")
