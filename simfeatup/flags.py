@@ -69,7 +69,8 @@ def either_switch(p: argparse.ArgumentParser, switches: dict[str, str]) -> None:
 
 
 def check_output_folder(folder: Path, flag: str) -> None:
-    """Say in one line why ``folder`` cannot hold outputs, before any slow work; creates nothing."""
+    """Say in one line why ``folder`` cannot hold outputs, before any slow work; leaves nothing behind (a probe
+    folder is made in the deepest existing parent and removed at once)."""
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{flag} {folder} is a file, not a folder: give a folder (it is created if missing)")
     existing = folder
@@ -79,3 +80,17 @@ def check_output_folder(folder: Path, flag: str) -> None:
         raise ValueError(f"{flag} {folder} cannot be created: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {folder} cannot be created in {existing} (not writable): choose another folder")
+    # the permission bits do not show a read-only or pseudo file system (/proc), nor what root may not do there:
+    # try it with a hidden folder, removed at once
+    probe = existing / f".simfeatup-probe-{os.getpid()}"
+    try:
+        probe.mkdir()
+    except FileExistsError:
+        pass
+    except OSError as err:
+        raise ValueError(f"{flag} {folder} cannot be created in {existing}: the file system refuses ({err.strerror}); "
+                         "choose another folder") from None
+    try:
+        probe.rmdir()
+    except OSError:
+        pass

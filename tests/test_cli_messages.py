@@ -264,6 +264,12 @@ def test_export_refuses_an_out_it_cannot_create_before_the_model_loads(random_ar
     assert f"--out {a_file / 'm'} cannot be created: {a_file} is a file, not a folder" in _one_error_line(
         capsys, "to_onnx"
     )
+    # a pseudo file system whose permission bits say writable (to root): refused by trying, not after the model
+    code = load_script("export/to_onnx.py").main(["--upsampler", str(random_artefact), "--out", "/proc/simfeatup-m"])
+    assert code == 2
+    assert "--out /proc/simfeatup-m cannot be created in /proc: the file system refuses (" in _one_error_line(
+        capsys, "to_onnx"
+    )
 
 
 def test_bfloat16_on_a_cpu_without_bf16_units_is_refused_before_any_input_is_read(random_artefact, labelled,
