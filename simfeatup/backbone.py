@@ -243,6 +243,13 @@ def warn_if_trained_on_random(record: "Backbone | None", upsampler) -> None:
         )
 
 
+def warn_if_folder_trained_on_random(manifest: dict, model_dir) -> None:
+    """:func:`warn_if_trained_on_random` for a model folder (any kind), from its manifest's upsampler record."""
+    upsampler = manifest.get("upsampler") or {}
+    if upsampler.get("backbone"):  # the record of the artefact the folder was exported from
+        warn_if_trained_on_random(Backbone.from_dict(upsampler["backbone"]), f"the upsampler of {model_dir}")
+
+
 def is_config_file(model: str | os.PathLike) -> bool:
     """``--model`` names a model-config JSON file rather than an open_clip model."""
     return str(model).lower().endswith(".json")

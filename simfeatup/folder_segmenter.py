@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbone import Backbone, warn_if_trained_on_random
+from .backbone import warn_if_folder_trained_on_random
 from .cache import EmbeddingCache
 from .model_folder import (
     LAM,
@@ -89,9 +89,7 @@ class FolderSegmenter(WindowSegmenter):
         for graph in ("image", "text"):
             path = self.model_dir / graphs[graph]["file"]
             check_graph_metadata(path, self.manifest, graph, self._metadata(graph))
-        upsampler = self.manifest.get("upsampler") or {}
-        if upsampler.get("backbone"):  # the record of the artefact the folder was exported from
-            warn_if_trained_on_random(Backbone.from_dict(upsampler["backbone"]), f"the upsampler of {self.model_dir}")
+        warn_if_folder_trained_on_random(self.manifest, self.model_dir)
         tok = self.manifest["tokenizer"]
         self.tokenizer = Tokenizer(self.model_dir / tok["merges"], context_length=tok["context_length"])
         if cache is True or cache is False:

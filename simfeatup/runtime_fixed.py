@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import imaging, windows
+from .backbone import warn_if_folder_trained_on_random
 from .model_folder import (
     MANIFEST,
     WINDOWS,
@@ -77,6 +78,7 @@ class FixedOnnxSegmenter(WindowSegmenter):
                              self.image_session.get_modelmeta().custom_metadata_map)
         queries = self.model_dir / QUERIES_FILE
         self.queries = np.load(queries) if queries.is_file() else None
+        warn_if_folder_trained_on_random(self.manifest, self.model_dir)
 
     # ------------------------------------------------------------------ vocabulary checks
     def check_vocabulary(self, vocabulary: Vocabulary, lam: float | None = None) -> None:

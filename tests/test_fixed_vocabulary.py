@@ -143,3 +143,28 @@ def test_export_script_writes_a_verified_fixed_uint8_folder(artefacts, tiny_weig
     image = imaging.load_image(SAMPLES[-1])
     want = open_model_folder(fixed_dirs["uint8"]).segment([image])[0].labels
     np.testing.assert_array_equal(open_model_folder(out).segment([image])[0].labels, want)
+
+
+
+def test_a_folder_of_either_kind_exported_from_a_random_clip_warns_when_opened(onnx_dir, fixed_dirs, monkeypatch,
+                                                                             caplog):
+    import logging
+
+    from simfeatup import backbone, folder_segmenter, runtime_fixed
+
+    manifest = read_manifest(fixed_dirs["uint8"])
+    assert manifest["upsampler"]["backbone"]["pretrained"]  # the tests' CLIP has a weights file: no warning
+    random = {**manifest, "upsampler": {**manifest["upsampler"],
+                                        "backbone": {**manifest["upsampler"]["backbone"], "pretrained": None}}}
+    with caplog.at_level(logging.WARNING):
+        backbone.warn_if_folder_trained_on_random(manifest, "real")
+        backbone.warn_if_folder_trained_on_random(random, "demo")  # as exported from the offline demo's artefact
+    [line] = [r.getMessage() for r in caplog.records if "random weights" in r.getMessage()]
+    assert line.startswith("the upsampler of demo was trained on a CLIP with random weights") and "meaningless" in line
+    seen = []  # (the graphs are checked against their manifest: a folder cannot be edited into a random one)
+    spy = lambda manifest, model_dir: seen.append(str(model_dir))  # noqa: E731
+    monkeypatch.setattr(folder_segmenter, "warn_if_folder_trained_on_random", spy)
+    monkeypatch.setattr(runtime_fixed, "warn_if_folder_trained_on_random", spy)
+    for folder in (onnx_dir, fixed_dirs["uint8"]):
+        open_model_folder(folder)
+    assert seen == [str(onnx_dir), str(fixed_dirs["uint8"])]
