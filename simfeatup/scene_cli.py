@@ -162,7 +162,7 @@ def pick_scenes(args, images: list[Path]) -> list[Path]:
     if args.image_mode:
         _warn_no_polygons(args, images)
         return []
-    scenes = []
+    scenes, small = [], []
     for path in images:
         if args.scene:
             scenes.append(path)
@@ -173,17 +173,23 @@ def pick_scenes(args, images: list[Path]) -> list[Path]:
             height, width = imaging.image_size(path)
         except imaging.ImageError:
             continue  # image mode reports it with the other unreadable inputs
-        if max(height, width) > LONG_SIDE:
-            logger.info(
-                "%s: a georeferenced %dx%d raster, larger than the working size %d: scene mode at %s "
-                "(--image-mode for the paper's mode)",
-                path.name,
-                width,
-                height,
-                LONG_SIDE,
-                "native resolution" if args.gsd is None and args.scale is None else "the --gsd / --scale resolution",
-            )
-            scenes.append(path)
+        if max(height, width) <= LONG_SIDE:
+            small.append(path)
+            continue
+        logger.info(
+            "%s: a %dx%d GeoTIFF, larger than the working size %d: scene mode at %s "
+            "(--image-mode for the paper's mode)",
+            path.name,
+            width,
+            height,
+            LONG_SIDE,
+            "native resolution" if args.gsd is None and args.scale is None else "the --gsd / --scale resolution",
+        )
+        scenes.append(path)
+    if small:  # the paper's image mode: resized to the working size and back, written as a plain picture
+        logger.info("%d GeoTIFF(s) no larger than the working size %d (e.g. %s) are segmented in image mode: their "
+                    "label maps carry no georeferencing (--scene segments them as scenes, at native resolution, "
+                    "CRS kept)", len(small), LONG_SIDE, small[0].name)
     _warn_no_polygons(args, [p for p in images if p not in scenes])
     if (args.gsd is not None or args.scale is not None) and len(scenes) < len(images):
         logger.warning(
@@ -247,7 +253,7 @@ def _check(path: Path, bands, targets: list[Path], args) -> Exception | None:
             scene_scale(args, reader)  # a --gsd that cannot apply stops the run here, not after the model loads
             if args.vector == "geojson" and not reader.georeferenced:
                 raise ValueError(f"{path} has no CRS and GeoJSON is longitude/latitude (RFC 7946): use --vector gpkg "
-                                 "for polygons in pixel coordinates")
+                                 "for polygons in the raster's own coordinates")
     except geo.BandsError:
         raise
     except geo.SceneError as err:

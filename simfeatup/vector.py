@@ -171,7 +171,8 @@ def area_unit(crs, transform) -> tuple[float, str]:
 class VectorOutput:
     """A scene's region polygons as a scene output (``write(block)``, ``commit()``, ``abort()``).
 
-    ``fmt``: ``gpkg`` (the scene's CRS; pixel coordinates without one) or ``geojson`` (RFC 7946,
+    ``fmt``: ``gpkg`` (the scene's CRS; without one, the coordinates of its geotransform, which are
+    pixel coordinates when it has none either) or ``geojson`` (RFC 7946,
     reprojected to EPSG:4326 by GDAL: needs a CRS). Fields: ``class`` (the class line),
     ``class_index``, ``area`` (of the region's pixels, before simplification) and ``area_unit``
     (see :func:`area_unit`). ``min_area`` drops smaller regions (in that unit; a dropped region
@@ -188,7 +189,7 @@ class VectorOutput:
             raise ValueError(f"unknown vector format {fmt!r}: use one of {', '.join(FORMATS)}")
         if fmt == "geojson" and crs is None:
             raise ValueError(f"{Path(path).name}: GeoJSON is longitude/latitude (RFC 7946) and the scene has no CRS: "
-                             "use --vector gpkg (pixel coordinates)")
+                             "use --vector gpkg (the raster's own coordinates)")
         self.path, self.fmt = Path(path), fmt
         self.crs, self.transform, self.classes = crs, transform, list(classes)
         self.min_area, self.simplify = min_area, simplify

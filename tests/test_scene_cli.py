@@ -55,7 +55,7 @@ def test_a_georeferenced_raster_larger_than_the_working_size_becomes_a_scene(tin
     with caplog.at_level(logging.INFO, logger="simfeatup"):
         assert main(["segment", str(SAMPLE), *CLASSES, "--out", str(out), *_args(tiny_weights)]) == 0
     assert (
-        "a georeferenced 512x512 raster, larger than the working size 448: scene mode at native resolution"
+        "a 512x512 GeoTIFF, larger than the working size 448: scene mode at native resolution"
         in caplog.text
     )
     labels = out / "spacenet4_atlanta_pan.tif"
@@ -94,8 +94,12 @@ def test_small_geotiffs_stay_in_image_mode_unless_scene_is_asked_for(tiny_weight
     plain = tmp_path / "plain.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 150, 3), dtype=np.uint8)).save(plain)
     out = tmp_path / "out"
-    assert main(["segment", str(small), *CLASSES, "--out", str(out), *_args(tiny_weights)]) == 0
+    with caplog.at_level(logging.INFO, logger="simfeatup"):
+        assert main(["segment", str(small), *CLASSES, "--out", str(out), *_args(tiny_weights)]) == 0
     assert (out / "small.png").is_file() and not (out / "small.tif").exists()
+    assert ("1 GeoTIFF(s) no larger than the working size 448 (e.g. small.tif) are segmented in image mode: their "
+            "label maps carry no georeferencing (--scene") in caplog.text  # said, not dropped silently
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="simfeatup"):
         assert (
             main(["segment", str(border), str(plain), *CLASSES, "--out", str(out), "--scene", *_args(tiny_weights)])

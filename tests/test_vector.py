@@ -155,13 +155,20 @@ def test_geojson_is_lon_lat_inside_the_scene(tmp_path):
     assert set(props) == {"class", "class_index", "area", "area_unit"} and props["area_unit"] == "m2"
 
 
-def test_without_a_crs_coordinates_and_areas_are_pixels(tmp_path):
+def test_without_a_crs_coordinates_are_the_geotransforms_and_areas_pixels(tmp_path):
     labels = _labels(120, 130)
     meta, polygons, fields = _read(_write(tmp_path / "plain.gpkg", labels, 112, crs=None, transform=Affine.identity()))
     assert meta["crs"] is None and set(fields["area_unit"]) == {"px"}
     assert fields["area"].sum() == (labels != NODATA_LABEL).sum()
     assert shapely.total_bounds(polygons).tolist() == [0, 20, 130, 120]  # x = column, y = row
-    with pytest.raises(ValueError, match="has no CRS: use --vector gpkg"):
+    # a geotransform without a CRS: the polygons lie where the label raster does (its geotransform), areas in pixels
+    meta, polygons, fields = _read(_write(tmp_path / "local.gpkg", labels, 112, crs=None, transform=TRANSFORM))
+    assert meta["crs"] is None and set(fields["area_unit"]) == {"px"}
+    assert fields["area"].sum() == (labels != NODATA_LABEL).sum()
+    x0, y0 = TRANSFORM * (0, 20)
+    x1, y1 = TRANSFORM * (130, 120)
+    assert shapely.total_bounds(polygons).tolist() == [x0, y1, x1, y0]
+    with pytest.raises(ValueError, match="has no CRS: use --vector gpkg \\(the raster's own coordinates\\)"):
         VectorOutput(tmp_path / "plain.geojson", "geojson", height=120, width=130, crs=None,
                      transform=Affine.identity(), classes=CLASSES)
 
