@@ -102,7 +102,7 @@ def _stretch(text: str):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = flags.Parser(
         prog="simfeatup",
         description="Training-free open-vocabulary segmentation of remote-sensing images (SegEarth-OV + SimFeatUp).",
         epilog="`simfeatup COMMAND --help` gives a command's options.",

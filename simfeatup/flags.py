@@ -1,5 +1,5 @@
 """Types for argparse flags: each checks its range when the command line is parsed, so a bad value
-ends in argparse's one-line usage error before any work (no traceback, nothing written); and
+ends in one line (:class:`Parser`) before any work (no traceback, nothing written); and
 :func:`check_output_folder`, the same promise for an output folder, checked before the model loads."""
 from __future__ import annotations
 
@@ -7,6 +7,19 @@ import argparse
 import math
 import os
 from pathlib import Path
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse for simfeatup's commands: a bad command line ends in ONE line, ``PROG: error: ... (see PROG
+    --help)``, exit code 2, without argparse's usage block first (20 lines for segment). Subcommands'
+    parsers are of this class too."""
+
+    def __init__(self, *args, help_command: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.help_command = help_command or f"{self.prog} --help"  # how a user asks for the help
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.help_command})\n")
 
 
 def finite(text: str) -> float:

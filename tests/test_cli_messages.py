@@ -324,3 +324,30 @@ def test_a_torch_device_that_cannot_be_used_is_refused_before_any_input_is_read(
     assert "PyTorch sees 1 CUDA GPU(s), cuda:0..cuda:0" in _one_error_line(capsys)
     with pytest.raises(AssertionError, match="was loaded before"):  # cuda:0 passes the check
         main([*common, "cuda:0"])
+
+
+@pytest.mark.parametrize("argv, prog, message", [
+    (["segment", "x.png", "--classes", "a;b", "--out", "o", "--prob-thd", "2"], "simfeatup segment",
+     "argument --prob-thd: 2 is not a probability"),
+    (["segment", "x.png", "--classes", "a;b", "--out", "o", "--skip-existing", "--overwrite"], "simfeatup segment",
+     "argument --overwrite: not allowed with argument --skip-existing"),
+    (["segmnt"], "simfeatup", "argument command: invalid choice: 'segmnt'"),
+    (["evaluate", "x.png"], "simfeatup evaluate", "the following arguments are required"),
+])
+def test_a_bad_command_line_is_one_line_without_the_usage_block(argv, prog, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    [line] = capsys.readouterr().err.splitlines()  # argparse's own would print its usage lines first
+    assert exit_.value.code == 2
+    assert line.startswith(f"{prog}: error: {message}") and line.endswith(f"(see {prog} --help)"), line
+
+
+def test_export_command_line_errors_are_one_line_naming_the_help_command(capsys):
+    from conftest import load_script
+
+    with pytest.raises(SystemExit) as exit_:
+        load_script("export/to_onnx.py").main(["--out", "m"])
+    [line] = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2
+    assert line == ("to_onnx: error: the following arguments are required: --upsampler "
+                    "(see python export/to_onnx.py --help)")

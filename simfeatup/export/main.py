@@ -9,8 +9,6 @@ Torch-free until the export itself runs, so ``--help`` works without the torch e
 """
 from __future__ import annotations
 
-import argparse
-
 from .. import flags
 from ..entry import UsageError, run_command, setup_logging
 from ..model_folder import DEFAULT_STATIC_QUERIES
@@ -41,7 +39,8 @@ def _fixed_vocabulary(args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="to_onnx", description=__doc__.splitlines()[0].split(": ", 1)[1])
+    p = flags.Parser(prog="to_onnx", help_command="python export/to_onnx.py --help",
+                     description=__doc__.splitlines()[0].split(": ", 1)[1])
     p.add_argument("--upsampler", required=True, help="SimFeatUp artefact (.safetensors or its .json), or 'bilinear'")
     p.add_argument(
         "--model",
