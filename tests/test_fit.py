@@ -449,3 +449,18 @@ def test_a_gpu_trainer_on_a_machine_without_one_is_refused_in_one_line(tmp_path,
     assert "Traceback" not in err and line.startswith("fit: error: the --trainer settings cannot run here: ")
     assert line.endswith("(on a machine without a GPU: --trainer.accelerator cpu, or auto)")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data.batchsize", "3"], "unrecognized arguments: --data.batchsize 3"),
+    (["--data.batch_size", "x"], 'Parser key "data.batch_size": Expected a <class \'int\'>. Got value: x'),
+    (["--config", "/nonexistent/recipe.yaml"], "/nonexistent/recipe.yaml"),
+])
+def test_a_bad_command_line_is_one_line_without_the_usage_block(extra, message, tmp_path, capsys):
+    assert fit.main(["--config", str(TINY), "--trainer.default_root_dir", str(tmp_path), *extra]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if not line.startswith("INFO")]  # Lightning may log "Seed set" first
+    assert len(lines) == 1 and "usage:" not in err and "Traceback" not in err, err
+    assert lines[0].startswith("fit: error: ") and message in lines[0], lines[0]
+    assert lines[0].endswith("(see python train/fit.py --help, or --help-all for every option)")
+    assert list(tmp_path.iterdir()) == []

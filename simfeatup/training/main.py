@@ -11,6 +11,7 @@ recipe ``configs/train/quickstart.yaml`` of the checkout this package lives in i
 """
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 import warnings
@@ -92,10 +93,14 @@ def _fit(argv: list[str] | None) -> None:
         with expected_warnings(), warnings.catch_warnings():  # the Trainer is built here, and talks
             # argv is sys.argv[1:] (with --help-all spelled --help) or a test's: never a mix-up of the two
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-            cli = SimFeatUpCLI(args=argv, parser_kwargs={"default_config_files": [str(QUICKSTART)]})
+            cli = SimFeatUpCLI(args=argv, parser_kwargs={"default_config_files": [str(QUICKSTART)],
+                                                         "exit_on_error": False})
         cli.fit()
     except BackboneError as err:  # unavailable weights, unreadable model config: its advice names segment's flags
         raise BackboneError(fit_flags(str(err))) from None
+    except argparse.ArgumentError as err:  # jsonargparse's, one line instead of its 70-line usage block
+        message = " ".join(str(err).split())
+        raise UsageError(f"{message} (see python train/fit.py --help, or --help-all for every option)") from None
     except MisconfigurationException as err:  # Trainer settings this machine cannot run, e.g. a GPU that is not there
         message = " ".join(str(err).split())
         if any(word in message.lower() for word in ("gpu", "cuda", "accelerator")):
