@@ -36,6 +36,8 @@ def _vocabulary_and_scoring(args):
         scoring = Scoring.resolve(
             preset, lam=args.lam, prob_thd=args.prob_thd, bg_idx=args.bg_idx
         )  # flags checked by argparse
+        for note in vocabulary.advice():
+            logger.warning("%s", note)
     if scoring.bg_idx >= len(vocabulary):
         raise UsageError(
             f"--bg-idx {scoring.bg_idx} is not a class index: "

@@ -31,6 +31,26 @@ class Vocabulary:
                 'empty class list: give class lines like --classes "building,roof;road;water" '
                 "(';' separates classes, ',' separates synonyms)"
             )
+        seen: dict[str, int] = {}
+        for k, synonyms in enumerate(self.classes):
+            for word in synonyms:
+                if word in seen:
+                    where = f"twice in class {k + 1}" if seen[word] == k else f"in classes {seen[word] + 1} and {k + 1}"
+                    raise VocabularyError(f"{word!r} is given {where}: each word may vote for one class only "
+                                          "(';' separates classes, ',' separates synonyms)")
+                seen[word] = k
+
+    def advice(self) -> list[str]:
+        """What looks like a mistyped class list (it still runs): one class, or separators other than ';' and ','."""
+        notes = []
+        if len(self.classes) == 1:
+            notes.append(f"one class ({self.names[0]!r}): every pixel is scored against it alone, so (nearly) every "
+                         "pixel gets it; list the other classes too (e.g. 'background'), separated by ';'")
+        for word in self.queries:
+            odd = [c for c in "|/" if c in word]
+            if odd:
+                notes.append(f"class word {word!r} contains {odd[0]!r}: ';' separates classes and ',' synonyms")
+        return notes
 
     @classmethod
     def from_lines(cls, lines) -> "Vocabulary":

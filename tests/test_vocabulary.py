@@ -18,6 +18,25 @@ def test_empty_class_list_is_refused_with_the_fix(spec):
         Vocabulary.from_spec(spec)
 
 
+@pytest.mark.parametrize("spec, message", [
+    ("building;road;building", "'building' is given in classes 1 and 3: each word may vote for one class only"),
+    ("building,roof,building;road", "'building' is given twice in class 1"),
+])
+def test_a_word_given_twice_is_refused(spec, message):
+    with pytest.raises(VocabularyError, match=message):
+        Vocabulary.from_spec(spec)
+
+
+def test_likely_mistyped_class_lists_get_advice_and_presets_none():
+    [one, pipe] = Vocabulary.from_spec("building|road|tree").advice()
+    assert one.startswith("one class ('building|road|tree'): every pixel is scored against it alone")
+    assert pipe == "class word 'building|road|tree' contains '|': ';' separates classes and ',' synonyms"
+    assert Vocabulary.from_spec("building").advice()[0].startswith("one class ('building')")
+    assert Vocabulary.from_spec("building,roof;road").advice() == []
+    for name in presets.available():  # the shipped vocabularies are neither
+        assert Vocabulary.from_preset(name).advice() == [], name
+
+
 def test_classes_file(tmp_path):
     f = tmp_path / "c.txt"
     f.write_text("# my classes\nbuilding,roof\n\nroad\n")
