@@ -100,6 +100,9 @@ def read_manifest(model_dir: Path, *, check_files: bool = True) -> dict:
     """Load ``manifest.json``, validate the fields a consumer uses and (by default) every file's sha256."""
     model_dir = Path(model_dir)
     path = model_dir / MANIFEST
+    if model_dir.is_file():
+        raise ModelFolderError(f"{model_dir} is a file: give the model folder that holds it and {MANIFEST} "
+                               f"(--onnx {model_dir.parent})")
     if not model_dir.is_dir():
         raise ModelFolderError(
             f"ONNX model folder not found: {model_dir} (create one with `python export/to_onnx.py --out DIR`)"

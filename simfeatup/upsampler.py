@@ -385,7 +385,8 @@ def _read_info(path: Path) -> tuple[dict, Path]:
     from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
-        raise UpsamplerFileError(f"{path}: no such file")
+        raise UpsamplerFileError(f"{path}: no such file (train one with python train/fit.py, which logs where it "
+                                 "writes it, or leave --upsampler out for the bilinear baseline)")
     if path.suffix == ".json":
         try:
             info = json.loads(path.read_text())
@@ -398,7 +399,9 @@ def _read_info(path: Path) -> tuple[dict, Path]:
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}
         except (SafetensorError, OSError) as e:
-            raise UpsamplerFileError(f"{path}: not a safetensors file ({e})") from None
+            hint = (": a PyTorch checkpoint? convert it once with simfeatup convert-weights"
+                    if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin") else "")
+            raise UpsamplerFileError(f"{path}: not a safetensors file ({e}){hint}") from None
         if "simfeatup" not in meta:
             raise UpsamplerFileError(
                 f"{path}: safetensors file without simfeatup metadata; write it with save_upsampler"

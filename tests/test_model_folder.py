@@ -113,3 +113,13 @@ def test_an_int8_folder_with_8_bit_weights_is_warned_about(onnx_dir, tmp_path, c
     with caplog.at_level("WARNING", logger="simfeatup"):
         read_manifest(onnx_dir)  # float32 folders say nothing
     assert not caplog.records
+
+
+def test_a_graph_file_given_for_the_folder_names_the_folder(tmp_path):
+    from simfeatup.model_folder import ModelFolderError, read_manifest
+
+    folder = tmp_path / "model_onnx"
+    folder.mkdir()
+    (folder / "image.onnx").write_bytes(b"x")
+    with pytest.raises(ModelFolderError, match=f"image.onnx is a file: give the model folder .*\\(--onnx {folder}\\)"):
+        read_manifest(folder / "image.onnx")

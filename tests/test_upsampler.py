@@ -212,8 +212,14 @@ def test_load_rejects_missing_tensor_and_foreign_files(tmp_path):
     with pytest.raises(UpsamplerFileError, match="without simfeatup metadata"):
         load_upsampler(tmp_path / "plain.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
-    with pytest.raises(UpsamplerFileError, match="not a safetensors file"):
+    with pytest.raises(UpsamplerFileError, match="not a safetensors file") as err:
         load_upsampler(tmp_path / "junk.safetensors")
+    assert "convert-weights" not in str(err.value)
+    torch.save({"state_dict": {}}, tmp_path / "authors.ckpt")  # the authors' Lightning checkpoint, say
+    with pytest.raises(UpsamplerFileError, match="PyTorch checkpoint. convert it once with simfeatup convert-weights"):
+        load_upsampler(tmp_path / "authors.ckpt")
+    with pytest.raises(UpsamplerFileError, match="no such file \\(train one with python train/fit.py"):
+        load_upsampler(tmp_path / "absent.safetensors")
 
 
 @pytest.mark.parametrize("dim,h,w", [(40, 3, 4), (6, 2, 3)])  # h*w < C: the factored scoring; else the full map
