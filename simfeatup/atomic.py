@@ -106,8 +106,12 @@ class AtomicFile:
         """
         try:
             inode, mode = self._created
-            if os.stat(self.tmp).st_ino != inode:
-                os.chmod(self.tmp, mode)
+            now = os.stat(self.tmp)
+            if now.st_ino != inode and now.st_mode & 0o7777 != mode:
+                try:
+                    os.chmod(self.tmp, mode)
+                except OSError as err:  # a file system without POSIX modes: the file matters more than its mode
+                    logger.debug("kept the mode of %s: %s", self.tmp, err)
             fd = os.open(self.tmp, os.O_RDONLY)
             try:
                 os.fsync(fd)

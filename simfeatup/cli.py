@@ -288,7 +288,11 @@ def _what_needs_it(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    if not (sys.argv[1:] if argv is None else argv):  # a bare `simfeatup`: the commands, not one error line
+        parser.print_help(sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     setup_logging(args.verbose)
     return run_command(
         f"simfeatup {args.command}", lambda: args.func(args), needs=_what_needs_it(args), verbose=args.verbose

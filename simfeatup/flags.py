@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -81,9 +82,10 @@ def either_switch(p: argparse.ArgumentParser, switches: dict[str, str]) -> None:
         group.add_argument(flag, action="store_true", help=text)
 
 
-def check_output_folder(folder: Path, flag: str) -> None:
+def check_output_folder(folder: Path, flag: str, *, staged_beside: bool = False) -> None:
     """Say in one line why ``folder`` cannot hold outputs, before any slow work; leaves nothing behind (a probe
-    folder is made in the deepest existing parent and removed at once)."""
+    folder is made in the deepest existing parent and removed at once). ``staged_beside``: the folder is written
+    under a temporary name beside it and swapped in whole, so an existing one's parent must take new folders."""
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{flag} {folder} is a file, not a folder: give a folder (it is created if missing)")
     existing = folder
@@ -94,16 +96,15 @@ def check_output_folder(folder: Path, flag: str) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {folder} cannot be created in {existing} (not writable): choose another folder")
     # the permission bits do not show a read-only or pseudo file system (/proc), nor what root may not do there:
-    # try it with a hidden folder, removed at once
-    probe = existing / f".simfeatup-probe-{os.getpid()}"
+    # try it with a hidden folder of a fresh name, removed at once; where the folder is staged beside its final
+    # name and replaced whole (the export), its parent is what must take it
+    where = folder.parent if staged_beside and folder.exists() else existing
     try:
-        probe.mkdir()
-    except FileExistsError:
-        pass
+        probe = tempfile.mkdtemp(prefix=".simfeatup-probe-", dir=where)
     except OSError as err:
-        raise ValueError(f"{flag} {folder} cannot be created in {existing}: the file system refuses ({err.strerror}); "
+        raise ValueError(f"{flag} {folder} cannot be created in {where}: the file system refuses ({err.strerror}); "
                          "choose another folder") from None
     try:
-        probe.rmdir()
+        os.rmdir(probe)
     except OSError:
         pass

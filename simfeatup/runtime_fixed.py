@@ -28,7 +28,7 @@ from .model_folder import (
 from .pipeline import WindowSegmenter
 from .runtime import OnnxSegmenter, _shapes, choose_providers, open_session
 from .scores import Scoring
-from .vocabulary import Vocabulary
+from .vocabulary import Vocabulary, VocabularyError
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,12 @@ QUERIES_FILE = "queries.npy"  # the embeddings baked into the image graph, kept 
 def fixed_vocabulary(manifest: dict) -> tuple[Vocabulary, Scoring]:
     """The baked vocabulary and scoring values of a fixed-vocabulary folder's manifest."""
     voc = manifest["vocabulary"]
-    return Vocabulary(tuple(tuple(words) for words in voc["classes"])), Scoring(
+    try:
+        vocabulary = Vocabulary(tuple(tuple(words) for words in voc["classes"]))
+    except VocabularyError as err:  # baked before such lists were refused
+        raise ModelFolderError(f"the folder's baked classes cannot be used: {err}; re-export it with "
+                               "distinct class words") from None
+    return vocabulary, Scoring(
         lam=float(voc["lam"]), prob_thd=float(voc["prob_thd"]), bg_idx=int(voc["bg_idx"])
     )
 

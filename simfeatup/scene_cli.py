@@ -189,7 +189,7 @@ def pick_scenes(args, images: list[Path]) -> list[Path]:
     if small:  # the paper's image mode: resized to the working size and back, written as a plain picture
         logger.info("%d GeoTIFF(s) no larger than the working size %d (e.g. %s) are segmented in image mode: their "
                     "label maps carry no georeferencing (--scene segments them as scenes, at native resolution, "
-                    "CRS kept)", len(small), LONG_SIDE, small[0].name)
+                    "georeferencing kept)", len(small), LONG_SIDE, small[0].name)
     _warn_no_polygons(args, [p for p in images if p not in scenes])
     if (args.gsd is not None or args.scale is not None) and len(scenes) < len(images):
         logger.warning(

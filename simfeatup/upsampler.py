@@ -386,7 +386,7 @@ def _read_info(path: Path) -> tuple[dict, Path]:
 
     if not path.is_file():
         raise UpsamplerFileError(f"{path}: no such file (train one with python train/fit.py, which logs where it "
-                                 "writes it, or leave --upsampler out for the bilinear baseline)")
+                                 "writes it, or convert the authors' with simfeatup convert-weights)")
     if path.suffix == ".json":
         try:
             info = json.loads(path.read_text())
@@ -400,7 +400,7 @@ def _read_info(path: Path) -> tuple[dict, Path]:
                 meta = f.metadata() or {}
         except (SafetensorError, OSError) as e:
             hint = (": a PyTorch checkpoint? convert it once with simfeatup convert-weights"
-                    if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin") else "")
+                    if path.suffix.lower() in (".ckpt", ".pt", ".pth") else "")
             raise UpsamplerFileError(f"{path}: not a safetensors file ({e}){hint}") from None
         if "simfeatup" not in meta:
             raise UpsamplerFileError(

@@ -31,14 +31,15 @@ class Vocabulary:
                 'empty class list: give class lines like --classes "building,roof;road;water" '
                 "(';' separates classes, ',' separates synonyms)"
             )
-        seen: dict[str, int] = {}
+        seen: dict[str, int] = {}  # CLIP's tokenizer lowercases and collapses spaces: "Road" and "road" are one query
         for k, synonyms in enumerate(self.classes):
             for word in synonyms:
-                if word in seen:
-                    where = f"twice in class {k + 1}" if seen[word] == k else f"in classes {seen[word] + 1} and {k + 1}"
+                key = " ".join(word.split()).lower()
+                if key in seen:
+                    where = f"twice in class {k + 1}" if seen[key] == k else f"in classes {seen[key] + 1} and {k + 1}"
                     raise VocabularyError(f"{word!r} is given {where}: each word may vote for one class only "
                                           "(';' separates classes, ',' separates synonyms)")
-                seen[word] = k
+                seen[key] = k
 
     def advice(self) -> list[str]:
         """What looks like a mistyped class list (it still runs): one class, or separators other than ';' and ','."""

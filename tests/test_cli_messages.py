@@ -351,3 +351,9 @@ def test_export_command_line_errors_are_one_line_naming_the_help_command(capsys)
     assert exit_.value.code == 2
     assert line == ("to_onnx: error: the following arguments are required: --upsampler "
                     "(see python export/to_onnx.py --help)")
+
+
+def test_a_bare_simfeatup_lists_the_commands(capsys):
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: simfeatup") and "segment" in err and "make-shards" in err

@@ -145,7 +145,6 @@ def test_export_script_writes_a_verified_fixed_uint8_folder(artefacts, tiny_weig
     np.testing.assert_array_equal(open_model_folder(out).segment([image])[0].labels, want)
 
 
-
 def test_a_folder_of_either_kind_exported_from_a_random_clip_warns_when_opened(onnx_dir, fixed_dirs, monkeypatch,
                                                                              caplog):
     import logging

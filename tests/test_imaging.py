@@ -99,11 +99,19 @@ def test_load_image_formats(tmp_path):
 @pytest.mark.parametrize("compression", ["lzw", "deflate"])
 def test_compressed_tiffs_are_read_without_imagecodecs(tmp_path, monkeypatch, compression):
     # tifffile decodes LZW only through imagecodecs (not in the default install): OpenCV reads it
-    monkeypatch.setitem(sys.modules, "imagecodecs", None)  # an import of it fails, installed or not
+    # as installed by default: tifffile's own codecs (zlib, no LZW), whether or not imagecodecs is there
+    monkeypatch.setitem(sys.modules, "imagecodecs", None)
+    from tifffile import _imagecodecs
+
+    monkeypatch.setattr(tifffile.tifffile, "imagecodecs", _imagecodecs)
+    fallback = []
+    read = imaging._read_tiff_cv2
+    monkeypatch.setattr(imaging, "_read_tiff_cv2", lambda *a: fallback.append(1) or read(*a))
     rgb = np.random.default_rng(1).integers(0, 256, (20, 30, 3), dtype=np.uint8)
     code = {"lzw": 5, "deflate": 8}[compression]  # TIFF compression tag values
     assert cv2.imwrite(str(tmp_path / "c.tif"), rgb[..., ::-1], [cv2.IMWRITE_TIFF_COMPRESSION, code])
     assert np.array_equal(imaging.load_image(tmp_path / "c.tif"), rgb)
+    assert fallback == ([1] if compression == "lzw" else [])  # tifffile decodes Deflate itself (zlib)
 
 
 def test_bad_files_give_one_line_errors(tmp_path):

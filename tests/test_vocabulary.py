@@ -21,6 +21,8 @@ def test_empty_class_list_is_refused_with_the_fix(spec):
 @pytest.mark.parametrize("spec, message", [
     ("building;road;building", "'building' is given in classes 1 and 3: each word may vote for one class only"),
     ("building,roof,building;road", "'building' is given twice in class 1"),
+    ("Road;tree  cover;road", "'road' is given in classes 1 and 3"),  # one query to CLIP's tokenizer
+    ("tree cover;Tree   Cover", "'Tree   Cover' is given in classes 1 and 2"),
 ])
 def test_a_word_given_twice_is_refused(spec, message):
     with pytest.raises(VocabularyError, match=message):
@@ -77,3 +79,13 @@ def test_configs_datasets_links_to_the_presets_folder():
     link = Path(__file__).resolve().parents[1] / "configs" / "datasets" / "presets"
     assert link.is_symlink() and link.resolve() == Path(presets.__file__).resolve().parent
     assert {p.stem for p in link.glob("*.yaml")} == {p.stem for p in Path(presets.__file__).parent.glob("*.yaml")}
+
+
+def test_a_fixed_folder_baked_with_a_repeated_word_asks_for_a_re_export():
+    from simfeatup.model_folder import ModelFolderError
+    from simfeatup.runtime_fixed import fixed_vocabulary
+
+    manifest = {"vocabulary": {"classes": [["road"], ["Road"]], "lam": -0.3, "prob_thd": 0.0, "bg_idx": 0}}
+    with pytest.raises(ModelFolderError, match="the folder's baked classes cannot be used: 'Road' is given in classes "
+                                               "1 and 2.*; re-export it with distinct class words"):
+        fixed_vocabulary(manifest)

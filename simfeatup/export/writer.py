@@ -104,7 +104,8 @@ def export_onnx(
                 "choose another --out"
             )
 
-    check_output_folder(out_dir, "--out")  # before the model loads: a wrong path must not cost a model load
+    # before the model loads: a wrong path must not cost a model load; the folder is staged beside its final name
+    check_output_folder(out_dir, "--out", staged_beside=True)
     upsampler_info = {"kind": "bilinear"}
     if segmenter is None:
         from ..segmenter import build_segmenter

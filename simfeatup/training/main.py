@@ -93,24 +93,32 @@ def _fit(argv: list[str] | None) -> None:
         with expected_warnings(), warnings.catch_warnings():  # the Trainer is built here, and talks
             # argv is sys.argv[1:] (with --help-all spelled --help) or a test's: never a mix-up of the two
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-            cli = SimFeatUpCLI(args=argv, parser_kwargs={"default_config_files": [str(QUICKSTART)],
-                                                         "exit_on_error": False})
+            try:
+                cli = SimFeatUpCLI(args=argv, parser_kwargs={"default_config_files": [str(QUICKSTART)],
+                                                             "exit_on_error": False})
+            except MisconfigurationException as err:  # Trainer settings this machine cannot run
+                raise UsageError(_trainer_settings(err)) from None
         cli.fit()
     except BackboneError as err:  # unavailable weights, unreadable model config: its advice names segment's flags
         raise BackboneError(fit_flags(str(err))) from None
     except argparse.ArgumentError as err:  # jsonargparse's, one line instead of its 70-line usage block
         message = " ".join(str(err).split())
         raise UsageError(f"{message} (see python train/fit.py --help, or --help-all for every option)") from None
-    except MisconfigurationException as err:  # Trainer settings this machine cannot run, e.g. a GPU that is not there
-        message = " ".join(str(err).split())
-        if any(word in message.lower() for word in ("gpu", "cuda", "accelerator")):
-            message += " (on a machine without a GPU: --trainer.accelerator cpu, or auto)"
-        raise UsageError(f"the --trainer settings cannot run here: {message}") from None
     except ValueError as err:  # raised in a DataLoader worker, it arrives wrapped in that worker's traceback
         lines = str(err).strip().splitlines()
         if "Original Traceback" not in str(err):
             raise
         raise UsageError(lines[-1].split(": ", 1)[-1]) from None
+
+
+def _trainer_settings(err: Exception) -> str:
+    """Lightning's refusal of the Trainer settings as one line, with the fix when the GPU is missing."""
+    import torch
+
+    message = " ".join(str(err).split())
+    if not torch.cuda.is_available() and any(word in message.lower() for word in ("gpu", "cuda", "accelerator")):
+        message += " (on a machine without a GPU: --trainer.accelerator cpu, or auto)"
+    return f"the --trainer settings cannot run here: {message}"
 
 
 # segment's backbone flags (which the shared backbone messages name) -> this command's
