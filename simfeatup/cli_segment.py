@@ -435,16 +435,16 @@ def _torch_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        kind = torch.device(device).type
+        parsed = torch.device(device)
     except RuntimeError:
         raise UsageError(f"--device {device}: not a device PyTorch knows: use auto, cpu, cuda or cuda:N") from None
+    kind = parsed.type
     if kind == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
             raise UsageError(f"--device {device}: PyTorch {torch.__version__} sees no CUDA GPU here (no GPU, no "
                              "driver, or a CPU-only build): use --device cpu, or auto")
-        index = torch.device(device).index
-        if index is not None and index >= count:
+        if parsed.index is not None and parsed.index >= count:
             raise UsageError(f"--device {device}: PyTorch sees {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
     elif kind == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"--device {device}: this PyTorch has no usable Apple GPU (MPS): use --device cpu, or auto")

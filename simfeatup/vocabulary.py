@@ -31,10 +31,12 @@ class Vocabulary:
                 'empty class list: give class lines like --classes "building,roof;road;water" '
                 "(';' separates classes, ',' separates synonyms)"
             )
-        seen: dict[str, int] = {}  # CLIP's tokenizer lowercases and collapses spaces: "Road" and "road" are one query
+        from .tokenizer import clean  # the text CLIP's tokenizer sees: "Road" and "road" are one query
+
+        seen: dict[str, int] = {}
         for k, synonyms in enumerate(self.classes):
             for word in synonyms:
-                key = " ".join(word.split()).lower()
+                key = clean(word)
                 if key in seen:
                     where = f"twice in class {k + 1}" if seen[key] == k else f"in classes {seen[key] + 1} and {k + 1}"
                     raise VocabularyError(f"{word!r} is given {where}: each word may vote for one class only "

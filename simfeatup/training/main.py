@@ -101,9 +101,8 @@ def _fit(argv: list[str] | None) -> None:
         cli.fit()
     except BackboneError as err:  # unavailable weights, unreadable model config: its advice names segment's flags
         raise BackboneError(fit_flags(str(err))) from None
-    except argparse.ArgumentError as err:  # jsonargparse's, one line instead of its 70-line usage block
-        message = " ".join(str(err).split())
-        raise UsageError(f"{message} (see python train/fit.py --help, or --help-all for every option)") from None
+    except argparse.ArgumentError as err:  # jsonargparse's, one line (run_command joins it) instead of its usage block
+        raise UsageError(f"{err} (see python train/fit.py --help, or --help-all for every option)") from None
     except ValueError as err:  # raised in a DataLoader worker, it arrives wrapped in that worker's traceback
         lines = str(err).strip().splitlines()
         if "Original Traceback" not in str(err):
@@ -112,10 +111,10 @@ def _fit(argv: list[str] | None) -> None:
 
 
 def _trainer_settings(err: Exception) -> str:
-    """Lightning's refusal of the Trainer settings as one line, with the fix when the GPU is missing."""
+    """Lightning's refusal of the Trainer settings, and the fix when no GPU is there (run_command: one line)."""
     import torch
 
-    message = " ".join(str(err).split())
+    message = str(err)
     if not torch.cuda.is_available() and any(word in message.lower() for word in ("gpu", "cuda", "accelerator")):
         message += " (on a machine without a GPU: --trainer.accelerator cpu, or auto)"
     return f"the --trainer settings cannot run here: {message}"
